@@ -1,0 +1,74 @@
+// The seam between the validating C ABI (common/api.cpp) and the compute
+// backends (cpu/, cuda/). Everything reaching a backend has been checked:
+// shapes agree, dtypes are supported, pointers of required tensors are set,
+// and the workspace is at least the size the backend's query returned.
+// Backends may still refuse (MOE_ERR_STRIDE, MOE_ERR_UNSUPPORTED) what they
+// do not implement, through moe::set_error (common/errors.h).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "moe_fused.h"
+
+namespace moe {
+
+struct LinearProblem {
+  int64_t n;             // rows of input
+  int64_t num_experts;   // E
+  int64_t in_features;   // in
+  int64_t out_features;  // out
+};
+
+struct ExpertsProblem {
+  int64_t tokens;        // T
+  int64_t top_k;         // k
+  int64_t hidden;        // H
+  int64_t intermediate;  // I (gate_up_proj has 2I rows)
+  int64_t num_experts;   // E
+};
+
+// Each backend implements this same set of functions in its own namespace.
+#define MOE_DECLARE_BACKEND(NS)                                                \
+  namespace NS {                                                               \
+  size_t routing_plan_workspace_size(int64_t num_pairs, int64_t num_experts);  \
+  moe_status_t routing_plan(const moe_context_t &ctx,                          \
+                            const moe_tensor_t &top_k_index,                   \
+                            int64_t num_experts, const moe_plan_t &plan);      \
+  size_t linear_workspace_size(const LinearProblem &p);                        \
+  moe_status_t linear_forward(const moe_context_t &ctx, const LinearProblem &p,\
+                              const moe_tensor_t &input,                       \
+                              const moe_tensor_t &weight,                      \
+                              const moe_tensor_t &selected_experts,            \
+                              const moe_tensor_t &out);                        \
+  moe_status_t linear_backward(                                                \
+      const moe_context_t &ctx, const LinearProblem &p,                        \
+      const moe_tensor_t &grad_out, const moe_tensor_t &input,                 \
+      const moe_tensor_t &weight, const moe_tensor_t &selected_experts,        \
+      const moe_tensor_t *grad_input, const moe_tensor_t *grad_weight);        \
+  size_t experts_workspace_size(const ExpertsProblem &p);                      \
+  moe_status_t experts_forward(                                                \
+      const moe_context_t &ctx, const ExpertsProblem &p,                       \
+      const moe_tensor_t &hidden_states, const moe_tensor_t &top_k_index,      \
+      const moe_tensor_t &top_k_weights, const moe_tensor_t &gate_up_proj,     \
+      const moe_tensor_t &down_proj, const moe_plan_t &plan,                   \
+      const moe_tensor_t &h, const moe_tensor_t &out);                         \
+  moe_status_t experts_backward(                                               \
+      const moe_context_t &ctx, const ExpertsProblem &p,                       \
+      const moe_tensor_t &grad_out, const moe_tensor_t &hidden_states,         \
+      const moe_tensor_t &top_k_weights, const moe_tensor_t &gate_up_proj,     \
+      const moe_tensor_t &down_proj, const moe_plan_t &plan,                   \
+      const moe_tensor_t &h, const moe_tensor_t *grad_hidden_states,           \
+      const moe_tensor_t *grad_top_k_weights,                                  \
+      const moe_tensor_t *grad_gate_up_proj,                                   \
+      const moe_tensor_t *grad_down_proj);                                     \
+  }
+
+MOE_DECLARE_BACKEND(cpu)
+#ifdef MOE_FUSED_WITH_CUDA
+MOE_DECLARE_BACKEND(cuda)
+#endif
+
+#undef MOE_DECLARE_BACKEND
+
+}  // namespace moe
