@@ -1,0 +1,396 @@
+"""Transformers v5 integration: experts_implementation="moe_fused" against "eager".
+
+Tiny random-initialised models, same weights, CPU always (fp32, tight
+tolerance); the same tests run on CUDA when one is present (marked gpu).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import moe_fused  # noqa: E402,F401  (registers "moe_fused")
+from moe_fused import hf  # noqa: E402
+
+VOCAB = 96
+
+# ---------------------------------------------------------------- configs --
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def _cfg_qwen3_moe():
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        **_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+    )
+
+
+def _cfg_qwen2_moe():
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        num_experts=8, num_experts_per_tok=2,
+    )
+
+
+def _cfg_olmoe():
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**_COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
+
+
+def _cfg_mixtral():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**_COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+
+
+def _cfg_deepseek_v3():
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        **{**_COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=8,
+    )
+
+
+def _cfg_qwen3_next():
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(
+        **_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+        linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention"],
+    )
+
+
+def _cfg_aria_text():
+    # Aria stores its experts transposed ([E,H,2I], [E,I,H]): runs through strided views.
+    from transformers import AriaTextConfig
+
+    return AriaTextConfig(
+        **_COMMON, head_dim=8, intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1,
+    )
+
+
+def _cfg_gpt_oss():
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        **_COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+
+
+SUPPORTED = {
+    "qwen3_moe": _cfg_qwen3_moe,
+    "qwen2_moe": _cfg_qwen2_moe,
+    "olmoe": _cfg_olmoe,
+    "mixtral": _cfg_mixtral,
+    "deepseek_v3": _cfg_deepseek_v3,
+    "qwen3_next": _cfg_qwen3_next,
+    "aria_text": _cfg_aria_text,
+}
+ROUTER_LOSS_MODELS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
+
+# ---------------------------------------------------------------- devices --
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]
+
+_fp32_ok: dict[str, bool] = {}
+
+
+def _dtype(device: str) -> torch.dtype:
+    """fp32 where the op supports it (the CPU path); else bf16 (compared against an fp32 reference)."""
+    if device not in _fp32_ok:
+        try:
+            x = torch.randn(4, 8, device=device)
+            idx = torch.zeros(4, 1, dtype=torch.long, device=device)
+            w = torch.ones(4, 1, device=device)
+            moe_fused.moe_experts(x, idx, w, torch.randn(1, 8, 8, device=device), torch.randn(1, 8, 4, device=device))
+            _fp32_ok[device] = True
+        except Exception:  # noqa: BLE001
+            _fp32_ok[device] = False
+    return torch.float32 if _fp32_ok[device] else torch.bfloat16
+
+
+def _build(name: str, device: str, dtype=torch.float32, impl="eager", seed=0, **overrides):
+    cfg = SUPPORTED[name]() if name in SUPPORTED else _cfg_gpt_oss()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation=impl)
+    with torch.no_grad():  # routers start at zero in some models: make routing non-trivial
+        for n, p in model.named_parameters():
+            if n.endswith("gate.weight") or n.endswith("router.weight"):
+                p.normal_(0.0, 0.5)
+    return model.to(device=device, dtype=dtype)
+
+
+def _ids(device, batch=2, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _close(got, ref, lowp_ref=None, what=""):
+    """fp32: tight. Low precision: relative error at most ~2x HF eager's own error at that precision."""
+    if got.dtype == torch.float32 and ref.dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-5, msg=lambda m: f"{what}: {m}")
+        return
+    err = _rel_err(got, ref)
+    bound = 3e-2 if lowp_ref is None else max(2.0 * _rel_err(lowp_ref, ref), 1e-2)
+    assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
+
+
+def _fwd_bwd(model, ids, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids, **kw)
+    loss = out.loss + (out.aux_loss if getattr(out, "aux_loss", None) is not None else 0)
+    loss.backward()
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.detach().clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    return out, grads
+
+
+def _patched_copy(model):
+    fused = copy.deepcopy(model)
+    moe_fused.patch(fused)
+    assert fused.config._experts_implementation == "moe_fused"
+    return fused
+
+
+# ----------------------------------------------------------------- parity --
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_logits_and_grads_match_eager(name, device):
+    dtype = _dtype(device)
+    ref = _build(name, device, torch.float32)
+    ids = _ids(device)
+    fused = _patched_copy(ref).to(dtype)
+    out_f, g_f = _fwd_bwd(fused, ids)
+    out_r, g_r = _fwd_bwd(ref, ids)
+    lowp = None
+    g_l = {}
+    if dtype != torch.float32:  # HF eager at the same low precision: the error budget
+        lowp_model = copy.deepcopy(ref).to(dtype)
+        lowp, g_l = _fwd_bwd(lowp_model, ids)
+    _close(out_f.logits.float(), out_r.logits, None if lowp is None else lowp.logits.float(), f"{name} logits")
+    assert set(g_f) == set(g_r), "the same parameters get gradients"
+    n_experts_grads = 0
+    for n in g_r:
+        _close(g_f[n].float(), g_r[n], g_l[n].float() if n in g_l else None, f"{name} grad {n}")
+        n_experts_grads += ("gate_up_proj" in n) or ("experts.down_proj" in n)
+    assert n_experts_grads >= 2, "expert weights got gradients"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ROUTER_LOSS_MODELS)
+def test_router_logits_and_aux_loss_unchanged(name, device):
+    dtype = _dtype(device)
+    ref = _build(name, device, dtype, output_router_logits=True)
+    fused = _patched_copy(ref)
+    ids = _ids(device)
+    out_f, out_r = fused(ids, labels=ids), ref(ids, labels=ids)
+    assert out_r.aux_loss is not None and len(out_r.router_logits) == len(out_f.router_logits)
+    # The first router runs before any experts: bitwise. Later ones see the experts' output.
+    torch.testing.assert_close(out_f.router_logits[0], out_r.router_logits[0], rtol=0, atol=0)
+    for a, b in zip(out_f.router_logits[1:], out_r.router_logits[1:]):
+        _close(a.float(), b.float(), what=f"{name} router logits")
+    _close(out_f.aux_loss.float(), out_r.aux_loss.float(), what=f"{name} aux loss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_greedy_generate_same_tokens(name, device):
+    dtype = _dtype(device)
+    ref = _build(name, device, dtype).eval()
+    fused = _patched_copy(ref).eval()
+    prompt = _ids(device, batch=2, seq=5, seed=3)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    toks_r = ref.generate(prompt, **kw)
+    toks_f = fused.generate(prompt, **kw)
+    if dtype == torch.float32:
+        assert torch.equal(toks_f, toks_r)
+        return
+    # Low precision: where the sequences part, eager's own top-2 margin must be a near-tie.
+    for b in range(toks_r.size(0)):
+        diff = (toks_f[b] != toks_r[b]).nonzero()
+        if len(diff):
+            p = diff[0].item()
+            with torch.no_grad():
+                logits = ref(toks_r[b : b + 1, :p]).logits[0, -1].float()
+            margin = (logits[toks_r[b, p]] - logits[toks_f[b, p]]).abs().item()
+            assert margin < 0.05 * logits.abs().max().item(), f"{name}: tokens differ at {p} (margin {margin})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_checkpointing(device):
+    dtype = _dtype(device)
+    ref = _build("qwen3_moe", device, torch.float32)
+    fused = _patched_copy(ref).to(dtype)
+    fused.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused.train()
+    ref.train()
+    ids = _ids(device)
+    out_f, g_f = _fwd_bwd(fused, ids)
+    out_r, g_r = _fwd_bwd(ref, ids)
+    tol = None if dtype == torch.float32 else out_r.logits  # low precision: loose bound
+    _close(out_f.loss.float(), out_r.loss, None if tol is None else out_r.loss, "loss")
+    for n in g_r:
+        if dtype == torch.float32:
+            _close(g_f[n], g_r[n], what=f"grad {n}")
+        else:
+            assert _rel_err(g_f[n], g_r[n]) < 5e-2, n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(device):
+    dtype = _dtype(device)
+    ref = _build("qwen3_moe", device, dtype, num_hidden_layers=1)
+    fused = _patched_copy(ref)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend=os.environ.get("MOE_FUSED_TEST_COMPILE_BACKEND", "inductor"))
+    ids = _ids(device)
+    out_c, g_c = _fwd_bwd(compiled, ids)
+    out_r, g_r = _fwd_bwd(ref, ids)
+    if dtype == torch.float32:
+        _close(out_c.logits, out_r.logits, what="compiled logits")
+        for n in g_r:
+            _close(g_c[n], g_r[n], what=f"compiled grad {n}")
+    else:
+        assert _rel_err(out_c.logits, out_r.logits) < 3e-2
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------- registration and patch --
+
+
+def test_registered_with_transformers():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    assert "moe_fused" in ALL_EXPERTS_FUNCTIONS
+    assert ALL_EXPERTS_FUNCTIONS["moe_fused"] is hf.moe_fused_experts_forward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_config_uses_moe_fused(device, monkeypatch):
+    model = _build("qwen3_moe", device, _dtype(device), impl="moe_fused")
+    assert model.config._experts_implementation == "moe_fused"
+    assert hf.is_patched(model)
+    calls = []
+    real = hf.experts._moe_experts
+    monkeypatch.setattr(hf.experts, "_moe_experts", lambda *a: calls.append(1) or real(*a))
+    model(_ids(device))
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_patch_unpatch_round_trip():
+    ref = _build("qwen2_moe", "cpu", torch.float32, impl="grouped_mm")
+    model = copy.deepcopy(ref)
+    ids = _ids("cpu")
+    with torch.no_grad():
+        base = model(ids).logits
+        assert moe_fused.patch(model) is model
+        assert hf.is_patched(model) and model.config._experts_implementation == "moe_fused"
+        torch.testing.assert_close(model(ids).logits, base, rtol=2e-4, atol=2e-5)
+        moe_fused.patch(model)  # idempotent
+        moe_fused.unpatch(model)
+        assert model.config._experts_implementation == "grouped_mm" and not hf.is_patched(model)
+        moe_fused.patch(model)
+        moe_fused.patch(model, False)
+        assert model.config._experts_implementation == "grouped_mm"
+        torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
+    # Loaded as moe_fused: unpatch goes to Transformers' default.
+    loaded = _build("qwen2_moe", "cpu", torch.float32, impl="moe_fused")
+    moe_fused.unpatch(loaded)
+    assert loaded.config._experts_implementation in ("grouped_mm", "eager")
+    moe_fused.unpatch(loaded, implementation="eager")
+    assert loaded.config._experts_implementation == "eager"
+    assert list(hf.supported(loaded).values()) == [[]] * 2
+
+
+def test_save_pretrained_is_plain_hf(tmp_path):
+    ref = _build("qwen3_moe", "cpu", torch.float32)
+    fused = _patched_copy(ref)
+    fused.save_pretrained(tmp_path)
+    cfg_text = (tmp_path / "config.json").read_text()
+    assert "moe_fused" not in cfg_text
+    assert json.loads(cfg_text)["model_type"] == "qwen3_moe"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # Transformers' own loader and default experts
+    assert plain.config._experts_implementation != "moe_fused"
+    sd_f, sd_p = fused.state_dict(), plain.state_dict()
+    assert sd_f.keys() == sd_p.keys()
+    for k in sd_f:
+        assert torch.equal(sd_f[k], sd_p[k]), k
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="moe_fused")
+    assert again.config._experts_implementation == "moe_fused"
+    ids = _ids("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ref(ids).logits, rtol=2e-4, atol=2e-5)
+
+
+# --------------------------------------------------------------- refusals --
+
+
+def test_gpt_oss_is_refused_clearly():
+    model = _build("gpt_oss", "cpu", torch.float32, impl="grouped_mm")
+    with pytest.raises(hf.UnsupportedExpertsError) as info:
+        moe_fused.patch(model)
+    msg = str(info.value)
+    assert "gpt_oss" in msg and "GptOssExperts" in msg
+    assert "biases" in msg and "interleaved" in msg and "_apply_gate" in msg
+    assert model.config._experts_implementation == "grouped_mm", "a refused patch changes nothing"
+    assert isinstance(info.value, NotImplementedError)
+    # Requested at load time: the first forward refuses, never computes.
+    loaded = _build("gpt_oss", "cpu", torch.float32, impl="moe_fused")
+    with pytest.raises(hf.UnsupportedExpertsError, match="gpt_oss"):
+        loaded(_ids("cpu"))
+
+
+def test_patch_without_moe_is_an_error():
+    from transformers import LlamaConfig
+
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2)
+    )
+    with pytest.raises(ValueError, match="no MoE experts"):
+        moe_fused.patch(model)
