@@ -1,0 +1,37 @@
+"""moe-fused: fused Mixture-of-Experts layers for fast, memory-light MoE training.
+
+    import moe_fused
+    out = moe_fused.moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    y = moe_fused.moe_fused_linear(input, weight, selected_experts)
+
+Importing the package never fails because of the native library: a missing or mismatched
+libmoe_fused.so is reported (with what was tried) at the first call that needs it.
+"""
+
+from __future__ import annotations
+
+from ._lib import LibraryLoadError, has_cuda, is_available, library_path
+from .ops import moe_experts, moe_fused_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LibraryLoadError",
+    "__version__",
+    "has_cuda",
+    "is_available",
+    "library_path",
+    "moe_experts",
+    "moe_fused_linear",
+    "patch",
+]
+
+
+def __getattr__(name: str):
+    # The Transformers integration lives in moe_fused.hf; imported on first use so that
+    # `import moe_fused` does not import transformers.
+    if name == "patch":
+        from .hf import patch
+
+        return patch
+    raise AttributeError(f"module 'moe_fused' has no attribute {name!r}")

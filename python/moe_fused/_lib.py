@@ -1,0 +1,358 @@
+"""ctypes loader of libmoe_fused and the glue between torch tensors and the C ABI.
+
+The library is looked up in the environment variable ``MOE_FUSED_LIBRARY`` (a path to
+``libmoe_fused.so``, for development builds), then in this package's directory (where
+``pip install .`` puts it). A failure to load is not raised at import time: it is kept and
+raised, with what was tried, at the first call that needs the library, so that
+``import moe_fused`` always works (e.g. to read ``moe_fused.__version__`` or the docs).
+
+Every C entry point returns a status; :func:`check` turns a failing status into a Python
+exception carrying the library's own message (``moe_last_error()``), which names the
+offending argument:
+
+    SHAPE, STRIDE, NULL, DEVICE, WORKSPACE -> ValueError
+    DTYPE                                  -> TypeError
+    INDEX                                  -> IndexError
+    UNSUPPORTED, CUDA, INTERNAL, others    -> RuntimeError
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import threading
+from ctypes import (
+    POINTER,
+    Structure,
+    c_char_p,
+    c_int32,
+    c_int64,
+    c_size_t,
+    c_uint64,
+    c_void_p,
+)
+
+import torch
+
+ABI_VERSION = 1
+MAX_DIMS = 4
+LIBRARY_ENV = "MOE_FUSED_LIBRARY"
+_LIB_NAME = "libmoe_fused.so"
+
+# ---- mirrors of moe_fused.h ------------------------------------------------------------
+
+MOE_OK = 0
+MOE_ERR_SHAPE = 1
+MOE_ERR_DTYPE = 2
+MOE_ERR_INDEX = 3
+MOE_ERR_DEVICE = 4
+MOE_ERR_STRIDE = 5
+MOE_ERR_NULL = 6
+MOE_ERR_WORKSPACE = 7
+MOE_ERR_UNSUPPORTED = 8
+MOE_ERR_CUDA = 9
+MOE_ERR_INTERNAL = 10
+
+STATUS_NAMES = {
+    MOE_OK: "MOE_OK",
+    MOE_ERR_SHAPE: "MOE_ERR_SHAPE",
+    MOE_ERR_DTYPE: "MOE_ERR_DTYPE",
+    MOE_ERR_INDEX: "MOE_ERR_INDEX",
+    MOE_ERR_DEVICE: "MOE_ERR_DEVICE",
+    MOE_ERR_STRIDE: "MOE_ERR_STRIDE",
+    MOE_ERR_NULL: "MOE_ERR_NULL",
+    MOE_ERR_WORKSPACE: "MOE_ERR_WORKSPACE",
+    MOE_ERR_UNSUPPORTED: "MOE_ERR_UNSUPPORTED",
+    MOE_ERR_CUDA: "MOE_ERR_CUDA",
+    MOE_ERR_INTERNAL: "MOE_ERR_INTERNAL",
+}
+
+_STATUS_EXCEPTIONS = {
+    MOE_ERR_SHAPE: ValueError,
+    MOE_ERR_STRIDE: ValueError,
+    MOE_ERR_NULL: ValueError,
+    MOE_ERR_DEVICE: ValueError,
+    MOE_ERR_WORKSPACE: ValueError,
+    MOE_ERR_DTYPE: TypeError,
+    MOE_ERR_INDEX: IndexError,
+}
+
+MOE_DTYPE_F32 = 0
+MOE_DTYPE_F16 = 1
+MOE_DTYPE_BF16 = 2
+MOE_DTYPE_F64 = 3
+MOE_DTYPE_I32 = 4
+MOE_DTYPE_I64 = 5
+
+TORCH_TO_MOE_DTYPE = {
+    torch.float32: MOE_DTYPE_F32,
+    torch.float16: MOE_DTYPE_F16,
+    torch.bfloat16: MOE_DTYPE_BF16,
+    torch.float64: MOE_DTYPE_F64,
+    torch.int32: MOE_DTYPE_I32,
+    torch.int64: MOE_DTYPE_I64,
+}
+
+MOE_DEVICE_CPU = 0
+MOE_DEVICE_CUDA = 1
+
+MOE_FLAG_FORCE_PORTABLE = 1 << 0
+
+# Workspace alignment the ABI asks for.
+WORKSPACE_ALIGN = 256
+
+
+class MoeTensor(Structure):
+    """moe_tensor_t"""
+
+    _fields_ = [
+        ("data", c_void_p),
+        ("dtype", c_int32),
+        ("ndim", c_int32),
+        ("shape", c_int64 * MAX_DIMS),
+        ("strides", c_int64 * MAX_DIMS),
+        ("name", c_char_p),
+    ]
+
+
+class MoeContext(Structure):
+    """moe_context_t"""
+
+    _fields_ = [
+        ("device_type", c_int32),
+        ("device_index", c_int32),
+        ("stream", c_void_p),
+        ("workspace", c_void_p),
+        ("workspace_bytes", c_size_t),
+        ("flags", c_uint64),
+    ]
+
+
+class MoePlan(Structure):
+    """moe_plan_t"""
+
+    _fields_ = [
+        ("expert_offsets", MoeTensor),
+        ("sorted_pairs", MoeTensor),
+        ("pair_rows", MoeTensor),
+    ]
+
+
+_T = POINTER(MoeTensor)
+_C = POINTER(MoeContext)
+_P = POINTER(MoePlan)
+
+# name -> (restype, argtypes), one entry per function of moe_fused.h
+_SIGNATURES = {
+    "moe_abi_version": (c_int32, []),
+    "moe_last_error": (c_char_p, []),
+    "moe_has_cuda": (c_int32, []),
+    "moe_routing_plan_workspace_size": (c_size_t, [c_int32, c_int64, c_int64]),
+    "moe_routing_plan": (c_int32, [_C, _T, c_int64, _P]),
+    "moe_linear_workspace_size": (c_size_t, [c_int32, c_int64, c_int64, c_int64, c_int64]),
+    "moe_linear_forward": (c_int32, [_C, _T, _T, _T, _T]),
+    "moe_linear_backward": (c_int32, [_C, _T, _T, _T, _T, _T, _T]),
+    "moe_experts_workspace_size": (c_size_t, [c_int32, c_int64, c_int64, c_int64, c_int64, c_int64]),
+    "moe_experts_forward": (c_int32, [_C, _T, _T, _T, _T, _T, _P, _T, _T]),
+    "moe_experts_backward": (c_int32, [_C, _T, _T, _T, _T, _T, _P, _T, _T, _T, _T, _T]),
+}
+
+
+class LibraryLoadError(RuntimeError):
+    """libmoe_fused could not be loaded (raised at first use, not at import)."""
+
+
+# ---- loading --------------------------------------------------------------------------
+
+
+def _candidates() -> list[pathlib.Path]:
+    env = os.environ.get(LIBRARY_ENV)
+    if env:
+        return [pathlib.Path(env)]
+    return [pathlib.Path(__file__).resolve().parent / _LIB_NAME]
+
+
+def _load() -> ctypes.CDLL:
+    tried = []
+    for path in _candidates():
+        if not path.is_file():
+            tried.append(f"{path} (not found)")
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            tried.append(f"{path} ({exc})")
+            continue
+        missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+        if missing:
+            raise LibraryLoadError(
+                f"moe_fused: {path} lacks the symbols {', '.join(missing)}; rebuild it from this "
+                "source tree (pip install . or cmake --build)"
+            )
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        version = lib.moe_abi_version()
+        if version != ABI_VERSION:
+            raise LibraryLoadError(
+                f"moe_fused: {path} has ABI version {version}, this Python package needs "
+                f"{ABI_VERSION}; rebuild the library from this source tree"
+            )
+        return lib
+    hint = (
+        f"set {LIBRARY_ENV}=/path/to/{_LIB_NAME} (e.g. build/dev/{_LIB_NAME} after "
+        "`cmake -B build/dev -DMOE_FUSED_CUDA=OFF && cmake --build build/dev`) "
+        "or install the package with `pip install .`"
+    )
+    raise LibraryLoadError(
+        f"moe_fused: could not load {_LIB_NAME}; tried: {'; '.join(tried)}. Either {hint}."
+    )
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: BaseException | None = None
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded library; loads it on first call, re-raises the first load failure."""
+    global _lib, _error
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is None:
+            if _error is not None:
+                raise LibraryLoadError(str(_error)) from _error
+            try:
+                _lib = _load()
+            except LibraryLoadError as exc:
+                _error = exc
+                raise
+    return _lib
+
+
+def is_available() -> bool:
+    """True when libmoe_fused loads (never raises)."""
+    try:
+        lib()
+        return True
+    except LibraryLoadError:
+        return False
+
+
+def has_cuda() -> bool:
+    """True when the loaded library contains the CUDA implementation."""
+    return bool(lib().moe_has_cuda())
+
+
+def library_path() -> str | None:
+    """Path of the loaded library, or None when it is not loaded."""
+    return getattr(_lib, "_name", None)
+
+
+def last_error() -> str:
+    msg = lib().moe_last_error()
+    return msg.decode("utf-8", "replace") if msg else ""
+
+
+def check(status: int, what: str) -> None:
+    """Raise the exception that maps `status` (see module doc), with moe_last_error()."""
+    if status == MOE_OK:
+        return
+    msg = last_error() or f"{what} failed"
+    exc = _STATUS_EXCEPTIONS.get(status, RuntimeError)
+    name = STATUS_NAMES.get(status, f"status {status}")
+    raise exc(f"{msg} [{what}: {name}]")
+
+
+# ---- torch <-> C descriptors ----------------------------------------------------------
+
+
+def tensor(t: torch.Tensor, name: str) -> MoeTensor:
+    """A moe_tensor_t describing `t` (no copy; `t` must outlive the call)."""
+    try:
+        dtype = TORCH_TO_MOE_DTYPE[t.dtype]
+    except KeyError:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported by moe_fused") from None
+    if not 1 <= t.dim() <= MAX_DIMS:
+        raise ValueError(f"{name}: rank {t.dim()} is not supported (1..{MAX_DIMS})")
+    desc = MoeTensor()
+    desc.data = t.data_ptr() or None
+    desc.dtype = dtype
+    desc.ndim = t.dim()
+    for i, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        desc.shape[i] = int(size)
+        desc.strides[i] = int(stride)
+    desc.name = name.encode()
+    return desc
+
+
+def optional_tensor(t: torch.Tensor | None, name: str):
+    """pointer to a descriptor, or None (NULL) when `t` is None."""
+    return None if t is None else ctypes.byref(tensor(t, name))
+
+
+def plan(expert_offsets: torch.Tensor, sorted_pairs: torch.Tensor, pair_rows: torch.Tensor) -> MoePlan:
+    p = MoePlan()
+    p.expert_offsets = tensor(expert_offsets, "expert_offsets")
+    p.sorted_pairs = tensor(sorted_pairs, "sorted_pairs")
+    p.pair_rows = tensor(pair_rows, "pair_rows")
+    return p
+
+
+def device_type(device: torch.device) -> int:
+    if device.type == "cpu":
+        return MOE_DEVICE_CPU
+    if device.type == "cuda":
+        return MOE_DEVICE_CUDA
+    raise ValueError(f"moe_fused runs on 'cpu' and 'cuda' tensors, not on {device.type!r}")
+
+
+class Context:
+    """A moe_context_t for `device` with a workspace of `nbytes` (kept alive by this object).
+
+    CPU: no stream. CUDA: the device's index and torch's current stream on it (so the work
+    is ordered with the caller's and is captured by CUDA graphs); the workspace comes from
+    torch's caching allocator (no cudaMalloc, no sync).
+    """
+
+    def __init__(self, device: torch.device, nbytes: int, flags: int = 0):
+        self.ctx = MoeContext()
+        self.ctx.device_type = device_type(device)
+        self.ctx.flags = flags
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.ctx.device_index = index
+            self.ctx.stream = torch.cuda.current_stream(index).cuda_stream or None
+        self.workspace = None
+        if nbytes > 0:
+            # Over-allocate so the workspace can start on a 256-byte boundary.
+            self.workspace = torch.empty(nbytes + WORKSPACE_ALIGN, dtype=torch.uint8, device=device)
+            base = self.workspace.data_ptr()
+            self.ctx.workspace = base + (-base) % WORKSPACE_ALIGN
+            self.ctx.workspace_bytes = nbytes
+
+    def ref(self):
+        return ctypes.byref(self.ctx)
+
+
+def _dev_flags() -> int:
+    return MOE_FLAG_FORCE_PORTABLE if os.environ.get("MOE_FUSED_PORTABLE") == "1" else 0
+
+
+def routing_plan_workspace_size(device: torch.device, num_pairs: int, num_experts: int) -> int:
+    return int(lib().moe_routing_plan_workspace_size(device_type(device), num_pairs, num_experts))
+
+
+def experts_workspace_size(device: torch.device, T: int, k: int, H: int, I: int, E: int) -> int:
+    return int(lib().moe_experts_workspace_size(device_type(device), T, k, H, I, E))
+
+
+def linear_workspace_size(device: torch.device, n: int, E: int, in_f: int, out_f: int) -> int:
+    return int(lib().moe_linear_workspace_size(device_type(device), n, E, in_f, out_f))
+
+
+def context(device: torch.device, nbytes: int) -> Context:
+    return Context(device, nbytes, _dev_flags())

@@ -1,0 +1,467 @@
+"""torch.library custom ops of moe-fused, their fake (meta) implementations and autograd.
+
+Ops (namespace ``moe_fused``), each defined once here with a fake implementation (so
+``torch.compile(fullgraph=True)`` traces them) and a real implementation for "cpu" and
+"cuda" that calls the C ABI of libmoe_fused (see ``_lib.py``):
+
+    experts_forward(x, idx, w, w1, w2) -> (out, h, expert_offsets, sorted_pairs, pair_rows)
+    experts_backward(grad_out, x, w, w1, w2, expert_offsets, sorted_pairs, pair_rows, h,
+                     need_x, need_w, need_w1, need_w2) -> (dx, dw, dw1, dw2)
+    linear_forward(input, weight, selected_experts) -> out
+    linear_backward(grad_out, input, weight, selected_experts, need_input, need_weight)
+        -> (grad_input, grad_weight)
+
+A gradient that is not needed is returned as an empty tensor (numel 0) and not computed.
+The experts backward needs only x, the routing weights, the expert weights, the routing
+plan and h = [g; u]; a = silu(g) * u and y = down_proj[e] a are recomputed, never saved.
+
+Public functions: :func:`moe_experts` (the Transformers v5 experts contract) and
+:func:`moe_fused_linear` (the seed primitive).
+
+Index range: on the CPU the C core checks every index and raises IndexError. On CUDA the
+Python layer checks ``(idx < 0) | (idx >= E)`` before the launch (one small reduction and a
+host sync) -- except while the current stream is being captured into a CUDA graph
+(``torch.cuda.is_current_stream_capturing()``), where a sync is not allowed: out-of-range
+indices are then the caller's responsibility. Nothing else in these ops syncs with the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import _lib
+
+__all__ = ["moe_experts", "moe_fused_linear"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+_LIB = torch.library.Library("moe_fused", "FRAGMENT")  # kept alive for the process
+
+_LIB.define(
+    "experts_forward(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, "
+    "Tensor gate_up_proj, Tensor down_proj) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "experts_backward(Tensor grad_out, Tensor hidden_states, Tensor top_k_weights, "
+    "Tensor gate_up_proj, Tensor down_proj, Tensor expert_offsets, Tensor sorted_pairs, "
+    "Tensor pair_rows, Tensor h, bool need_hidden_states, bool need_top_k_weights, "
+    "bool need_gate_up_proj, bool need_down_proj) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define("linear_forward(Tensor input, Tensor weight, Tensor selected_experts) -> Tensor")
+_LIB.define(
+    "linear_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor selected_experts, "
+    "bool need_input, bool need_weight) -> (Tensor, Tensor)"
+)
+
+
+# ---- validation (shapes, dtypes, devices only: no data access, no sync) ---------------
+
+
+def _check_tensors(named: list[tuple[str, object]]) -> torch.device:
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device}, but {first_name} is on {first.device}: all tensors "
+                "must be on one device"
+            )
+    return first.device
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+            f"got {t.dtype}"
+        )
+
+
+def _check_index(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor of expert indices, got {t.dtype}")
+
+
+def _check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_experts(x, idx, w, w1, w2) -> None:
+    names = ("hidden_states", "top_k_index", "top_k_weights", "gate_up_proj", "down_proj")
+    _check_tensors(list(zip(names, (x, idx, w, w1, w2))))
+    _check_float("hidden_states", x)
+    _check_index("top_k_index", idx)
+    _check_float("top_k_weights", w)
+    _check_float("gate_up_proj", w1)
+    _check_float("down_proj", w2)
+    _check_rank("hidden_states", x, 2, "[T, H]")
+    _check_rank("top_k_index", idx, 2, "[T, k]")
+    _check_rank("top_k_weights", w, 2, "[T, k]")
+    _check_rank("gate_up_proj", w1, 3, "[E, 2I, H]")
+    _check_rank("down_proj", w2, 3, "[E, H, I]")
+    if w1.dtype != x.dtype:
+        raise TypeError(f"gate_up_proj has dtype {w1.dtype}, but hidden_states has {x.dtype}")
+    if w2.dtype != x.dtype:
+        raise TypeError(f"down_proj has dtype {w2.dtype}, but hidden_states has {x.dtype}")
+    if w.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"top_k_weights must have the dtype of hidden_states ({x.dtype}) or float32, got {w.dtype}"
+        )
+    T, H = x.shape
+    if idx.shape[0] != T or idx.shape[1] < 1:
+        raise ValueError(
+            f"top_k_index must have shape [T={T}, k>=1] like hidden_states [T, H], got {tuple(idx.shape)}"
+        )
+    if tuple(w.shape) != tuple(idx.shape):
+        raise ValueError(
+            f"top_k_weights must have the shape of top_k_index {tuple(idx.shape)}, got {tuple(w.shape)}"
+        )
+    E, two_i, H1 = w1.shape
+    if E < 1:
+        raise ValueError(f"gate_up_proj must have at least one expert, got shape {tuple(w1.shape)}")
+    if two_i % 2 != 0 or two_i < 2:
+        raise ValueError(
+            f"gate_up_proj [E, 2I, H] must have an even, non-zero second dimension (gate rows then "
+            f"up rows), got {two_i}"
+        )
+    if H1 != H:
+        raise ValueError(
+            f"gate_up_proj [E, 2I, H] has H={H1}, but hidden_states [T, H] has H={H}"
+        )
+    I = two_i // 2
+    if tuple(w2.shape) != (E, H, I):
+        raise ValueError(
+            f"down_proj must have shape [E, H, I] = {(E, H, I)} to match gate_up_proj "
+            f"{tuple(w1.shape)} and hidden_states {tuple(x.shape)}, got {tuple(w2.shape)}"
+        )
+
+
+def _check_linear(x, weight, sel) -> None:
+    names = ("input", "weight", "selected_experts")
+    _check_tensors(list(zip(names, (x, weight, sel))))
+    _check_float("input", x)
+    _check_float("weight", weight)
+    _check_index("selected_experts", sel)
+    _check_rank("input", x, 2, "[N, in]")
+    _check_rank("weight", weight, 3, "[E, out, in]")
+    _check_rank("selected_experts", sel, 1, "[N]")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype}, but input has {x.dtype}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one expert, got shape {tuple(weight.shape)}")
+    if weight.shape[2] != x.shape[1]:
+        raise ValueError(
+            f"weight [E, out, in] has in={weight.shape[2]}, but input [N, in] has in={x.shape[1]}"
+        )
+    if sel.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"selected_experts must have shape [N={x.shape[0]}] like input, got {tuple(sel.shape)}"
+        )
+
+
+def _check_index_range(name: str, idx: torch.Tensor, num_experts: int) -> None:
+    """CUDA only (the CPU core checks by itself); skipped under CUDA graph capture."""
+    if idx.device.type != "cuda" or idx.numel() == 0:
+        return
+    if torch.cuda.is_current_stream_capturing():
+        return
+    bad = ((idx < 0) | (idx >= num_experts)).any()
+    if bool(bad):  # one host sync
+        lo, hi = int(idx.min()), int(idx.max())
+        raise IndexError(
+            f"{name} has values outside [0, {num_experts}) (min {lo}, max {hi}); "
+            f"every index must name one of the {num_experts} experts"
+        )
+
+
+def _ref(desc):
+    return ctypes.byref(desc)
+
+
+# ---- experts: fake and real -------------------------------------------------------------
+
+
+def _experts_outputs(x, idx, w1, factory):
+    T, H = x.shape
+    k = idx.shape[1]
+    E, two_i = w1.shape[0], w1.shape[1]
+    out = factory((T, H), x.dtype)
+    h = factory((T * k, two_i), x.dtype)
+    offsets = factory((E + 1,), torch.int32)
+    sorted_pairs = factory((T * k,), torch.int32)
+    pair_rows = factory((T * k,), torch.int32)
+    return out, h, offsets, sorted_pairs, pair_rows
+
+
+@torch.library.register_fake("moe_fused::experts_forward", lib=_LIB)
+def _experts_forward_fake(x, idx, w, w1, w2):
+    _check_experts(x, idx, w, w1, w2)
+    return _experts_outputs(x, idx, w1, lambda shape, dt: x.new_empty(shape, dtype=dt))
+
+
+def _experts_forward_impl(x, idx, w, w1, w2):
+    _check_experts(x, idx, w, w1, w2)
+    dev = x.device
+    T, H = x.shape
+    k = idx.shape[1]
+    E, two_i = w1.shape[0], w1.shape[1]
+    I = two_i // 2
+    outs = _experts_outputs(x, idx, w1, lambda shape, dt: torch.empty(shape, dtype=dt, device=dev))
+    out, h, offsets, sorted_pairs, pair_rows = outs
+    if T == 0:
+        out.zero_()
+        offsets.zero_()
+        return outs
+    _check_index_range("top_k_index", idx, E)
+    x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
+    lib = _lib.lib()
+    nbytes = max(
+        _lib.experts_workspace_size(dev, T, k, H, I, E),
+        _lib.routing_plan_workspace_size(dev, T * k, E),
+    )
+    ctx = _lib.context(dev, nbytes)
+    plan = _lib.plan(offsets, sorted_pairs, pair_rows)
+    t = _lib.tensor
+    status = lib.moe_experts_forward(
+        ctx.ref(),
+        _ref(t(x, "hidden_states")),
+        _ref(t(idx, "top_k_index")),
+        _ref(t(w, "top_k_weights")),
+        _ref(t(w1, "gate_up_proj")),
+        _ref(t(w2, "down_proj")),
+        _ref(plan),
+        _ref(t(h, "h")),
+        _ref(t(out, "out")),
+    )
+    _lib.check(status, "moe_experts_forward")
+    return outs
+
+
+@torch.library.register_fake("moe_fused::experts_backward", lib=_LIB)
+def _experts_backward_fake(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2):
+    def like(t, need):
+        return t.new_empty(t.shape) if need else t.new_empty((0,))
+
+    return like(x, n_x), like(w, n_w), like(w1, n_w1), like(w2, n_w2)
+
+
+def _experts_backward_impl(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2):
+    dev = x.device
+
+    def alloc(t, need):
+        return torch.empty(t.shape, dtype=t.dtype, device=dev) if need else None
+
+    grads = (alloc(x, n_x), alloc(w, n_w), alloc(w1, n_w1), alloc(w2, n_w2))
+    T, H = x.shape
+    k = w.shape[1]
+    E, two_i = w1.shape[0], w1.shape[1]
+    I = two_i // 2
+    if any(gr is not None for gr in grads):
+        if T == 0:
+            for gr in grads:
+                if gr is not None:
+                    gr.zero_()
+        else:
+            g, x, w = g.contiguous(), x.contiguous(), w.contiguous()
+            lib = _lib.lib()
+            ctx = _lib.context(dev, _lib.experts_workspace_size(dev, T, k, H, I, E))
+            plan = _lib.plan(offsets, sorted_pairs, pair_rows)
+            t, o = _lib.tensor, _lib.optional_tensor
+            dx, dw, dw1, dw2 = grads
+            status = lib.moe_experts_backward(
+                ctx.ref(),
+                _ref(t(g, "grad_out")),
+                _ref(t(x, "hidden_states")),
+                _ref(t(w, "top_k_weights")),
+                _ref(t(w1, "gate_up_proj")),
+                _ref(t(w2, "down_proj")),
+                _ref(plan),
+                _ref(t(h, "h")),
+                o(dx, "grad_hidden_states"),
+                o(dw, "grad_top_k_weights"),
+                o(dw1, "grad_gate_up_proj"),
+                o(dw2, "grad_down_proj"),
+            )
+            _lib.check(status, "moe_experts_backward")
+    empty = lambda t: torch.empty((0,), dtype=t.dtype, device=dev)  # noqa: E731
+    return tuple(gr if gr is not None else empty(src) for gr, src in zip(grads, (x, w, w1, w2)))
+
+
+for _dev in ("cpu", "cuda"):
+    torch.library.register_kernel("moe_fused::experts_forward", _dev, _experts_forward_impl, lib=_LIB)
+    torch.library.register_kernel("moe_fused::experts_backward", _dev, _experts_backward_impl, lib=_LIB)
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x, idx, w, w1, w2 = inputs
+    out, h, offsets, sorted_pairs, pair_rows = output
+    # Saved: x, the routing weights, both expert weights, the plan and h. Not a, not y.
+    ctx.save_for_backward(x, w, w1, w2, offsets, sorted_pairs, pair_rows, h)
+    ctx.mark_non_differentiable(h, offsets, sorted_pairs, pair_rows)
+
+
+def _experts_backward(ctx, grad_out, _grad_h, _grad_offsets, _grad_sorted, _grad_rows):
+    x, w, w1, w2, offsets, sorted_pairs, pair_rows, h = ctx.saved_tensors
+    n_x, _n_idx, n_w, n_w1, n_w2 = ctx.needs_input_grad
+    if grad_out is None or not (n_x or n_w or n_w1 or n_w2):
+        return None, None, None, None, None
+    dx, dw, dw1, dw2 = torch.ops.moe_fused.experts_backward(
+        grad_out, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2
+    )
+    return (dx if n_x else None, None, dw if n_w else None, dw1 if n_w1 else None, dw2 if n_w2 else None)
+
+
+torch.library.register_autograd(
+    "moe_fused::experts_forward", _experts_backward, setup_context=_experts_setup_context, lib=_LIB
+)
+
+
+# ---- linear: fake and real --------------------------------------------------------------
+
+
+@torch.library.register_fake("moe_fused::linear_forward", lib=_LIB)
+def _linear_forward_fake(x, weight, sel):
+    _check_linear(x, weight, sel)
+    return x.new_empty((x.shape[0], weight.shape[1]))
+
+
+def _linear_forward_impl(x, weight, sel):
+    _check_linear(x, weight, sel)
+    dev = x.device
+    N, in_f = x.shape
+    E, out_f = weight.shape[0], weight.shape[1]
+    out = torch.empty((N, out_f), dtype=x.dtype, device=dev)
+    if N == 0 or out_f == 0:
+        return out
+    if in_f == 0:
+        return out.zero_()
+    _check_index_range("selected_experts", sel, E)
+    x, sel = x.contiguous(), sel.contiguous()
+    ctx = _lib.context(dev, _lib.linear_workspace_size(dev, N, E, in_f, out_f))
+    t = _lib.tensor
+    status = _lib.lib().moe_linear_forward(
+        ctx.ref(),
+        _ref(t(x, "input")),
+        _ref(t(weight, "weight")),
+        _ref(t(sel, "selected_experts")),
+        _ref(t(out, "out")),
+    )
+    _lib.check(status, "moe_linear_forward")
+    return out
+
+
+@torch.library.register_fake("moe_fused::linear_backward", lib=_LIB)
+def _linear_backward_fake(g, x, weight, sel, n_x, n_w):
+    return (
+        x.new_empty(x.shape) if n_x else x.new_empty((0,)),
+        weight.new_empty(weight.shape) if n_w else weight.new_empty((0,)),
+    )
+
+
+def _linear_backward_impl(g, x, weight, sel, n_x, n_w):
+    dev = x.device
+    N, in_f = x.shape
+    E, out_f = weight.shape[0], weight.shape[1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if n_x else None
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if n_w else None
+    if dx is not None or dw is not None:
+        if N == 0 or in_f == 0 or out_f == 0:
+            for gr in (dx, dw):
+                if gr is not None:
+                    gr.zero_()
+        else:
+            g, x, sel = g.contiguous(), x.contiguous(), sel.contiguous()
+            ctx = _lib.context(dev, _lib.linear_workspace_size(dev, N, E, in_f, out_f))
+            t, o = _lib.tensor, _lib.optional_tensor
+            status = _lib.lib().moe_linear_backward(
+                ctx.ref(),
+                _ref(t(g, "grad_out")),
+                _ref(t(x, "input")),
+                _ref(t(weight, "weight")),
+                _ref(t(sel, "selected_experts")),
+                o(dx, "grad_input"),
+                o(dw, "grad_weight"),
+            )
+            _lib.check(status, "moe_linear_backward")
+    return (
+        dx if dx is not None else torch.empty((0,), dtype=x.dtype, device=dev),
+        dw if dw is not None else torch.empty((0,), dtype=weight.dtype, device=dev),
+    )
+
+
+for _dev in ("cpu", "cuda"):
+    torch.library.register_kernel("moe_fused::linear_forward", _dev, _linear_forward_impl, lib=_LIB)
+    torch.library.register_kernel("moe_fused::linear_backward", _dev, _linear_backward_impl, lib=_LIB)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, sel = inputs
+    ctx.save_for_backward(x, weight, sel)
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight, sel = ctx.saved_tensors
+    n_x, n_w, _ = ctx.needs_input_grad
+    if grad_out is None or not (n_x or n_w):
+        return None, None, None
+    dx, dw = torch.ops.moe_fused.linear_backward(grad_out, x, weight, sel, n_x, n_w)
+    return (dx if n_x else None, dw if n_w else None, None)
+
+
+torch.library.register_autograd(
+    "moe_fused::linear_forward", _linear_backward, setup_context=_linear_setup_context, lib=_LIB
+)
+
+
+# ---- public API ---------------------------------------------------------------------------
+
+
+def moe_experts(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """The fused MoE experts layer (the Transformers v5 experts-forward contract).
+
+    For token t, slot j, expert e = top_k_index[t, j], s = top_k_weights[t, j]:
+    ``h = gate_up_proj[e] @ x_t = [g; u]``, ``a = silu(g) * u``,
+    ``out_t = sum_j s * (down_proj[e] @ a)``.
+
+    Args:
+        hidden_states: [T, H] float32, bfloat16, float16 (or float64 on the CPU).
+        top_k_index: [T, k] int64 or int32, values in [0, E).
+        top_k_weights: [T, k], dtype of hidden_states or float32.
+        gate_up_proj: [E, 2I, H], rows 0..I-1 gate, I..2I-1 up; dtype of hidden_states.
+        down_proj: [E, H, I]; dtype of hidden_states.
+
+    Returns:
+        [T, H] in the dtype of hidden_states. Differentiable in hidden_states,
+        top_k_weights, gate_up_proj and down_proj (only the needed gradients are computed).
+    """
+    _check_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    return torch.ops.moe_fused.experts_forward(
+        hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj
+    )[0]
+
+
+def moe_fused_linear(input: torch.Tensor, weight: torch.Tensor, selected_experts: torch.Tensor) -> torch.Tensor:
+    """``out[b, o] = sum_i weight[selected_experts[b], o, i] * input[b, i]``.
+
+    Args:
+        input: [N, in] float tensor.
+        weight: [E, out, in], dtype of input.
+        selected_experts: [N] int64 or int32, values in [0, E).
+
+    Returns:
+        [N, out]. Differentiable in input and weight.
+    """
+    _check_linear(input, weight, selected_experts)
+    return torch.ops.moe_fused.linear_forward(input, weight, selected_experts)

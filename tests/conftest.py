@@ -1,0 +1,48 @@
+"""pytest setup shared by all moe-fused tests.
+
+- `gpu` marker: tests that need a CUDA GPU; skipped (with a reason) when there is none.
+- Running from a source checkout without `pip install .`: if `moe_fused` is not importable,
+  python/ is put on sys.path (then set MOE_FUSED_LIBRARY to a built libmoe_fused.so).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("moe_fused") is None:
+    sys.path.insert(0, str(_ROOT / "python"))
+
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: slower CPU tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    try:
+        import moe_fused
+        from moe_fused import _lib
+
+        if _lib.is_available():
+            where = _lib.library_path()
+            cuda = "with CUDA" if _lib.has_cuda() else "CPU only"
+            return f"moe_fused {moe_fused.__version__}: {where} ({cuda}); torch {torch.__version__}"
+        return f"moe_fused: native library NOT loadable ({_lib._error})"
+    except Exception as exc:  # never break collection on the header
+        return f"moe_fused: import failed: {exc!r}"

@@ -1,0 +1,295 @@
+"""Bad input: every mistake is a ValueError / TypeError / IndexError whose message names
+the argument, raised before anything is written -- never a crash or a wrong answer."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_fused
+from moe_fused import _lib
+from reference import DEVICES
+
+T, H, I, E, K = 6, 8, 4, 3, 2
+
+
+def _good(device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(T, H, generator=g).to(device, dtype),
+        top_k_index=torch.randint(0, E, (T, K), generator=g).to(device),
+        top_k_weights=torch.rand(T, K, generator=g).to(device, dtype),
+        gate_up_proj=torch.randn(E, 2 * I, H, generator=g).to(device, dtype),
+        down_proj=torch.randn(E, H, I, generator=g).to(device, dtype),
+    )
+
+
+def _call(args):
+    return moe_fused.moe_experts(
+        args["hidden_states"], args["top_k_index"], args["top_k_weights"], args["gate_up_proj"], args["down_proj"]
+    )
+
+
+def _with(device="cpu", **changes):
+    args = _good(device)
+    for name, fn in changes.items():
+        args[name] = fn(args[name])
+    return args
+
+
+# (id, changes, exception, name the message must contain)
+EXPERTS_CASES = [
+    ("x-rank3", dict(hidden_states=lambda t: t.unsqueeze(0)), ValueError, "hidden_states"),
+    ("x-rank1", dict(hidden_states=lambda t: t[0]), ValueError, "hidden_states"),
+    ("idx-rank1", dict(top_k_index=lambda t: t[:, 0]), ValueError, "top_k_index"),
+    ("w-rank1", dict(top_k_weights=lambda t: t[:, 0]), ValueError, "top_k_weights"),
+    ("w1-rank2", dict(gate_up_proj=lambda t: t[0]), ValueError, "gate_up_proj"),
+    ("w2-rank2", dict(down_proj=lambda t: t[0]), ValueError, "down_proj"),
+    ("idx-T", dict(top_k_index=lambda t: t[:-1]), ValueError, "top_k_index"),
+    ("w-shape", dict(top_k_weights=lambda t: t[:, :1]), ValueError, "top_k_weights"),
+    ("E-mismatch", dict(down_proj=lambda t: t[:-1]), ValueError, "down_proj"),
+    ("H-mismatch-w1", dict(gate_up_proj=lambda t: t[:, :, :-1]), ValueError, "gate_up_proj"),
+    ("H-mismatch-w2", dict(down_proj=lambda t: t[:, :-1, :]), ValueError, "down_proj"),
+    ("I-mismatch", dict(down_proj=lambda t: t[:, :, :-1]), ValueError, "down_proj"),
+    ("2I-odd", dict(gate_up_proj=lambda t: t[:, :-1, :]), ValueError, "gate_up_proj"),
+    ("int-activations", dict(hidden_states=lambda t: t.long()), TypeError, "hidden_states"),
+    ("int-w1", dict(gate_up_proj=lambda t: t.int()), TypeError, "gate_up_proj"),
+    ("bool-activations", dict(hidden_states=lambda t: t > 0), TypeError, "hidden_states"),
+    ("float-indices", dict(top_k_index=lambda t: t.float()), TypeError, "top_k_index"),
+    ("int16-indices", dict(top_k_index=lambda t: t.short()), TypeError, "top_k_index"),
+    ("w-int", dict(top_k_weights=lambda t: t.long()), TypeError, "top_k_weights"),
+    ("w1-other-dtype", dict(gate_up_proj=lambda t: t.double()), TypeError, "gate_up_proj"),
+    ("w2-other-dtype", dict(down_proj=lambda t: t.bfloat16()), TypeError, "down_proj"),
+    ("w-f16-with-f32", dict(top_k_weights=lambda t: t.half()), TypeError, "top_k_weights"),
+    ("idx-is-E", dict(top_k_index=lambda t: t.fill_(E)), IndexError, "top_k_index"),
+    ("idx-is-minus1", dict(top_k_index=lambda t: t.index_fill(0, torch.tensor([T - 1], device=t.device), -1)), IndexError, "top_k_index"),
+    ("idx-huge-int32", dict(top_k_index=lambda t: t.int().fill_(2**31 - 1)), IndexError, "top_k_index"),
+    ("not-a-tensor", dict(top_k_weights=lambda t: t.tolist()), TypeError, "top_k_weights"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", EXPERTS_CASES, ids=[c[0] for c in EXPERTS_CASES])
+def test_experts_bad_input(device, case):
+    _, changes, exc, name = case
+    args = _with(device, **changes)
+    for t in args.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t.requires_grad_(True)
+    with pytest.raises(exc, match=name):
+        _call(args)
+
+
+@pytest.mark.parametrize("name", ["top_k_index", "top_k_weights", "gate_up_proj", "down_proj"])
+def test_experts_wrong_device(name):
+    """A tensor on another device: ValueError naming it (meta stands in for a GPU)."""
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    args = _good("cpu")
+    args[name] = args[name].to(other)
+    with pytest.raises(ValueError, match=name):
+        _call(args)
+
+
+def test_experts_wrong_device_hidden_states():
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    args = _good("cpu")
+    args["hidden_states"] = args["hidden_states"].to(other)
+    with pytest.raises(ValueError, match="top_k_index"):  # the first one that disagrees with it
+        _call(args)
+
+
+def test_experts_unsupported_device():
+    args = {n: t.to("meta") for n, t in _good("cpu").items()}
+    out = _call(args)  # meta tensors: shape inference only (the fake implementation)
+    assert out.shape == (T, H) and out.device.type == "meta"
+
+
+LINEAR_CASES = [
+    ("input-rank3", dict(input=lambda t: t.unsqueeze(0)), ValueError, "input"),
+    ("weight-rank2", dict(weight=lambda t: t[0]), ValueError, "weight"),
+    ("sel-rank2", dict(selected_experts=lambda t: t.unsqueeze(1)), ValueError, "selected_experts"),
+    ("in-mismatch", dict(weight=lambda t: t[:, :, :-1]), ValueError, "weight"),
+    ("N-mismatch", dict(selected_experts=lambda t: t[:-1]), ValueError, "selected_experts"),
+    ("int-input", dict(input=lambda t: t.int()), TypeError, "input"),
+    ("weight-dtype", dict(weight=lambda t: t.half()), TypeError, "weight"),
+    ("float-sel", dict(selected_experts=lambda t: t.float()), TypeError, "selected_experts"),
+    ("sel-is-E", dict(selected_experts=lambda t: t.fill_(E)), IndexError, "selected_experts"),
+    ("sel-minus1", dict(selected_experts=lambda t: t.fill_(-1)), IndexError, "selected_experts"),
+]
+
+
+def _linear_good(device):
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        input=torch.randn(5, 6, generator=g).to(device),
+        weight=torch.randn(E, 7, 6, generator=g).to(device),
+        selected_experts=torch.randint(0, E, (5,), generator=g).to(device),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[c[0] for c in LINEAR_CASES])
+def test_linear_bad_input(device, case):
+    _, changes, exc, name = case
+    args = _linear_good(device)
+    for n, fn in changes.items():
+        args[n] = fn(args[n])
+    with pytest.raises(exc, match=name):
+        moe_fused.moe_fused_linear(args["input"], args["weight"], args["selected_experts"])
+
+
+def test_linear_wrong_device():
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    args = _linear_good("cpu")
+    args["weight"] = args["weight"].to(other)
+    with pytest.raises(ValueError, match="weight"):
+        moe_fused.moe_fused_linear(args["input"], args["weight"], args["selected_experts"])
+
+
+# ---- the C ABI itself (bypassing the Python checks): names, status mapping, nothing written ----
+
+
+def _abi_experts_forward(args, out, h, offsets, sorted_pairs, pair_rows, names=None):
+    names = names or {}
+    t = lambda n: ctypes.byref(_lib.tensor(args[n], names.get(n, n)))  # noqa: E731
+    T_, H_ = args["hidden_states"].shape
+    k = args["top_k_index"].shape[1]
+    E_, two_i = args["gate_up_proj"].shape[:2]
+    dev = args["hidden_states"].device
+    nbytes = max(
+        _lib.experts_workspace_size(dev, T_, k, H_, two_i // 2, E_),
+        _lib.routing_plan_workspace_size(dev, T_ * k, E_),
+    )
+    ctx = _lib.context(dev, nbytes)
+    plan = _lib.plan(offsets, sorted_pairs, pair_rows)
+    status = _lib.lib().moe_experts_forward(
+        ctx.ref(), t("hidden_states"), t("top_k_index"), t("top_k_weights"), t("gate_up_proj"), t("down_proj"),
+        ctypes.byref(plan), ctypes.byref(_lib.tensor(h, "h")), ctypes.byref(_lib.tensor(out, "out")),
+    )
+    _lib.check(status, "moe_experts_forward")
+
+
+def _abi_buffers(args, sentinel=12345.0):
+    T_, H_ = args["hidden_states"].shape
+    k = args["top_k_index"].shape[1]
+    E_, two_i = args["gate_up_proj"].shape[:2]
+    dev = args["hidden_states"].device
+    return dict(
+        out=torch.full((T_, H_), sentinel, device=dev),
+        h=torch.full((T_ * k, two_i), sentinel, device=dev),
+        offsets=torch.full((E_ + 1,), -7, dtype=torch.int32, device=dev),
+        sorted_pairs=torch.full((T_ * k,), -7, dtype=torch.int32, device=dev),
+        pair_rows=torch.full((T_ * k,), -7, dtype=torch.int32, device=dev),
+    )
+
+
+ABI_CASES = [
+    ("idx-is-E", dict(top_k_index=lambda t: t.index_fill(0, torch.tensor([T - 1]), E)), IndexError, "top_k_index"),
+    ("idx-minus1", dict(top_k_index=lambda t: t.index_fill(0, torch.tensor([0]), -1)), IndexError, "top_k_index"),
+    ("idx-int32-is-E", dict(top_k_index=lambda t: t.int().index_fill(0, torch.tensor([2]), E)), IndexError, "top_k_index"),
+    ("2I-odd", dict(gate_up_proj=lambda t: t[:, :-1, :].contiguous()), ValueError, "gate_up_proj"),
+    ("E-mismatch", dict(down_proj=lambda t: t[:-1].contiguous()), ValueError, "down_proj"),
+    ("H-mismatch", dict(gate_up_proj=lambda t: t[:, :, :-1].contiguous()), ValueError, "gate_up_proj"),
+    ("float-idx", dict(top_k_index=lambda t: t.float()), TypeError, "top_k_index"),
+    ("dtype-mismatch", dict(down_proj=lambda t: t.double()), TypeError, "down_proj"),
+    ("x-rank3", dict(hidden_states=lambda t: t.unsqueeze(0)), ValueError, "hidden_states"),
+]
+
+
+@pytest.mark.parametrize("case", ABI_CASES, ids=[c[0] for c in ABI_CASES])
+def test_abi_refuses_and_writes_nothing(case):
+    _, changes, exc, name = case
+    args = _good("cpu")
+    bufs = _abi_buffers(args)
+    for n, fn in changes.items():
+        args[n] = fn(args[n])
+    before = {n: b.clone() for n, b in bufs.items()}
+    # a caller-chosen name must appear in the message instead of the parameter's own
+    names = {name: f"my_{name}"}
+    with pytest.raises(exc, match=f"my_{name}"):
+        _abi_experts_forward(args, names=names, **bufs)
+    for n, b in bufs.items():
+        assert torch.equal(b, before[n]), f"{n} was written although the call failed"
+
+
+def test_abi_null_data_pointer_is_value_error():
+    args = _good("cpu")
+    bufs = _abi_buffers(args)
+    desc = _lib.tensor(args["gate_up_proj"], "gate_up_proj")
+    desc.data = None
+    t = lambda n: ctypes.byref(_lib.tensor(args[n], n))  # noqa: E731
+    ctx = _lib.context(torch.device("cpu"), _lib.experts_workspace_size(torch.device("cpu"), T, K, H, I, E) + _lib.routing_plan_workspace_size(torch.device("cpu"), T * K, E))
+    plan = _lib.plan(bufs["offsets"], bufs["sorted_pairs"], bufs["pair_rows"])
+    status = _lib.lib().moe_experts_forward(
+        ctx.ref(), t("hidden_states"), t("top_k_index"), t("top_k_weights"), ctypes.byref(desc), t("down_proj"),
+        ctypes.byref(plan), ctypes.byref(_lib.tensor(bufs["h"], "h")), ctypes.byref(_lib.tensor(bufs["out"], "out")),
+    )
+    assert status != 0
+    with pytest.raises(ValueError, match="gate_up_proj"):
+        _lib.check(status, "moe_experts_forward")
+    assert torch.equal(bufs["out"], torch.full_like(bufs["out"], 12345.0))
+
+
+def test_abi_workspace_too_small_is_value_error():
+    args = _good("cpu")
+    bufs = _abi_buffers(args)
+    need = max(_lib.experts_workspace_size(torch.device("cpu"), T, K, H, I, E), _lib.routing_plan_workspace_size(torch.device("cpu"), T * K, E))
+    if need == 0:
+        pytest.skip("the CPU path needs no workspace at this size")
+    t = lambda n: ctypes.byref(_lib.tensor(args[n], n))  # noqa: E731
+    ctx = _lib.context(torch.device("cpu"), 0)
+    plan = _lib.plan(bufs["offsets"], bufs["sorted_pairs"], bufs["pair_rows"])
+    status = _lib.lib().moe_experts_forward(
+        ctx.ref(), t("hidden_states"), t("top_k_index"), t("top_k_weights"), t("gate_up_proj"), t("down_proj"),
+        ctypes.byref(plan), ctypes.byref(_lib.tensor(bufs["h"], "h")), ctypes.byref(_lib.tensor(bufs["out"], "out")),
+    )
+    with pytest.raises(ValueError):
+        _lib.check(status, "moe_experts_forward")
+    assert torch.equal(bufs["out"], torch.full_like(bufs["out"], 12345.0))
+
+
+def test_abi_good_call_succeeds_and_matches_op():
+    """The harness above is right: the same call with good arguments works."""
+    args = _good("cpu")
+    bufs = _abi_buffers(args)
+    _abi_experts_forward(args, **bufs)
+    assert torch.allclose(bufs["out"], _call(args), rtol=0, atol=0)
+    assert _lib.last_error() is not None
+
+
+def test_abi_version_and_status_mapping():
+    assert _lib.lib().moe_abi_version() == _lib.ABI_VERSION == 1
+    for status, exc in [(1, ValueError), (2, TypeError), (3, IndexError), (4, ValueError), (5, ValueError),
+                        (6, ValueError), (7, ValueError), (8, RuntimeError), (9, RuntimeError), (10, RuntimeError)]:
+        with pytest.raises(exc):
+            _lib.check(status, "test")
+    _lib.check(0, "test")
+
+
+def test_cuda_tensors_without_cuda_build_are_a_clear_error():
+    if not torch.cuda.is_available() or _lib.has_cuda():
+        pytest.skip("needs a GPU and a CPU-only library")
+    args = _good("cuda")
+    with pytest.raises(RuntimeError):
+        _call(args)
+
+
+def test_missing_library_is_reported_at_first_use_not_import():
+    code = (
+        "import moe_fused, torch\n"
+        "assert not moe_fused.is_available()\n"
+        "try:\n"
+        "    moe_fused.moe_fused_linear(torch.randn(2, 3), torch.randn(1, 4, 3), torch.zeros(2, dtype=torch.long))\n"
+        "except moe_fused.LibraryLoadError as e:\n"
+        "    assert '/nonexistent/libmoe_fused.so' in str(e), str(e)\n"
+        "    print('OK')\n"
+    )
+    env = dict(os.environ, MOE_FUSED_LIBRARY="/nonexistent/libmoe_fused.so")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(moe_fused.__file__)), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr
