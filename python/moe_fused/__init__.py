@@ -6,6 +6,9 @@
 
 Importing the package never fails because of the native library: a missing or mismatched
 libmoe_fused.so is reported (with what was tried) at the first call that needs it.
+Importing it also registers experts_implementation="moe_fused" with Transformers (when
+installed), so `from_pretrained(..., experts_implementation="moe_fused")` works; or
+`moe_fused.patch(model)` on a loaded model.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from ._lib import LibraryLoadError, has_cuda, is_available, library_path
 from .ops import moe_experts, moe_fused_linear
 
 __version__ = "0.1.0"
+
+# Transformers integration: importing it registers experts_implementation="moe_fused"
+# (a no-op without transformers installed).
+from .hf import patch, unpatch  # noqa: E402
 
 __all__ = [
     "LibraryLoadError",
@@ -24,14 +31,6 @@ __all__ = [
     "moe_experts",
     "moe_fused_linear",
     "patch",
+    "unpatch",
 ]
 
-
-def __getattr__(name: str):
-    # The Transformers integration lives in moe_fused.hf; imported on first use so that
-    # `import moe_fused` does not import transformers.
-    if name == "patch":
-        from .hf import patch
-
-        return patch
-    raise AttributeError(f"module 'moe_fused' has no attribute {name!r}")

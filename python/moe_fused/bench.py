@@ -1,0 +1,388 @@
+"""Benchmark of the MoE experts layer: moe-fused against Hugging Face Transformers v5.
+
+    moe-fused bench                       # CPU, scaled-down Qwen3-30B-A3B shapes
+    moe-fused bench --device cuda         # Qwen3-30B-A3B and Qwen3-235B-A22B, T = 512, 4096, 16384
+    python -m moe_fused.bench --help      # the same; bench/bench_layer.py too
+
+One process, identical weights, inputs and routing for every implementation: the experts
+module of a real Transformers ``Qwen3MoeSparseMoeBlock`` (random weights), its router
+producing (top_k_index, top_k_weights) from the hidden states, then
+
+    hf-eager       the module with experts_implementation="eager" (per-expert loop)
+    hf-grouped_mm  the module with experts_implementation="grouped_mm"
+    moe_fused      moe_fused.moe_experts on the module's own gate_up_proj / down_proj
+
+each timed forward and forward+backward (gradients for hidden states, routing weights and
+both expert weights). Reported: median ms, effective TFLOP/s (forward 6*T*k*H*I flops,
+forward+backward 18*T*k*H*I), on CUDA the peak extra memory over the baseline and the
+memory the forward keeps for backward, and the ratios of moe_fused against each HF path.
+A table is printed; JSON and a PNG plot are saved to --out (bench/results by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+# name -> (H, I, E, k)
+SHAPES = {
+    "30b-a3b": (2048, 768, 128, 8),
+    "235b-a22b": (4096, 1536, 128, 8),
+    # Qwen3-30B-A3B scaled down for a CPU: H and I / 4, E / 4, k kept (same k/E routing density x2)
+    "30b-a3b-cpu": (512, 192, 32, 8),
+}
+DEFAULTS = {
+    "cpu": dict(shapes=["30b-a3b-cpu"], tokens=[128, 512, 2048], dtype="float32"),
+    "cuda": dict(shapes=["30b-a3b", "235b-a22b"], tokens=[512, 4096, 16384], dtype="bfloat16"),
+}
+IMPLS = ["hf-eager", "hf-grouped_mm", "moe_fused"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _flops(mode, T, H, I, k):
+    return (6 if mode == "fwd" else 18) * T * k * H * I
+
+
+def _build(H, I, E, k, dtype, device, seed):
+    """A real Transformers Qwen3MoeSparseMoeBlock with random weights (experts + router)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = Qwen3MoeConfig(
+        hidden_size=H,
+        moe_intermediate_size=I,
+        intermediate_size=I,
+        num_experts=E,
+        num_experts_per_tok=k,
+        norm_topk_prob=True,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    block = Qwen3MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.experts.gate_up_proj.normal_(0.0, H**-0.5)
+        block.experts.down_proj.normal_(0.0, I**-0.5)
+        block.gate.weight.normal_(0.0, H**-0.5)  # HF inits it to zeros: all tokens would tie
+    return cfg, block.to(device=device, dtype=dtype)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, warmup, iters, max_seconds):
+    """Median milliseconds of fn() over up to `iters` runs (at least 3, fewer if the runs
+    would exceed max_seconds). CUDA: events around each run; CPU: perf_counter."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < iters:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times), len(times)
+
+
+def _memory(fn_fwd, device):
+    """CUDA only: (peak extra bytes of one forward+backward, bytes the forward keeps for
+    backward beyond its output) over the allocation baseline before the call."""
+    if device.type != "cuda":
+        return None, None
+    _sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out, backward = fn_fwd()
+    _sync(device)
+    kept = torch.cuda.memory_allocated(device) - base - out.numel() * out.element_size()
+    backward(out)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return int(peak), int(kept)
+
+
+def run_shape(name, T, args, device, dtype, log):
+    from moe_fused import moe_experts
+
+    H, I, E, k = SHAPES[name] if name in SHAPES else _parse_shape(name)
+    cfg, block = _build(H, I, E, k, dtype, device, seed=args.seed)
+    experts = block.experts
+    g = torch.Generator(device="cpu").manual_seed(args.seed + T)
+    hidden = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        _, top_k_weights, top_k_index = block.gate(hidden)
+    grad_out = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+    counts = torch.bincount(top_k_index.reshape(-1).cpu(), minlength=E)
+
+    params = [experts.gate_up_proj, experts.down_proj]
+    x_leaf = hidden.detach().clone().requires_grad_(True)
+    w_leaf = top_k_weights.detach().clone().requires_grad_(True)
+
+    def call(impl, x, w):
+        if impl == "moe_fused":
+            return moe_experts(x, top_k_index, w, experts.gate_up_proj, experts.down_proj)
+        cfg._experts_implementation = impl[len("hf-"):]
+        return experts(x, top_k_index, w)
+
+    def clear():
+        for t in params + [x_leaf, w_leaf]:
+            t.grad = None
+
+    results, outputs = [], {}
+    for impl in args.impls:
+        if impl == "hf-eager" and args.eager_max_tokens and T > args.eager_max_tokens:
+            msg = f"hf-eager at T={T} SKIPPED (--eager-max-tokens={args.eager_max_tokens}; pass 0 to run it)"
+            log(f"  {msg}")
+            for mode in ("fwd", "fwd+bwd"):
+                results.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, mode=mode, skipped=msg))
+            continue
+
+        def fwd():
+            with torch.no_grad():
+                return call(impl, hidden, top_k_weights)
+
+        def fwd_bwd():
+            clear()
+            out = call(impl, x_leaf, w_leaf)
+            out.backward(grad_out)
+
+        def fwd_for_memory():
+            clear()
+            out = call(impl, x_leaf, w_leaf)
+            return out, lambda o: o.backward(grad_out)
+
+        try:
+            # values (and grads) once, for the correctness line
+            clear()
+            out = call(impl, x_leaf, w_leaf)
+            out.backward(grad_out)
+            outputs[impl] = [out.detach().float()] + [t.grad.detach().float() for t in (x_leaf, w_leaf, *params)]
+            del out
+            clear()
+            for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                ms, n = _time(fn, device, args.warmup, args.iters, args.max_seconds)
+                rec = dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, mode=mode, ms=ms, runs=n,
+                           tflops=_flops(mode, T, H, I, k) / (ms * 1e-3) / 1e12)
+                if mode == "fwd+bwd":
+                    peak, kept = _memory(fwd_for_memory, device)
+                    rec.update(peak_extra_bytes=peak, saved_bytes=kept)
+                clear()
+                results.append(rec)
+                mem = f"  peak +{peak / 2**20:8.1f} MiB  saved {kept / 2**20:8.1f} MiB" if device.type == "cuda" and mode == "fwd+bwd" else ""
+                log(f"  {impl:14s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
+        except Exception as exc:  # one failing implementation must not hide the others
+            msg = f"{impl} FAILED: {type(exc).__name__}: {str(exc)[:300]}"
+            log(f"  {msg}")
+            for mode in ("fwd", "fwd+bwd"):
+                results.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, mode=mode, error=msg))
+        clear()
+
+    # ratios: time of each HF path / time of moe_fused (> 1 means moe_fused is faster)
+    ours = {r["mode"]: r for r in results if r["impl"] == "moe_fused" and "ms" in r}
+    for r in results:
+        if r["impl"] != "moe_fused" and "ms" in r and r["mode"] in ours:
+            ours[r["mode"]][f"speedup_vs_{r['impl']}"] = r["ms"] / ours[r["mode"]]["ms"]
+            if r.get("peak_extra_bytes") and ours[r["mode"]].get("peak_extra_bytes"):
+                ours[r["mode"]][f"peak_mem_ratio_vs_{r['impl']}"] = ours[r["mode"]]["peak_extra_bytes"] / r["peak_extra_bytes"]
+    # agreement with HF (first HF path that ran)
+    if "moe_fused" in outputs:
+        for impl in ("hf-eager", "hf-grouped_mm"):
+            if impl in outputs:
+                names = ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")
+                errs = {n: _rel_err(a, b) for n, a, b in zip(names, outputs["moe_fused"], outputs[impl])}
+                for mode in ours:
+                    ours[mode][f"max_rel_err_vs_{impl}"] = errs
+                log("  max |moe_fused - " + impl + "| / max|" + impl + "|: "
+                    + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
+                break
+    log(f"  routing: tokens per expert min {int(counts.min())} max {int(counts.max())}, "
+        f"{int((counts == 0).sum())} experts with none")
+    del block, experts, params
+    return results
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _parse_shape(s):
+    try:
+        H, I, E, k = (int(v) for v in s.split("x"))
+        return H, I, E, k
+    except ValueError:
+        raise SystemExit(f"unknown shape {s!r}: use one of {', '.join(SHAPES)} or HxIxExk (e.g. 1024x384x64x8)")
+
+
+def _table(results):
+    lines = []
+    hdr = f"{'shape':12s} {'T':>6s} {'mode':8s} " + " ".join(f"{i + ' ms':>17s}" for i in IMPLS) + "   moe_fused speedup vs eager / grouped_mm"
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    keys = sorted({(r["shape"], r["T"], r["mode"]) for r in results}, key=lambda x: (x[0], x[1], x[2] != "fwd"))
+    for shape, T, mode in keys:
+        row = {r["impl"]: r for r in results if (r["shape"], r["T"], r["mode"]) == (shape, T, mode)}
+        cells = []
+        for impl in IMPLS:
+            r = row.get(impl)
+            cells.append(f"{r['ms']:17.3f}" if r and "ms" in r else f"{('skipped' if r and 'skipped' in r else 'failed' if r and 'error' in r else '-'):>17s}")
+        o = row.get("moe_fused", {})
+        sp = " / ".join(f"{o[key]:.2f}x" if key in o else "-" for key in ("speedup_vs_hf-eager", "speedup_vs_hf-grouped_mm"))
+        lines.append(f"{shape:12s} {T:6d} {mode:8s} " + " ".join(cells) + f"   {sp}")
+    return "\n".join(lines)
+
+
+def _plot(results, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:
+        return f"no plot ({exc})"
+    modes = ["fwd", "fwd+bwd"]
+    groups = sorted({(r["shape"], r["T"]) for r in results})
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(groups) + 3), 4.5))
+    width = 0.8 / len(IMPLS)
+    for ax, mode in zip(axes, modes):
+        for i, impl in enumerate(IMPLS):
+            ys = []
+            for shape, T in groups:
+                r = [r for r in results if (r["shape"], r["T"], r["mode"], r["impl"]) == (shape, T, mode, impl)]
+                ys.append(r[0].get("tflops", 0.0) if r else 0.0)
+            ax.bar([j + (i - 1) * width for j in range(len(groups))], ys, width, label=impl)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{s}\nT={T}" for s, T in groups], fontsize=8)
+        ax.set_ylabel("effective TFLOP/s")
+        ax.set_title(mode)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="moe-fused bench",
+        description="Experts layer forward and forward+backward: moe-fused vs Transformers v5 "
+        "(eager, grouped_mm) on identical weights, inputs and routing.",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--shapes", nargs="+", help=f"presets {', '.join(SHAPES)} or HxIxExk "
+                   "(default: 30b-a3b-cpu on cpu; 30b-a3b 235b-a22b on cuda)")
+    p.add_argument("--tokens", "-T", nargs="+", type=int, help="token counts (default: 128 512 2048 on cpu; 512 4096 16384 on cuda)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
+    p.add_argument("--warmup", type=int, help="default: 1 on cpu, 3 on cuda")
+    p.add_argument("--iters", type=int, help="timed runs per measurement (default: 5 on cpu, 20 on cuda)")
+    p.add_argument("--max-seconds", type=float, default=10.0, help="stop a measurement after this many seconds (>= 3 runs)")
+    p.add_argument("--eager-max-tokens", type=int, default=0,
+                   help="skip hf-eager above this T (it is slow); 0 = never skip. Skips are printed and saved.")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (default bench/results)")
+    p.add_argument("--name", help="file stem (default layer_<device>_<dtype>)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    d = DEFAULTS[args.device]
+    args.shapes = args.shapes or d["shapes"]
+    args.tokens = args.tokens or d["tokens"]
+    args.dtype = args.dtype or d["dtype"]
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.device == "cpu" else 3)
+    args.iters = args.iters or (5 if args.device == "cpu" else 20)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import moe_fused
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("moe-fused bench: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    try:
+        import transformers
+    except ImportError:
+        print("moe-fused bench needs Hugging Face transformers >= 5 (pip install 'moe-fused[hf]')", file=sys.stderr)
+        return 2
+    from moe_fused import _lib
+
+    _lib.lib()  # a missing library is reported here, once
+    env = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+        torch=torch.__version__, transformers=transformers.__version__, moe_fused=moe_fused.__version__,
+        dtype=args.dtype, threads=torch.get_num_threads(), library=_lib.library_path(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    lines = []
+
+    def log(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    log(f"moe-fused bench: experts layer, {args.dtype}, {env['device']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, {env['threads']} threads")
+    log("flops: fwd 6*T*k*H*I, fwd+bwd 18*T*k*H*I; times are medians; speedup = HF time / moe_fused time")
+    if args.eager_max_tokens:
+        log(f"NOTE: hf-eager is skipped above T={args.eager_max_tokens} (--eager-max-tokens)")
+    results = []
+    t_start = time.perf_counter()
+    for shape in args.shapes:
+        H, I, E, k = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
+        for T in args.tokens:
+            log(f"\n{shape} (H={H}, I={I}, E={E}, k={k}), T={T}:")
+            results += run_shape(shape, T, args, device, dtype, log)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    log("\n" + _table(results))
+    log(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"layer_{args.device}_{args.dtype}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(dict(env=env, args={k: v for k, v in vars(args).items()}, results=results), indent=1))
+    saved = [str(json_path)]
+    if not args.no_plot:
+        saved.append(_plot(results, out_dir / f"{stem}.png", f"moe-fused experts layer, {args.dtype}, {env['device']}"))
+    print("saved: " + ", ".join(saved))
+    failed = [r for r in results if "error" in r and r["impl"] == "moe_fused"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
