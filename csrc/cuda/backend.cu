@@ -1,0 +1,508 @@
+// moe::cuda: the CUDA backend behind common/api.cpp (common/backend.h).
+// Host-side orchestration only; the kernels live in plan.cu, grouped_gemm.cu,
+// wgrad.cu and combine.cu. Every call enqueues on ctx.stream, never
+// allocates, never synchronises with the host (graph capturable).
+// Dtypes: bfloat16 and float16 (float32 -> MOE_ERR_DTYPE: use the CPU path or
+// cast). Operands need a unit inner stride (else MOE_ERR_STRIDE); row and
+// expert strides are free.
+#include <algorithm>
+
+#include "common/backend.h"
+#include "common/errors.h"
+#include "cuda/kernels.h"
+
+namespace moe {
+namespace cuda {
+namespace {
+
+constexpr int BMT = kGemmBM;
+
+const char *tname(const moe_tensor_t &t, const char *param) { return t.name ? t.name : param; }
+
+moe_status_t check_half(const moe_tensor_t &t, const char *param) {
+  if (t.dtype != MOE_DTYPE_BF16 && t.dtype != MOE_DTYPE_F16)
+    return set_error(MOE_ERR_DTYPE,
+                     "%s: the CUDA path supports bfloat16 and float16 (got dtype %d); "
+                     "cast, or run on the CPU",
+                     tname(t, param), int(t.dtype));
+  return MOE_OK;
+}
+
+moe_status_t check_inner(const moe_tensor_t &t, const char *param) {
+  if (!inner_contiguous(t))
+    return set_error(MOE_ERR_STRIDE,
+                     "%s: the CUDA path needs a unit stride on the last dim (got %lld); "
+                     "call .contiguous()",
+                     tname(t, param), static_cast<long long>(t.strides[t.ndim - 1]));
+  return MOE_OK;
+}
+
+#define MOE_CU_TRY(expr)                  \
+  do {                                    \
+    const moe_status_t st_ = (expr);      \
+    if (st_ != MOE_OK) return st_;        \
+  } while (0)
+
+// Index tensor strides as (s0 rows, s1 slots) with k slots per row.
+void index_strides(const moe_tensor_t &idx, int64_t *s0, int64_t *s1, int64_t *k) {
+  if (idx.ndim >= 2) {
+    *s0 = idx.strides[0];
+    *s1 = idx.strides[1];
+    *k = idx.shape[1];
+  } else {
+    *s0 = idx.ndim == 1 ? idx.strides[0] : 1;
+    *s1 = 0;
+    *k = 1;
+  }
+}
+
+// ---- workspace layouts (shared by the size queries and the calls) ----
+
+struct PlanWs {
+  void *scratch;
+};
+PlanWs plan_layout(WsArena &ar, int64_t n, int64_t E) {
+  return PlanWs{ar.take<char>(int64_t(plan_scratch_bytes(n, E)))};
+}
+
+struct LinearWs {
+  int32_t *offsets, *sorted, *rows;
+  PlanWs plan;
+  Tile *tiles;
+  int32_t *num_tiles;
+};
+LinearWs linear_layout(WsArena &ar, const LinearProblem &p) {
+  LinearWs L;
+  L.offsets = ar.take<int32_t>(p.num_experts + 1);
+  L.sorted = ar.take<int32_t>(p.n);
+  L.rows = ar.take<int32_t>(p.n);
+  L.plan = plan_layout(ar, p.n, p.num_experts);
+  L.tiles = ar.take<Tile>(max_tiles(p.n, p.num_experts, BMT));
+  L.num_tiles = ar.take<int32_t>(1);
+  return L;
+}
+
+struct FwdWs {
+  PlanWs plan;
+  Tile *tiles;
+  int32_t *num_tiles;
+  void *a, *y;
+};
+FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p) {
+  const int64_t n = p.tokens * p.top_k;
+  FwdWs L;
+  L.plan = plan_layout(ar, n, p.num_experts);
+  L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
+  L.num_tiles = ar.take<int32_t>(1);
+  L.a = ar.take<uint16_t>(n * p.intermediate);
+  L.y = ar.take<uint16_t>(n * p.hidden);
+  return L;
+}
+
+struct BwdWs {
+  Tile *tiles;
+  int32_t *num_tiles;
+  void *dh, *sa, *dxs;
+  float *ds_part;
+  int ds_ld;
+};
+BwdWs bwd_layout(WsArena &ar, const ExpertsProblem &p) {
+  const int64_t n = p.tokens * p.top_k;
+  BwdWs L;
+  L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
+  L.num_tiles = ar.take<int32_t>(1);
+  L.dh = ar.take<uint16_t>(n * 2 * p.intermediate);
+  L.sa = ar.take<uint16_t>(n * p.intermediate);
+  L.dxs = ar.take<uint16_t>(n * p.hidden);
+  L.ds_ld = grouped_gemm_col_tiles(EPI_DSWIGLU, int(std::min<int64_t>(p.intermediate, 1 << 30)));
+  L.ds_part = ar.take<float>(n * std::max(L.ds_ld, 1));
+  return L;
+}
+
+moe_status_t check_sizes(int64_t a, int64_t b, int64_t c) {
+  const int64_t lim = int64_t(1) << 30;
+  if (a >= lim || b >= lim || c >= lim)
+    return set_error(MOE_ERR_UNSUPPORTED, "CUDA path: a dimension of 2^30 or more");
+  return MOE_OK;
+}
+
+}  // namespace
+
+// ---- routing plan ----------------------------------------------------------------
+
+size_t routing_plan_workspace_size(int64_t num_pairs, int64_t num_experts) {
+  WsArena ar(nullptr);
+  plan_layout(ar, num_pairs, num_experts);
+  return ar.required();
+}
+
+moe_status_t routing_plan(const moe_context_t &ctx, const moe_tensor_t &top_k_index,
+                          int64_t num_experts, const moe_plan_t &plan) {
+  DeviceGuard dg(ctx.device_index);
+  if (!dg.ok()) return launch_status("routing_plan (device)");
+  int64_t s0, s1, k;
+  index_strides(top_k_index, &s0, &s1, &k);
+  int64_t n = 1;
+  for (int d = 0; d < top_k_index.ndim; ++d) n *= top_k_index.shape[d];
+  WsArena ar(ctx.workspace);
+  PlanWs L = plan_layout(ar, n, num_experts);
+  if (k <= 0) k = 1;
+  build_plan(top_k_index.data, top_k_index.dtype, s0, s1, int(k), n, int(num_experts),
+             static_cast<int32_t *>(plan.expert_offsets.data),
+             static_cast<int32_t *>(plan.sorted_pairs.data),
+             static_cast<int32_t *>(plan.pair_rows.data), L.scratch, stream_of(ctx));
+  return launch_status("routing_plan");
+}
+
+// ---- moe_fused_linear --------------------------------------------------------------
+
+size_t linear_workspace_size(const LinearProblem &p) {
+  WsArena ar(nullptr);
+  linear_layout(ar, p);
+  return ar.required();
+}
+
+static moe_status_t linear_plan(const moe_context_t &ctx, const LinearProblem &p,
+                                const moe_tensor_t &sel, LinearWs &L) {
+  int64_t s0, s1, k;
+  index_strides(sel, &s0, &s1, &k);
+  cudaStream_t st = stream_of(ctx);
+  build_plan(sel.data, sel.dtype, s0, 0, 1, p.n, int(p.num_experts), L.offsets, L.sorted, L.rows,
+             L.plan.scratch, st);
+  build_tiles(L.offsets, int(p.num_experts), p.n, BMT, L.tiles, L.num_tiles, st);
+  return launch_status("moe_linear (plan)");
+}
+
+moe_status_t linear_forward(const moe_context_t &ctx, const LinearProblem &p,
+                            const moe_tensor_t &input, const moe_tensor_t &weight,
+                            const moe_tensor_t &selected_experts, const moe_tensor_t &out) {
+  MOE_CU_TRY(check_half(input, "input"));
+  MOE_CU_TRY(check_inner(input, "input"));
+  MOE_CU_TRY(check_inner(weight, "weight"));
+  MOE_CU_TRY(check_inner(out, "out"));
+  MOE_CU_TRY(check_sizes(p.in_features, p.out_features, p.num_experts));
+  DeviceGuard dg(ctx.device_index);
+  if (!dg.ok()) return launch_status("moe_linear_forward (device)");
+  WsArena ar(ctx.workspace);
+  LinearWs L = linear_layout(ar, p);
+  MOE_CU_TRY(linear_plan(ctx, p, selected_experts, L));
+  GroupedGemmArgs g{};
+  g.dtype = input.dtype;
+  g.epilogue = EPI_STORE;
+  g.b_kn = false;
+  g.A = input.data;
+  g.lda = input.strides[0];
+  g.a_div = 1;
+  g.B = weight.data;
+  g.ldb = weight.strides[1];
+  g.strideBE = weight.strides[0];
+  g.n_rows = p.n;
+  g.N = int(p.out_features);
+  g.K = int(p.in_features);
+  g.sorted = L.sorted;
+  g.tiles = L.tiles;
+  g.num_tiles = L.num_tiles;
+  g.max_tiles = max_tiles(p.n, p.num_experts, BMT);
+  g.C = out.data;
+  g.ldc = out.strides[0];
+  g.c_scatter = true;
+  g.k = 1;
+  if (p.in_features == 0) {
+    // Empty reduction: out = 0 (the GEMM below still writes zeros: K = 0 -> acc = 0).
+  }
+  return grouped_gemm(g, stream_of(ctx));
+}
+
+moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
+                             const moe_tensor_t &grad_out, const moe_tensor_t &input,
+                             const moe_tensor_t &weight, const moe_tensor_t &selected_experts,
+                             const moe_tensor_t *grad_input, const moe_tensor_t *grad_weight) {
+  MOE_CU_TRY(check_half(input, "input"));
+  MOE_CU_TRY(check_inner(input, "input"));
+  MOE_CU_TRY(check_inner(weight, "weight"));
+  MOE_CU_TRY(check_inner(grad_out, "grad_out"));
+  if (grad_input) MOE_CU_TRY(check_inner(*grad_input, "grad_input"));
+  if (grad_weight) MOE_CU_TRY(check_inner(*grad_weight, "grad_weight"));
+  MOE_CU_TRY(check_sizes(p.in_features, p.out_features, p.num_experts));
+  if (!grad_input && !grad_weight) return MOE_OK;
+  DeviceGuard dg(ctx.device_index);
+  if (!dg.ok()) return launch_status("moe_linear_backward (device)");
+  WsArena ar(ctx.workspace);
+  LinearWs L = linear_layout(ar, p);
+  MOE_CU_TRY(linear_plan(ctx, p, selected_experts, L));
+  cudaStream_t st = stream_of(ctx);
+  if (grad_input) {
+    GroupedGemmArgs g{};
+    g.dtype = input.dtype;
+    g.epilogue = EPI_STORE;
+    g.b_kn = true;  // weight[e] read as [K = out][N = in]
+    g.A = grad_out.data;
+    g.lda = grad_out.strides[0];
+    g.a_div = 1;
+    g.B = weight.data;
+    g.ldb = weight.strides[1];
+    g.strideBE = weight.strides[0];
+    g.n_rows = p.n;
+    g.N = int(p.in_features);
+    g.K = int(p.out_features);
+    g.sorted = L.sorted;
+    g.tiles = L.tiles;
+    g.num_tiles = L.num_tiles;
+    g.max_tiles = max_tiles(p.n, p.num_experts, BMT);
+    g.C = grad_input->data;
+    g.ldc = grad_input->strides[0];
+    g.c_scatter = true;
+    g.k = 1;
+    MOE_CU_TRY(grouped_gemm(g, st));
+  }
+  if (grad_weight) {
+    WgradArgs w{};
+    w.dtype = input.dtype;
+    w.A = grad_out.data;
+    w.lda = grad_out.strides[0];
+    w.a_div = 1;
+    w.B = input.data;
+    w.ldb = input.strides[0];
+    w.b_div = 1;
+    w.n_rows = p.n;
+    w.M = int(p.out_features);
+    w.N = int(p.in_features);
+    w.E = int(p.num_experts);
+    w.offsets = L.offsets;
+    w.sorted = L.sorted;
+    w.C = grad_weight->data;
+    w.ldc = grad_weight->strides[1];
+    w.strideCE = grad_weight->strides[0];
+    MOE_CU_TRY(wgrad_gemm(w, st));
+  }
+  return MOE_OK;
+}
+
+// ---- fused experts layer ---------------------------------------------------------------
+
+size_t experts_workspace_size(const ExpertsProblem &p) {
+  WsArena f(nullptr), b(nullptr);
+  fwd_layout(f, p);
+  bwd_layout(b, p);
+  return std::max(f.required(), b.required());
+}
+
+moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
+                             const moe_tensor_t &hidden_states, const moe_tensor_t &top_k_index,
+                             const moe_tensor_t &top_k_weights, const moe_tensor_t &gate_up_proj,
+                             const moe_tensor_t &down_proj, const moe_plan_t &plan,
+                             const moe_tensor_t &h, const moe_tensor_t &out) {
+  MOE_CU_TRY(check_half(hidden_states, "hidden_states"));
+  MOE_CU_TRY(check_inner(hidden_states, "hidden_states"));
+  MOE_CU_TRY(check_inner(gate_up_proj, "gate_up_proj"));
+  MOE_CU_TRY(check_inner(down_proj, "down_proj"));
+  MOE_CU_TRY(check_inner(h, "h"));
+  MOE_CU_TRY(check_inner(out, "out"));
+  MOE_CU_TRY(check_sizes(p.hidden, 2 * p.intermediate, p.num_experts));
+  if (p.top_k > 64) return set_error(MOE_ERR_UNSUPPORTED, "CUDA path: top_k > 64");
+  DeviceGuard dg(ctx.device_index);
+  if (!dg.ok()) return launch_status("moe_experts_forward (device)");
+  const int64_t T = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
+                E = p.num_experts, n = T * k;
+  cudaStream_t st = stream_of(ctx);
+  WsArena ar(ctx.workspace);
+  FwdWs L = fwd_layout(ar, p);
+  int32_t *off = static_cast<int32_t *>(plan.expert_offsets.data);
+  int32_t *sorted = static_cast<int32_t *>(plan.sorted_pairs.data);
+  int32_t *rows = static_cast<int32_t *>(plan.pair_rows.data);
+  int64_t s0, s1, kk;
+  index_strides(top_k_index, &s0, &s1, &kk);
+  build_plan(top_k_index.data, top_k_index.dtype, s0, s1, int(k), n, int(E), off, sorted, rows,
+             L.plan.scratch, st);
+  build_tiles(off, int(E), n, BMT, L.tiles, L.num_tiles, st);
+  MOE_CU_TRY(launch_status("moe_experts_forward (plan)"));
+
+  GroupedGemmArgs g{};
+  g.dtype = hidden_states.dtype;
+  g.epilogue = EPI_SWIGLU;
+  g.b_kn = false;
+  g.A = hidden_states.data;
+  g.lda = hidden_states.strides[0];
+  g.a_div = int(k);
+  g.B = gate_up_proj.data;
+  g.ldb = gate_up_proj.strides[1];
+  g.strideBE = gate_up_proj.strides[0];
+  g.n_rows = n;
+  g.N = int(I);
+  g.K = int(H);
+  g.sorted = sorted;
+  g.tiles = L.tiles;
+  g.num_tiles = L.num_tiles;
+  g.max_tiles = max_tiles(n, E, BMT);
+  g.C = h.data;
+  g.ldc = h.strides[0];
+  g.C2 = L.a;
+  g.ldc2 = I;
+  g.k = int(k);
+  MOE_CU_TRY(grouped_gemm(g, st));
+
+  GroupedGemmArgs g2 = g;
+  g2.epilogue = EPI_STORE;
+  g2.A = L.a;
+  g2.lda = I;
+  g2.a_div = 0;
+  g2.B = down_proj.data;
+  g2.ldb = down_proj.strides[1];
+  g2.strideBE = down_proj.strides[0];
+  g2.N = int(H);
+  g2.K = int(I);
+  g2.C = L.y;
+  g2.ldc = H;
+  g2.C2 = nullptr;
+  g2.c_scatter = false;
+  MOE_CU_TRY(grouped_gemm(g2, st));
+
+  return combine_rows(hidden_states.dtype, L.y, H, rows, top_k_weights.data, top_k_weights.dtype,
+                      top_k_weights.strides[0], top_k_weights.strides[1], T, int(k), H, out.data,
+                      out.strides[0], st);
+}
+
+moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
+                              const moe_tensor_t &grad_out, const moe_tensor_t &hidden_states,
+                              const moe_tensor_t &top_k_weights,
+                              const moe_tensor_t &gate_up_proj, const moe_tensor_t &down_proj,
+                              const moe_plan_t &plan, const moe_tensor_t &h,
+                              const moe_tensor_t *grad_hidden_states,
+                              const moe_tensor_t *grad_top_k_weights,
+                              const moe_tensor_t *grad_gate_up_proj,
+                              const moe_tensor_t *grad_down_proj) {
+  MOE_CU_TRY(check_half(hidden_states, "hidden_states"));
+  MOE_CU_TRY(check_inner(hidden_states, "hidden_states"));
+  MOE_CU_TRY(check_inner(grad_out, "grad_out"));
+  MOE_CU_TRY(check_inner(gate_up_proj, "gate_up_proj"));
+  MOE_CU_TRY(check_inner(down_proj, "down_proj"));
+  MOE_CU_TRY(check_inner(h, "h"));
+  if (grad_hidden_states) MOE_CU_TRY(check_inner(*grad_hidden_states, "grad_hidden_states"));
+  if (grad_gate_up_proj) MOE_CU_TRY(check_inner(*grad_gate_up_proj, "grad_gate_up_proj"));
+  if (grad_down_proj) MOE_CU_TRY(check_inner(*grad_down_proj, "grad_down_proj"));
+  MOE_CU_TRY(check_sizes(p.hidden, 2 * p.intermediate, p.num_experts));
+  if (p.top_k > 64) return set_error(MOE_ERR_UNSUPPORTED, "CUDA path: top_k > 64");
+  if (!grad_hidden_states && !grad_top_k_weights && !grad_gate_up_proj && !grad_down_proj)
+    return MOE_OK;
+  DeviceGuard dg(ctx.device_index);
+  if (!dg.ok()) return launch_status("moe_experts_backward (device)");
+  const int64_t T = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
+                E = p.num_experts, n = T * k;
+  cudaStream_t st = stream_of(ctx);
+  WsArena ar(ctx.workspace);
+  BwdWs L = bwd_layout(ar, p);
+  const int32_t *off = static_cast<const int32_t *>(plan.expert_offsets.data);
+  const int32_t *sorted = static_cast<const int32_t *>(plan.sorted_pairs.data);
+  const int32_t *rows = static_cast<const int32_t *>(plan.pair_rows.data);
+  build_tiles(off, int(E), n, BMT, L.tiles, L.num_tiles, st);
+  MOE_CU_TRY(launch_status("moe_experts_backward (tiles)"));
+
+  // dA' = dout W2[e] (gathered), epilogue: dh, s*a, ds partials.
+  GroupedGemmArgs g{};
+  g.dtype = hidden_states.dtype;
+  g.epilogue = EPI_DSWIGLU;
+  g.b_kn = true;
+  g.A = grad_out.data;
+  g.lda = grad_out.strides[0];
+  g.a_div = int(k);
+  g.B = down_proj.data;
+  g.ldb = down_proj.strides[1];
+  g.strideBE = down_proj.strides[0];
+  g.n_rows = n;
+  g.N = int(I);
+  g.K = int(H);
+  g.sorted = sorted;
+  g.tiles = L.tiles;
+  g.num_tiles = L.num_tiles;
+  g.max_tiles = max_tiles(n, E, BMT);
+  g.C = L.dh;
+  g.ldc = 2 * I;
+  g.C2 = L.sa;
+  g.ldc2 = I;
+  g.Hin = h.data;
+  g.ldh = h.strides[0];
+  g.ds_part = L.ds_part;
+  g.ds_ld = L.ds_ld;
+  g.sw = top_k_weights.data;
+  g.sw_dtype = top_k_weights.dtype;
+  g.sw_s0 = top_k_weights.strides[0];
+  g.sw_s1 = top_k_weights.strides[1];
+  g.k = int(k);
+  MOE_CU_TRY(grouped_gemm(g, st));
+
+  if (grad_top_k_weights)
+    MOE_CU_TRY(reduce_ds(L.ds_part, L.ds_ld, L.ds_ld, rows, T, int(k), grad_top_k_weights->data,
+                         grad_top_k_weights->dtype, grad_top_k_weights->strides[0],
+                         grad_top_k_weights->strides[1], st));
+  if (grad_down_proj) {
+    WgradArgs w{};
+    w.dtype = hidden_states.dtype;
+    w.A = grad_out.data;
+    w.lda = grad_out.strides[0];
+    w.a_div = int(k);
+    w.B = L.sa;
+    w.ldb = I;
+    w.b_div = 0;
+    w.n_rows = n;
+    w.M = int(H);
+    w.N = int(I);
+    w.E = int(E);
+    w.offsets = off;
+    w.sorted = sorted;
+    w.C = grad_down_proj->data;
+    w.ldc = grad_down_proj->strides[1];
+    w.strideCE = grad_down_proj->strides[0];
+    MOE_CU_TRY(wgrad_gemm(w, st));
+  }
+  if (grad_gate_up_proj) {
+    WgradArgs w{};
+    w.dtype = hidden_states.dtype;
+    w.A = L.dh;
+    w.lda = 2 * I;
+    w.a_div = 0;
+    w.B = hidden_states.data;
+    w.ldb = hidden_states.strides[0];
+    w.b_div = int(k);
+    w.n_rows = n;
+    w.M = int(2 * I);
+    w.N = int(H);
+    w.E = int(E);
+    w.offsets = off;
+    w.sorted = sorted;
+    w.C = grad_gate_up_proj->data;
+    w.ldc = grad_gate_up_proj->strides[1];
+    w.strideCE = grad_gate_up_proj->strides[0];
+    MOE_CU_TRY(wgrad_gemm(w, st));
+  }
+  if (grad_hidden_states) {
+    GroupedGemmArgs d{};
+    d.dtype = hidden_states.dtype;
+    d.epilogue = EPI_STORE;
+    d.b_kn = true;  // W1[e] read as [K = 2I][N = H]
+    d.A = L.dh;
+    d.lda = 2 * I;
+    d.a_div = 0;
+    d.B = gate_up_proj.data;
+    d.ldb = gate_up_proj.strides[1];
+    d.strideBE = gate_up_proj.strides[0];
+    d.n_rows = n;
+    d.N = int(H);
+    d.K = int(2 * I);
+    d.sorted = sorted;
+    d.tiles = L.tiles;
+    d.num_tiles = L.num_tiles;
+    d.max_tiles = max_tiles(n, E, BMT);
+    d.C = L.dxs;
+    d.ldc = H;
+    d.c_scatter = false;
+    d.k = int(k);
+    MOE_CU_TRY(grouped_gemm(d, st));
+    MOE_CU_TRY(combine_rows(hidden_states.dtype, L.dxs, H, rows, nullptr, MOE_DTYPE_F32, 0, 0, T,
+                            int(k), H, grad_hidden_states->data,
+                            grad_hidden_states->strides[0], st));
+  }
+  return MOE_OK;
+}
+
+}  // namespace cuda
+}  // namespace moe

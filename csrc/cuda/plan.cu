@@ -1,0 +1,198 @@
+// Routing plan on the device: histogram per 256-pair sub-chunk (one warp
+// each), exclusive column scans, expert offsets, stable scatter (pairs keep
+// ascending p within an expert), inverse permutation, and the BM-row tile
+// list the grouped GEMMs walk. No host synchronisation; graph capturable.
+#include <algorithm>
+
+#include "common/backend.h"
+#include "cuda/kernels.h"
+
+namespace moe {
+namespace cuda {
+namespace {
+
+constexpr int kSub = 256;  // pairs per warp sub-chunk
+
+template <class Idx>
+__device__ __forceinline__ int expert_of(const Idx *idx, int64_t s0, int64_t s1, int k,
+                                         int64_t p, int E) {
+  const int64_t v = static_cast<int64_t>(idx[(p / k) * s0 + (p % k) * s1]);
+  return v < 0 ? 0 : (v >= E ? E - 1 : static_cast<int>(v));  // clamp: never wild
+}
+
+template <class Idx>
+__global__ void plan_hist(const Idx *idx, int64_t s0, int64_t s1, int k, int64_t n, int E,
+                          int32_t *counts, int64_t nsub) {
+  const int64_t warp = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (warp >= nsub) return;
+  int32_t *c = counts + warp * E;
+  for (int e = lane; e < E; e += 32) c[e] = 0;
+  __syncwarp();
+  const int64_t base = warp * kSub;
+  for (int i = 0; i < kSub; i += 32) {
+    const int64_t p = base + i + lane;
+    const bool valid = p < n;
+    const int e = valid ? expert_of(idx, s0, s1, k, p, E) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    if (valid && lane == __ffs(peers) - 1) atomicAdd(&c[e], __popc(peers));
+    __syncwarp();
+  }
+}
+
+// Block-wide exclusive scan of one int per thread (blockDim.x <= 1024).
+__device__ __forceinline__ int block_exclusive_scan(int v, int *total) {
+  __shared__ int warp_sums[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x / 32, nw = (blockDim.x + 31) / 32;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[w] = x;
+  __syncthreads();
+  if (w == 0) {
+    int s = lane < nw ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, s, o);
+      if (lane >= o) s += y;
+    }
+    if (lane < nw) warp_sums[lane] = s;  // inclusive
+  }
+  __syncthreads();
+  const int before = w > 0 ? warp_sums[w - 1] : 0;
+  *total = warp_sums[nw - 1];
+  __syncthreads();
+  return before + x - v;
+}
+
+// counts[s][e] -> exclusive prefix over s (per e); totals[e].
+__global__ void plan_colscan(int32_t *counts, int64_t nsub, int E, int32_t *totals) {
+  const int e = blockIdx.x;
+  int carry = 0;
+  for (int64_t b = 0; b < nsub; b += blockDim.x) {
+    const int64_t s = b + threadIdx.x;
+    const int v = s < nsub ? counts[s * E + e] : 0;
+    int tot;
+    const int ex = block_exclusive_scan(v, &tot);
+    if (s < nsub) counts[s * E + e] = carry + ex;
+    carry += tot;
+  }
+  if (threadIdx.x == 0) totals[e] = carry;
+}
+
+// offsets[e] = sum_{e' < e} totals[e'], offsets[E] = n.
+__global__ void plan_offsets(const int32_t *totals, int E, int32_t *offsets) {
+  int carry = 0;
+  for (int b = 0; b < E; b += blockDim.x) {
+    const int e = b + threadIdx.x;
+    const int v = e < E ? totals[e] : 0;
+    int tot;
+    const int ex = block_exclusive_scan(v, &tot);
+    if (e < E) offsets[e] = carry + ex;
+    carry += tot;
+  }
+  if (threadIdx.x == 0) offsets[E] = carry;
+}
+
+template <class Idx>
+__global__ void plan_scatter(const Idx *idx, int64_t s0, int64_t s1, int k, int64_t n, int E,
+                             int32_t *counts, const int32_t *offsets, int32_t *sorted,
+                             int32_t *rows, int64_t nsub) {
+  const int64_t warp = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (warp >= nsub) return;
+  int32_t *c = counts + warp * E;
+  const int64_t base = warp * kSub;
+  const unsigned lt = (1u << lane) - 1u;
+  for (int i = 0; i < kSub; i += 32) {
+    const int64_t p = base + i + lane;
+    const bool valid = p < n;
+    const int e = valid ? expert_of(idx, s0, s1, k, p, E) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    if (valid) {
+      const int pos = offsets[e] + c[e] + __popc(peers & lt);
+      sorted[pos] = static_cast<int32_t>(p);
+      rows[p] = pos;
+    }
+    __syncwarp();
+    if (valid && lane == __ffs(peers) - 1) c[e] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// One block: per-expert tile counts (segments clamped to [0, n] and made
+// monotone), their scan, the tile entries, and the tile count.
+__global__ void tiles_kernel(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
+                             int32_t *num_tiles, int64_t maxT) {
+  int carry = 0;
+  for (int b = 0; b < E; b += blockDim.x) {
+    const int e = b + threadIdx.x;
+    int s = 0, t = 0, cnt = 0;
+    if (e < E) {
+      const int64_t lo = offsets[e], hi = offsets[e + 1];
+      s = static_cast<int>(lo < 0 ? 0 : (lo > n ? n : lo));
+      const int64_t t64 = hi < s ? s : (hi > n ? n : hi);
+      t = static_cast<int>(t64);
+      cnt = (t - s + BM - 1) / BM;
+    }
+    int tot;
+    const int ex = block_exclusive_scan(cnt, &tot);
+    for (int i = 0; i < cnt; ++i) {
+      const int64_t slot = int64_t(carry) + ex + i;
+      if (slot < maxT) tiles[slot] = Tile{e, s + i * BM, t, 0};
+    }
+    carry += tot;
+  }
+  if (threadIdx.x == 0) *num_tiles = static_cast<int32_t>(carry < maxT ? carry : maxT);
+}
+
+}  // namespace
+
+size_t plan_scratch_bytes(int64_t n, int64_t E) {
+  const int64_t nsub = (n + kSub - 1) / kSub;
+  return ws_align(size_t(std::max<int64_t>(nsub, 1)) * size_t(E) * 4) + ws_align(size_t(E) * 4);
+}
+
+void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, int64_t n,
+                int E, int32_t *offsets, int32_t *sorted, int32_t *rows, void *scratch,
+                cudaStream_t stream) {
+  const int64_t nsub = (n + kSub - 1) / kSub;
+  int32_t *counts = static_cast<int32_t *>(scratch);
+  int32_t *totals = reinterpret_cast<int32_t *>(static_cast<char *>(scratch) +
+                                                ws_align(size_t(std::max<int64_t>(nsub, 1)) *
+                                                         size_t(E) * 4));
+  const int warps_per_block = 4;
+  const unsigned blocks = static_cast<unsigned>((nsub + warps_per_block - 1) / warps_per_block);
+  if (nsub > 0) {
+    if (idx_dtype == MOE_DTYPE_I64)
+      plan_hist<int64_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
+          static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, nsub);
+    else
+      plan_hist<int32_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
+          static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub);
+  }
+  plan_colscan<<<E, 256, 0, stream>>>(counts, nsub, E, totals);
+  plan_offsets<<<1, 1024, 0, stream>>>(totals, E, offsets);
+  if (nsub > 0) {
+    if (idx_dtype == MOE_DTYPE_I64)
+      plan_scatter<int64_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
+          static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
+          nsub);
+    else
+      plan_scatter<int32_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
+          static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
+          nsub);
+  }
+}
+
+void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
+                 int32_t *num_tiles, cudaStream_t stream) {
+  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, E, n, BM, tiles, num_tiles,
+                                       max_tiles(n, E, BM));
+}
+
+}  // namespace cuda
+}  // namespace moe
