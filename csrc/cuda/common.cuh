@@ -77,6 +77,19 @@ inline moe_status_t launch_status(const char *what) {
   return MOE_OK;
 }
 
+// Raises a kernel's dynamic shared-memory limit once per device (so that calls
+// made later, e.g. under CUDA-graph capture, make no attribute call at all).
+template <class K> inline cudaError_t ensure_smem(K kernel, size_t bytes, uint64_t *done_mask) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+  if (bit && (__atomic_load_n(done_mask, __ATOMIC_ACQUIRE) & bit)) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e == cudaSuccess && bit) __atomic_fetch_or(done_mask, bit, __ATOMIC_RELEASE);
+  return e;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Inner stride 1 (or a size-1 last dim): what every CUDA operand needs.

@@ -214,8 +214,8 @@ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 template <class T, int EPI, bool B_KN>
 moe_status_t launch(const GroupedGemmArgs &a, cudaStream_t stream) {
   auto kern = grouped_gemm_kernel<T, EPI, B_KN>;
-  cudaError_t e =
-      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes));
+  static uint64_t smem_done = 0;
+  cudaError_t e = ensure_smem(kern, kSmemBytes, &smem_done);
   if (e != cudaSuccess) return launch_status("grouped_gemm (smem attribute)");
   const int gx = grouped_gemm_col_tiles(EPI, a.N);
   const int64_t gy = std::min<int64_t>(a.max_tiles, 65535);

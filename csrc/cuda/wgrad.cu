@@ -100,8 +100,8 @@ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 template <class T> moe_status_t launch(const WgradArgs &a, cudaStream_t stream) {
   auto kern = wgrad_kernel<T>;
-  cudaError_t e =
-      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes));
+  static uint64_t smem_done = 0;
+  cudaError_t e = ensure_smem(kern, kSmemBytes, &smem_done);
   if (e != cudaSuccess) return launch_status("wgrad (smem attribute)");
   const dim3 grid(unsigned((a.N + BN - 1) / BN), unsigned((a.M + BM - 1) / BM), unsigned(a.E));
   kern<<<grid, THREADS, kSmemBytes, stream>>>(a);

@@ -1,0 +1,83 @@
+"""Per-kernel times of moe_fused experts fwd+bwd (torch.profiler), Qwen3 shapes.
+
+    python bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384
+Prints, per T: fwd and fwd+bwd median ms (CUDA events), effective TFLOP/s, and the
+CUDA kernels with their time per fwd+bwd step and share; JSON to --json if given."""
+import argparse
+import json
+import statistics
+
+import torch
+
+import moe_fused  # noqa: F401
+from moe_fused import moe_experts
+
+SHAPES = {"30b-a3b": (2048, 768, 128, 8), "235b-a22b": (4096, 1536, 128, 8)}
+
+
+def med(fn, n=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="30b-a3b")
+    p.add_argument("-T", nargs="+", type=int, default=[4096])
+    p.add_argument("--json")
+    args = p.parse_args()
+    H, I, E, k = SHAPES[args.shape]
+    res = []
+    for T in args.T:
+        torch.manual_seed(0)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        logits = torch.randn(T, E, device="cuda")
+        s, idx = torch.topk(logits.softmax(-1), k)
+        s = (s / s.sum(-1, keepdim=True)).bfloat16().requires_grad_()
+        w1 = (torch.randn(E, 2 * I, H, device="cuda") * H**-0.5).bfloat16().requires_grad_()
+        w2 = (torch.randn(E, H, I, device="cuda") * I**-0.5).bfloat16().requires_grad_()
+        dout = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+
+        def fwd():
+            with torch.no_grad():
+                moe_experts(x, idx, s, w1, w2)
+
+        def fb():
+            for t in (x, s, w1, w2):
+                t.grad = None
+            moe_experts(x, idx, s, w1, w2).backward(dout)
+
+        t_f, t_fb = med(fwd), med(fb)
+        fl = 6 * T * k * H * I
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fb()
+            torch.cuda.synchronize()
+        rows = []
+        for ev in prof.key_averages():
+            dt = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if dt > 0:
+                rows.append((ev.key, dt / 3 / 1e3, ev.count // 3))
+        rows.sort(key=lambda r: -r[1])
+        tot = sum(r[1] for r in rows)
+        print(f"== {args.shape} T={T}: fwd {t_f:.3f} ms ({fl / t_f / 1e9:.0f} TF/s)  fwd+bwd {t_fb:.3f} ms "
+              f"({3 * fl / t_fb / 1e9:.0f} TF/s); kernels sum {tot:.3f} ms/step")
+        for name, ms, cnt in rows[:16]:
+            print(f"  {ms:8.3f} ms {100 * ms / tot:5.1f}%  x{cnt}  {name[:110]}")
+        res.append(dict(shape=args.shape, T=T, fwd_ms=t_f, fwdbwd_ms=t_fb, kernels=rows[:30]))
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call: build the CUDA library, run the GPU tests, the sanitizer, the
+# per-kernel profile and the layer benchmark. Output files go to $OUT (or /tmp/moe_out).
+#   bench/device/run_all.sh [build] [test] [sanitize] [profile] [bench] [benchfull]
+# (no argument = build test sanitize profile bench). ARCHS (default 90) picks the arch.
+set -u
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps="${*:-build test sanitize profile bench}"
+has() { case " $steps " in *" $1 "*) return 0;; esac; return 1; }
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null
+B=build/device
+if has build; then
+  t0=$(date +%s)
+  cmake -S . -B $B -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90}" \
+    -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 && cmake --build $B -j16 >> "$OUT/build.log" 2>&1
+  r=$?; echo "build: exit $r in $(( $(date +%s) - t0 )) s"; grep -i "spill\|error" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20
+  [ $r -ne 0 ] && tail -40 "$OUT/build.log" && exit 1
+fi
+export MOE_FUSED_LIBRARY="$PWD/$B/libmoe_fused.so"
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+rc=0
+if has test; then
+  timeout 300 python3 -m pytest -q -rs -x --timeout 240 -p no:cacheprovider tests/test_gpu_ops.py ${TESTS_EXTRA:-} > "$OUT/tests.log" 2>&1
+  r=$?; echo "gpu tests: exit $r"; tail -25 "$OUT/tests.log" | grep -v "^$"; [ $r -ne 0 ] && rc=1
+fi
+if has testall; then
+  timeout 300 python3 -m pytest -q -rs --timeout 240 -p no:cacheprovider tests/ > "$OUT/tests_all.log" 2>&1
+  echo "all tests: exit $?"; tail -8 "$OUT/tests_all.log"
+fi
+if has sanitize; then
+  timeout 240 bash bench/device/sanitize.sh "$OUT" || rc=1
+fi
+if has profile; then
+  timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
+fi
+if has bench; then
+  timeout 400 python3 bench/bench_layer.py --device cuda --shapes 30b-a3b --tokens 4096 16384 \
+    --impls hf-grouped_mm moe_fused --iters 10 --max-seconds 5 --out "$OUT" --name layer_cuda_quick --no-plot > "$OUT/bench.log" 2>&1
+  echo "bench: exit $?"; tail -30 "$OUT/bench.log"
+fi
+if has benchfull; then
+  timeout 560 python3 bench/bench_layer.py --device cuda --iters 10 --max-seconds 4 --out "$OUT" > "$OUT/bench_full.log" 2>&1
+  echo "benchfull: exit $?"; tail -40 "$OUT/bench_full.log"
+fi
+exit $rc

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck + racecheck on a small case (every moe-fused kernel once).
+# Needs MOE_FUSED_LIBRARY (or an installed moe_fused) with the CUDA path.
+# Usage: bench/device/sanitize.sh [logdir]
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+log="${1:-${OUT:-/tmp}}"
+rc=0
+for tool in memcheck racecheck; do
+  extra=""
+  [ "$tool" = memcheck ] && extra="--leak-check no"
+  compute-sanitizer --tool "$tool" $extra --kernel-name regex:moe --error-exitcode 3 \
+    python3 "$here/sanitize_case.py" > "$log/sanitize_$tool.log" 2>&1
+  r=$?
+  echo "sanitize $tool: exit $r; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/sanitize_$tool.log" | tail -1)"
+  [ $r -ne 0 ] && rc=$r && tail -30 "$log/sanitize_$tool.log"
+done
+exit $rc

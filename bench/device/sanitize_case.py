@@ -1,0 +1,24 @@
+"""A small case for compute-sanitizer (memcheck / racecheck): every CUDA kernel of
+moe-fused once, aligned (16-byte) and odd (scalar) paths, ragged and empty experts."""
+import torch
+
+import moe_fused  # noqa: F401
+from moe_fused import moe_experts, moe_fused_linear
+
+torch.manual_seed(0)
+for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5)]:
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.randint(0, E // 2 + 1, (T, k), device="cuda")
+    s = torch.rand(T, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(E, 2 * I, H, device="cuda") * 0.05).bfloat16().requires_grad_()
+    w2 = (torch.randn(E, H, I, device="cuda") * 0.05).bfloat16().requires_grad_()
+    out = moe_experts(x, idx, s, w1, w2)
+    out.backward(torch.randn_like(out))
+for (N, E, fi, fo) in [(33, 5, 64, 16), (7, 3, 17, 13)]:
+    x = torch.randn(N, fi, device="cuda", dtype=torch.float16, requires_grad=True)
+    w = torch.randn(E, fo, fi, device="cuda", dtype=torch.float16, requires_grad=True)
+    sel = torch.randint(0, E, (N,), device="cuda")
+    y = moe_fused_linear(x, w, sel)
+    y.backward(torch.randn_like(y))
+torch.cuda.synchronize()
+print("sanitize case done")
