@@ -13,6 +13,14 @@ installed), so `from_pretrained(..., experts_implementation="moe_fused")` works;
 
 from __future__ import annotations
 
+import os as _os
+
+# libmoe_fused uses the system libgomp; PyTorch's CPU wheels bundle their own. Two OpenMP
+# runtimes whose idle threads spin steal each other's cores: measured 5-50x slower CPU
+# training steps on 2 cores (every op, torch's too). Passive waiting fixes it; it only takes
+# effect when set before torch is imported (as with the `moe-fused` command). [hf engineer]
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from ._lib import LibraryLoadError, has_cuda, is_available, library_path
 from .ops import moe_experts, moe_fused_linear
 
