@@ -9,7 +9,7 @@ rc=0
 for tool in memcheck racecheck; do
   extra=""
   [ "$tool" = memcheck ] && extra="--leak-check no"
-  compute-sanitizer --tool "$tool" $extra --kernel-name regex:moe --error-exitcode 3 \
+  compute-sanitizer --tool "$tool" $extra --kernel-name kns=moe --error-exitcode 3 \
     python3 "$here/sanitize_case.py" > "$log/sanitize_$tool.log" 2>&1
   r=$?
   echo "sanitize $tool: exit $r; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/sanitize_$tool.log" | tail -1)"
