@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA library, run the GPU tests, the sanitizer, the
 # per-kernel profile and the layer benchmark. Output files go to $OUT (or /tmp/moe_out).
-#   bench/device/run_all.sh [build] [test] [sanitize] [profile] [bench] [benchfull]
+#   bench/device/run_all.sh [build] [test] [testall] [sanitize] [profile] [variants] [bench] [benchfull]
 # (no argument = build test sanitize profile bench). ARCHS (default 90) picks the arch.
 set -u
 cd "$(dirname "$0")/../.."
@@ -33,7 +33,16 @@ if has sanitize; then
   timeout 240 bash bench/device/sanitize.sh "$OUT" || rc=1
 fi
 if has profile; then
-  timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
+  timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 --json "$OUT/profile.json" 2>&1 | grep -v Warn | grep -v _warn_once | tee "$OUT/profile.log"
+fi
+if has variants; then  # the same profile with other compile-time GEMM configs
+  for W in ${VARIANT_WARPS:-8}; do
+    VB=build/device-w$W
+    cmake -S . -B $VB -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90}" -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_CUDA_FLAGS="-DMOE_GEMM_WARPS=$W" > "$OUT/build_w$W.log" 2>&1 && cmake --build $VB -j16 >> "$OUT/build_w$W.log" 2>&1 || { echo "variant w$W build failed"; continue; }
+    echo "== variant MOE_GEMM_WARPS=$W"
+    MOE_FUSED_LIBRARY="$PWD/$VB/libmoe_fused.so" timeout 200 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 2>&1 | grep -v Warn | grep -v _warn_once
+  done
 fi
 if has bench; then
   timeout 400 python3 bench/bench_layer.py --device cuda --shapes 30b-a3b --tokens 4096 16384 \

@@ -25,11 +25,11 @@ __device__ __forceinline__ int64_t clamp_row(int32_t v, int64_t n) {
 }
 
 template <class T, int EPI, bool B_KN>
-__global__ void __launch_bounds__(THREADS, 2) grouped_gemm_kernel(const GroupedGemmArgs a) {
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const GroupedGemmArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *smem = reinterpret_cast<T *>(smem_raw);
   float *Cs = reinterpret_cast<float *>(smem_raw);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp / WARPS_N, wn = warp % WARPS_N;
   const T *A = static_cast<const T *>(a.A);
   const T *Bbase = static_cast<const T *>(a.B);
   const int N = a.N, K = a.K;
@@ -43,60 +43,64 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_kernel(const GroupedG
     const int r0 = tile.row0, r1 = min(tile.row0 + BM, tile.row1);
     const T *B = Bbase + int64_t(tile.expert) * a.strideBE;
 
-    // A: chunks c = tid + i*256 -> row (tid>>2) + 64 i, k offset (tid&3)*8.
-    const int kc = (tid & 3) * 8;
-    const T *arow[2];
-    bool aval[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = r0 + (tid >> 2) + 64 * i;
-      aval[i] = r < r1;
-      int64_t src = r;
-      if (aval[i] && a.a_div > 0) src = clamp_row(a.sorted[r], a.n_rows) / a.a_div;
-      arow[i] = aval[i] ? A + src * a.lda : A;
-    }
-    // B [N][K]: rows (tid>>2) + 64 i of the tile.
-    const T *brow[2];
-    bool bval[2];
-    if (!B_KN) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int nr = (tid >> 2) + 64 * i;
+    // Row tables: the global row of each of the tile's A rows (gathered), and of
+    // each B row ([N][K] layout; SwiGLU: gate rows then up rows). nullptr = none.
+    __shared__ const T *s_arow[BM];
+    __shared__ const T *s_brow[BN];
+    for (int q = tid; q < BM + (B_KN ? 0 : BN); q += THREADS) {
+      if (q < BM) {
+        const int r = r0 + q;
+        const T *ptr = nullptr;
+        if (r < r1) {
+          int64_t src = r;
+          if (a.a_div > 0) src = clamp_row(a.sorted[r], a.n_rows) / a.a_div;
+          ptr = A + src * a.lda;
+        }
+        s_arow[q] = ptr;
+      } else {
+        const int nr = q - BM;
         int64_t grow;
+        bool ok;
         if (EPI == EPI_SWIGLU) {
           const int c = n0 + (nr & (BN / 2 - 1));
-          bval[i] = c < N;
+          ok = c < N;
           grow = nr < BN / 2 ? c : int64_t(N) + c;
         } else {
           grow = n0 + nr;
-          bval[i] = grow < N;
+          ok = grow < N;
         }
-        brow[i] = bval[i] ? B + grow * a.ldb : Bbase;
+        s_brow[nr] = ok ? B + grow * a.ldb : nullptr;
       }
     }
+    __syncthreads();
 
+    // Chunks of 8 elements: [rows][BK] tiles: row (tid>>3) + (THREADS/8) i, k (tid&7)*8;
+    // [BK][cols] tiles: k row (tid>>4) + (THREADS/16) i, col (tid&15)*8; i < LD_ITERS.
+    const int kc = (tid & 7) * 8;
     auto load_stage = [&](int s, int kt) {
       T *As = smem + s * 2 * kMaxTileElems;
       T *Bs = As + kMaxTileElems;
       const int k0 = kt * BK;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int row = (tid >> 2) + 64 * i;
-        const int nv = aval[i] ? K - (k0 + kc) : 0;
-        load_chunk<T>(As + row * ST_K + kc, nv > 0 ? arow[i] + k0 + kc : A, nv, a.vec_a);
+      for (int i = 0; i < LD_ITERS; ++i) {
+        const int row = (tid >> 3) + (THREADS / 8) * i;
+        const T *rp = s_arow[row];
+        const int nv = rp ? K - (k0 + kc) : 0;
+        load_chunk<T>(As + row * ST_K + kc, nv > 0 ? rp + k0 + kc : A, nv, a.vec_a);
       }
       if (!B_KN) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int row = (tid >> 2) + 64 * i;
-          const int nv = bval[i] ? K - (k0 + kc) : 0;
-          load_chunk<T>(Bs + row * ST_K + kc, nv > 0 ? brow[i] + k0 + kc : Bbase, nv, a.vec_b);
+        for (int i = 0; i < LD_ITERS; ++i) {
+          const int row = (tid >> 3) + (THREADS / 8) * i;
+          const T *rp = s_brow[row];
+          const int nv = rp ? K - (k0 + kc) : 0;
+          load_chunk<T>(Bs + row * ST_K + kc, nv > 0 ? rp + k0 + kc : Bbase, nv, a.vec_b);
         }
       } else {
         const int nc = (tid & 15) * 8;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int kr = (tid >> 4) + 16 * i;
+        for (int i = 0; i < LD_ITERS; ++i) {
+          const int kr = (tid >> 4) + (THREADS / 16) * i;
           const int kg = k0 + kr;
           const int gn = n0 + nc;
           const int nv = kg < K ? N - gn : 0;
@@ -131,8 +135,8 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_kernel(const GroupedG
     if (EPI == EPI_STORE) {
       T *C = static_cast<T *>(a.C);
 #pragma unroll 2
-      for (int pass = 0; pass < BM / 16; ++pass) {
-        const int row = pass * 16 + (tid >> 4), col = (tid & 15) * 8;
+      for (int pass = 0; pass < BM * 16 / THREADS; ++pass) {
+        const int row = pass * (THREADS / 16) + (tid >> 4), col = (tid & 15) * 8;
         const int r = r0 + row, gn = n0 + col;
         if (r < r1 && gn < N) {
           float v[8];
@@ -148,8 +152,8 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_kernel(const GroupedG
       T *Hh = static_cast<T *>(a.C);
       T *Aa = static_cast<T *>(a.C2);
 #pragma unroll 2
-      for (int pass = 0; pass < BM / 32; ++pass) {
-        const int row = pass * 32 + (tid >> 3), col = (tid & 7) * 8;
+      for (int pass = 0; pass < BM * 8 / THREADS; ++pass) {
+        const int row = pass * (THREADS / 8) + (tid >> 3), col = (tid & 7) * 8;
         const int r = r0 + row, gc = n0 + col;
         if (r < r1 && gc < N) {
           float g[8], u[8], av[8];
@@ -170,8 +174,8 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_kernel(const GroupedG
       T *SA = static_cast<T *>(a.C2);
       const T *Hin = static_cast<const T *>(a.Hin);
 #pragma unroll 1
-      for (int pass = 0; pass < BM / 16; ++pass) {
-        const int row = pass * 16 + (tid >> 4), col = (tid & 15) * 8;
+      for (int pass = 0; pass < BM * 16 / THREADS; ++pass) {
+        const int row = pass * (THREADS / 16) + (tid >> 4), col = (tid & 15) * 8;
         const int r = r0 + row, gn = n0 + col;
         float dot = 0.f;
         if (r < r1 && gn < N) {

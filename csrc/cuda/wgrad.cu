@@ -21,11 +21,11 @@ __device__ __forceinline__ int64_t clamp_row(int32_t v, int64_t n) {
 }
 
 template <class T>
-__global__ void __launch_bounds__(THREADS, 2) wgrad_kernel(const WgradArgs a) {
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) wgrad_kernel(const WgradArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *smem = reinterpret_cast<T *>(smem_raw);
   float *Cs = reinterpret_cast<float *>(smem_raw);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp / WARPS_N, wn = warp % WARPS_N;
   const T *A = static_cast<const T *>(a.A);
   const T *B = static_cast<const T *>(a.B);
   const int e = blockIdx.z;
@@ -37,27 +37,47 @@ __global__ void __launch_bounds__(THREADS, 2) wgrad_kernel(const WgradArgs a) {
   const int KT = static_cast<int>((t - s + BK - 1) / BK);
   const int cc = (tid & 15) * 8;
 
+  // Ring of gathered row indices, one slot per pipeline stage, filled one
+  // iteration ahead of use so that the index load never stalls a cp.async issue.
+  __shared__ int32_t s_ar[STAGES][BK], s_br[STAGES][BK];
+  auto fetch_idx = [&](int kt, int32_t &ar, int32_t &br) {
+    const int64_t r = s + int64_t(kt) * BK + tid;
+    ar = br = -1;
+    if (r < t) {
+      ar = br = static_cast<int32_t>(r);
+      if (a.a_div > 0 || a.b_div > 0) {
+        const int64_t p = clamp_row(a.sorted[r], n);
+        if (a.a_div > 0) ar = static_cast<int32_t>(p / a.a_div);
+        if (a.b_div > 0) br = static_cast<int32_t>(p / a.b_div);
+      }
+    }
+  };
   auto load_stage = [&](int st, int kt) {
     T *As = smem + st * 2 * kMaxTileElems;
     T *Bs = As + kMaxTileElems;
+    (void)kt;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int kr = (tid >> 4) + 16 * i;
-      const int64_t r = s + int64_t(kt) * BK + kr;
-      const bool valid = r < t;
-      int64_t ar = r, br = r;
-      if (valid && (a.a_div > 0 || a.b_div > 0)) {
-        const int64_t p = clamp_row(a.sorted[r], n);
-        if (a.a_div > 0) ar = p / a.a_div;
-        if (a.b_div > 0) br = p / a.b_div;
-      }
+    for (int i = 0; i < LD_ITERS; ++i) {
+      const int kr = (tid >> 4) + (THREADS / 16) * i;
+      const int32_t ar = s_ar[st][kr], br = s_br[st][kr];
       const int gm = m0 + cc, gn = n0 + cc;
-      const int nva = valid ? a.M - gm : 0;
-      const int nvb = valid ? a.N - gn : 0;
-      load_chunk<T>(As + kr * ST_MN + cc, nva > 0 ? A + ar * a.lda + gm : A, nva, a.vec_a);
-      load_chunk<T>(Bs + kr * ST_MN + cc, nvb > 0 ? B + br * a.ldb + gn : B, nvb, a.vec_b);
+      const int nva = ar >= 0 ? a.M - gm : 0;
+      const int nvb = br >= 0 ? a.N - gn : 0;
+      load_chunk<T>(As + kr * ST_MN + cc, nva > 0 ? A + int64_t(ar) * a.lda + gm : A, nva, a.vec_a);
+      load_chunk<T>(Bs + kr * ST_MN + cc, nvb > 0 ? B + int64_t(br) * a.ldb + gn : B, nvb, a.vec_b);
     }
   };
+
+  if (tid < BK) {
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      int32_t ar = -1, br = -1;
+      if (st < KT) fetch_idx(st, ar, br);
+      s_ar[st][tid] = ar;
+      s_br[st][tid] = br;
+    }
+  }
+  __syncthreads();
 
   Acc acc;
   acc.zero();
@@ -72,8 +92,16 @@ __global__ void __launch_bounds__(THREADS, 2) wgrad_kernel(const WgradArgs a) {
     const int nk = kt + STAGES - 1;
     if (nk < KT) load_stage(nk % STAGES, nk);
     cp_async_commit();
+    // indices of tile kt + STAGES into the slot of tile kt (already consumed)
+    const bool pf = tid < BK && kt + STAGES < KT;
+    int32_t par = -1, pbr = -1;
+    if (pf) fetch_idx(kt + STAGES, par, pbr);
     const T *As = smem + (kt % STAGES) * 2 * kMaxTileElems;
     mma_tile<T, true, true>(acc, As, As + kMaxTileElems, wm, wn, lane);
+    if (pf) {
+      s_ar[kt % STAGES][tid] = par;
+      s_br[kt % STAGES][tid] = pbr;
+    }
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -82,8 +110,8 @@ __global__ void __launch_bounds__(THREADS, 2) wgrad_kernel(const WgradArgs a) {
 
   T *C = static_cast<T *>(a.C) + int64_t(e) * a.strideCE;
 #pragma unroll 2
-  for (int pass = 0; pass < BM / 16; ++pass) {
-    const int row = pass * 16 + (tid >> 4), col = (tid & 15) * 8;
+  for (int pass = 0; pass < BM * 16 / THREADS; ++pass) {
+    const int row = pass * (THREADS / 16) + (tid >> 4), col = (tid & 15) * 8;
     const int gm = m0 + row, gn = n0 + col;
     if (gm < a.M && gn < a.N) {
       float v[8];
