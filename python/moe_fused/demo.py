@@ -93,16 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="cpu (default), cuda (Qwen3-30B-A3B layer shapes), or auto")
     p.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                   help="fine-tuning steps with moe_fused (default: cpu 60, cuda 100)")
+                   help="fine-tuning steps with moe_fused (default: cpu 200, cuda 100)")
     p.add_argument("--compare-steps", type=_nonneg_int("--compare-steps"), default=None,
-                   help="steps timed for each other implementation (default: cpu 6, cuda 6; 0 = no comparison)")
+                   help="steps run for each other implementation (default 8; eager on cuda at most 4; 0 = none)")
     p.add_argument("--compare", type=lambda s: [] if s == "none" else _impl_list(s),
                    default=["grouped_mm", "eager"],
                    help="implementations to compare with, comma separated (default grouped_mm,eager; 'none')")
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
                    help="sequences per step (default: cpu 8, cuda 16)")
     p.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None,
-                   help="tokens per sequence (default: cpu 128, cuda 1024)")
+                   help="tokens per sequence (default: cpu 256, cuda 1024)")
     p.add_argument("--layers", type=_positive_int("--layers"), default=None,
                    help="decoder layers (default: cpu 2, cuda 2)")
     p.add_argument("--lr", type=_positive_float("--lr"), default=None,
@@ -187,8 +187,8 @@ def make_config(device: str, layers: int):
         shape = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                      num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128)
     else:
-        shape = dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_experts=16,
-                     num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        shape = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=32,
+                     num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     return Qwen3MoeConfig(
         vocab_size=VOCAB, num_hidden_layers=layers, norm_topk_prob=True, max_position_embeddings=4096,
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
@@ -337,10 +337,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not moe_fused.has_cuda():
         parser.error("--device cuda requested, but this libmoe_fused was built without CUDA; use --device cpu")
     cuda = args.device == "cuda"
-    steps = args.steps or (100 if cuda else 60)
-    cmp_steps = args.compare_steps if args.compare_steps is not None else 6
+    steps = args.steps or (100 if cuda else 200)
+    cmp_steps = args.compare_steps if args.compare_steps is not None else 8
     bs = args.batch_size or (16 if cuda else 8)
-    seq = args.seq_len or (1024 if cuda else 128)
+    seq = args.seq_len or (1024 if cuda else 256)
     layers = args.layers or 2
     lr = args.lr or (1e-3 if cuda else 3e-3)
     if args.threads:
