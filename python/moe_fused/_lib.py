@@ -310,6 +310,28 @@ def device_type(device: torch.device) -> int:
     raise ValueError(f"moe_fused runs on 'cpu' and 'cuda' tensors, not on {device.type!r}")
 
 
+_tls = threading.local()
+
+
+def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
+    """Scratch memory for one call. CUDA: from torch's caching allocator (cheap, stream-
+    ordered). CPU: a grow-only buffer kept per thread, because a fresh large CPU allocation
+    is page-faulted in on every call (the CPU core's scratch is O(T*k*(H+I)))."""
+    if device.type != "cpu":
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    buf = getattr(_tls, "cpu_workspace", None)
+    if buf is None or buf.numel() < nbytes:
+        _tls.cpu_workspace = None  # free the old one first
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        _tls.cpu_workspace = buf
+    return buf
+
+
+def release_cpu_workspace() -> None:
+    """Free this thread's cached CPU workspace (it is re-allocated on the next call)."""
+    _tls.cpu_workspace = None
+
+
 class Context:
     """A moe_context_t for `device` with a workspace of `nbytes` (kept alive by this object).
 
@@ -329,7 +351,7 @@ class Context:
         self.workspace = None
         if nbytes > 0:
             # Over-allocate so the workspace can start on a 256-byte boundary.
-            self.workspace = torch.empty(nbytes + WORKSPACE_ALIGN, dtype=torch.uint8, device=device)
+            self.workspace = _workspace(device, nbytes + WORKSPACE_ALIGN)
             base = self.workspace.data_ptr()
             self.ctx.workspace = base + (-base) % WORKSPACE_ALIGN
             self.ctx.workspace_bytes = nbytes

@@ -37,8 +37,8 @@ import torch
 SHAPES = {
     "30b-a3b": (2048, 768, 128, 8),
     "235b-a22b": (4096, 1536, 128, 8),
-    # Qwen3-30B-A3B scaled down for a CPU: H, I and E halved, k kept
-    "30b-a3b-cpu": (1024, 384, 64, 8),
+    # Qwen3-30B-A3B scaled down for a CPU: H and I halved, E / 4, k kept
+    "30b-a3b-cpu": (1024, 384, 32, 8),
 }
 DEFAULTS = {
     "cpu": dict(shapes=["30b-a3b-cpu"], tokens=[256, 1024, 4096], dtype="float32"),
