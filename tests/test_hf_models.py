@@ -394,3 +394,28 @@ def test_patch_without_moe_is_an_error():
     )
     with pytest.raises(ValueError, match="no MoE experts"):
         moe_fused.patch(model)
+
+
+# ------------------------------------------------------------------- PEFT --
+
+
+def test_peft_lora_on_experts_matches_eager():
+    """PEFT LoRA on the expert parameters (target_parameters) and attention: same loss and adapter grads."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(_build("qwen3_moe", "cpu", torch.float32), cfg)
+    fused = copy.deepcopy(ref)
+    moe_fused.patch(fused)
+    assert fused.base_model.model.config._experts_implementation == "moe_fused"
+    ids = _ids("cpu")
+    out_f, g_f = _fwd_bwd(fused, ids)
+    out_r, g_r = _fwd_bwd(ref, ids)
+    _close(out_f.logits, out_r.logits, what="peft logits")
+    assert g_f.keys() == g_r.keys() and any("experts" in n and "lora_A" in n for n in g_r)
+    for n in g_r:
+        _close(g_f[n], g_r[n], what=f"peft grad {n}")
