@@ -1,8 +1,8 @@
 """pytest setup shared by all moe-fused tests.
 
 - `gpu` marker: tests that need a CUDA GPU; skipped (with a reason) when there is none.
-- Running from a source checkout without `pip install .`: if `moe_fused` is not importable,
-  python/ is put on sys.path (then set MOE_FUSED_LIBRARY to a built libmoe_fused.so).
+- Running from a source checkout without `pip install .`: when MOE_FUSED_LIBRARY is set (a
+  built libmoe_fused.so) or `moe_fused` is not installed, python/ is put first on sys.path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("moe_fused") is None:
+# Dev mode (MOE_FUSED_LIBRARY set, or the package not installed): test this source tree,
+# never a stale installed copy.
+if os.environ.get("MOE_FUSED_LIBRARY") or importlib.util.find_spec("moe_fused") is None:
     sys.path.insert(0, str(_ROOT / "python"))
 
 import torch  # noqa: E402
