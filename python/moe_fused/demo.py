@@ -196,15 +196,27 @@ def make_config(device: str, layers: int):
     )
 
 
-def build_model(config, impl: str, state, device, dtype):
+def build_model(config, impl: str, device, dtype):
+    """Random init straight on the device (fast even at Qwen3-30B-A3B layer shapes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config, experts_implementation=impl, dtype=dtype)
-    if state is not None:
-        model.load_state_dict(state)
-    model.to(device)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, experts_implementation=impl, dtype=dtype)
     model.train()
+    return model
+
+
+def use(model, impl: str, state):
+    """The same model object, back to the initial weights, switched to another experts implementation."""
+    import moe_fused
+
+    model.load_state_dict(state)
+    if impl == "moe_fused":
+        moe_fused.patch(model)
+    else:
+        moe_fused.unpatch(model, implementation=impl)
+    assert model.config._experts_implementation == impl
     return model
 
 
@@ -365,10 +377,10 @@ def main(argv=None) -> int:
 
     config = make_config(args.device, layers)
     torch.manual_seed(args.seed)
-    init = build_model(config, "eager", None, "cpu", dtype)
-    state = {k: v.detach().clone() for k, v in init.state_dict().items()}
-    n_params = sum(p.numel() for p in init.parameters())
-    del init
+    model = build_model(config, "moe_fused", device, dtype)
+    # The initial weights, kept (on the CPU) for the comparison runs.
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    n_params = sum(p.numel() for p in model.parameters())
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"moe-fused demo on {args.device} ({torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()}, "
@@ -379,7 +391,6 @@ def main(argv=None) -> int:
     print(f"  train: {steps} steps x {bs} x {seq} tokens, AdamW lr {lr}")
 
     # 1. The fine-tune, with moe_fused.
-    model = build_model(config, "moe_fused", state, device, dtype)
     eval_before = evaluate(model, eval_data, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -395,14 +406,13 @@ def main(argv=None) -> int:
     }
     print(f"\n  eval loss {eval_before:.3f} -> {eval_after:.3f} nats/byte after {steps} steps")
     print(f"  greedy sample after 'def ': {text!r}\n")
-    del model
 
     # 2. The same first steps with Transformers' own experts implementations.
     n_cmp = min(cmp_steps, steps)
     if n_cmp and args.compare:
         for impl in args.compare:
             m_steps = n_cmp if not (cuda and impl == "eager") else min(n_cmp, 4)
-            model = build_model(config, impl, state, device, dtype)
+            use(model, impl, state)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -417,7 +427,6 @@ def main(argv=None) -> int:
                 }
             except Exception as exc:  # noqa: BLE001 - report and go on (e.g. out of memory)
                 results[impl] = {"error": f"{type(exc).__name__}: {exc}"}
-            del model
             if cuda:
                 torch.cuda.empty_cache()
 
