@@ -21,6 +21,7 @@ import transformers.models  # noqa: E402
 
 import moe_fused  # noqa: E402,F401
 from moe_fused import hf  # noqa: E402
+from moe_fused.hf.patch import _get_impl, _set_impl  # noqa: E402
 
 _SIZE = {
     "hidden_size": 32, "hidden_dim": 32, "d_model": 32,
@@ -118,10 +119,11 @@ def _build(model_name, cls_name):
 
 
 def _run(module, impl, x, idx, w):
-    module.config._experts_implementation_internal = impl
+    _set_impl(module.config, impl)
     module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(True)
+    assert _get_impl(module.config) == impl and module.config._experts_implementation == impl
     out = module(x, idx, w)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     (out * g).sum().backward()
@@ -140,7 +142,7 @@ def test_experts_match_eager_or_refuse(model_name, cls_name):
         assert model_name not in MUST_SUPPORT, f"{model_name} refused: {problems}"
         with pytest.raises(hf.UnsupportedExpertsError, match=re.escape(f"'{module.config.model_type}'")):
             hf.check_experts_module(module)
-        module.config._experts_implementation_internal = "moe_fused"
+        _set_impl(module.config, "moe_fused")
         with pytest.raises(hf.UnsupportedExpertsError):
             module(torch.randn(3, 32), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
         return
