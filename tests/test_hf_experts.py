@@ -132,7 +132,7 @@ def _run(module, impl, x, idx, w):
 
 
 @pytest.mark.parametrize(("model_name", "cls_name"), CLASSES, ids=[f"{m}-{c}" for m, c in CLASSES])
-def test_experts_match_eager_or_refuse(model_name, cls_name):
+def test_experts_match_eager_or_refuse(model_name, cls_name, monkeypatch):
     module = _build(model_name, cls_name)
     assert hf.is_experts_module(module)
     problems = hf.experts._problems(module)
@@ -153,8 +153,13 @@ def test_experts_match_eager_or_refuse(model_name, cls_name):
     x = torch.randn(T, H, generator=g)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     w = torch.softmax(torch.randn(T, k, generator=g), -1)
+    calls = []
+    real = hf.experts._moe_experts
+    monkeypatch.setattr(hf.experts, "_moe_experts", lambda *a: calls.append(1) or real(*a))
     ref = _run(module, "eager", x, idx, w)
+    assert not calls
     got = _run(module, "moe_fused", x, idx, w)
+    assert calls, "moe_fused ran the op"
     tol = dict(rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(got[0], ref[0], **tol, msg=lambda m: f"{model_name} output: {m}")
     torch.testing.assert_close(got[1], ref[1], **tol, msg=lambda m: f"{model_name} grad x: {m}")
