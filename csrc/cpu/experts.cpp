@@ -1,17 +1,39 @@
 // The fused MoE experts layer on the CPU (DESIGN.md section 2).
-// Forward: plan, gather x in plan order, GEMM1 per expert -> h (saved,
-// activation dtype), SwiGLU, GEMM2 per expert -> y, weighted combine over the
-// k slots of each token in slot order (deterministic).
-// Backward: recomputes a from the saved (rounded) h; dA' = dout W2[e];
-// ds = <dA', a>; dh = dSwiGLU(s dA'); dW2[e] = sum (s dout) a^T;
-// dW1[e] = sum dh x^T; dx_t = sum_j (dh W1[e]) in slot order.
+//
+// Forward: plan (counting sort), then one task per expert e over its plan
+// rows: gather x rows, GEMM1 -> h (saved, activation dtype), SwiGLU,
+// GEMM2 -> y rows; then a weighted combine over the k slots of each token in
+// slot order (deterministic).
+// Backward, per expert: gather dout rows; recompute a from the saved (rounded)
+// h; dA' = dout W2[e]; ds = <dA', a>; dW2[e] = (dout)^T (s a);
+// dh = dSwiGLU(s dA'); dW1[e] = dh^T x; dx rows = dh W1[e]; then
+// dx_t = sum_j dx rows of t in slot order (deterministic).
+// GEMMs go through cpu/gemm.h on fp32 (f64 for float64) rows; bf16/f16
+// operands are converted into per-thread scratch from the caller workspace.
 #include <algorithm>
 #include <cmath>
 
 #include "common/backend.h"
 #include "common/errors.h"
+#include "cpu/parallel.h"
 #include "cpu/plan.h"
 #include "cpu/util.h"
+
+#ifdef MOE_CPU_PROFILE  // dev-only phase timer (cmake -DCMAKE_CXX_FLAGS=-DMOE_CPU_PROFILE)
+#include <chrono>
+#include <cstdio>
+#define PROF_INIT auto prof_t0 = std::chrono::steady_clock::now();
+#define PROF(label)                                                                    \
+  do {                                                                                 \
+    auto prof_t1 = std::chrono::steady_clock::now();                                   \
+    std::fprintf(stderr, "  %-10s %8.2f ms\n", label,                                  \
+                 std::chrono::duration<double, std::milli>(prof_t1 - prof_t0).count()); \
+    prof_t0 = prof_t1;                                                                 \
+  } while (0)
+#else
+#define PROF_INIT
+#define PROF(label)
+#endif
 
 namespace moe {
 namespace cpu {
@@ -20,13 +42,13 @@ namespace {
 template <class C> struct ExpertsLayout {
   int32_t *cursor;  // [E]       counting-sort cursor
   C *sv;            // [n]       routing weight of each plan row
-  C *XY;            // [n, H]    gathered x / y / dout / dx rows
-  C *Hc;            // [n, 2I]   h in the compute type (when h is not)
+  C *XY;            // [n, H]    x / y / dout / dx rows, in plan order
+  C *HD;            // [n, 2I]   h in the compute type (when h is not) / dh
   C *A;             // [n, I]    a = silu(g) * u (backward: then s * a)
   C *dA;            // [n, I]    dA' = dout W2[e]
-  C *dH;            // [n, 2I]   dh = [dg ; du]
-  C *w;             // [2I*H]    one expert's weight in the compute type
-  C *g;             // [2I*H]    one expert's weight grad before conversion
+  C *slots;         // [nslots, 4IH] per-thread weight / weight-grad scratch
+  int nslots;
+  int64_t slot_elems;
 };
 
 template <class C> ExpertsLayout<C> experts_layout(Arena &a, const ExpertsProblem &p) {
@@ -35,12 +57,12 @@ template <class C> ExpertsLayout<C> experts_layout(Arena &a, const ExpertsProble
   L.cursor = a.take<int32_t>(p.num_experts);
   L.sv = a.take<C>(n);
   L.XY = a.take<C>(n * H);
-  L.Hc = a.take<C>(n * 2 * I);
+  L.HD = a.take<C>(n * 2 * I);
   L.A = a.take<C>(n * I);
   L.dA = a.take<C>(n * I);
-  L.dH = a.take<C>(n * 2 * I);
-  L.w = a.take<C>(2 * I * H);
-  L.g = a.take<C>(2 * I * H);
+  L.nslots = scratch_slots();
+  L.slot_elems = 4 * I * H;
+  L.slots = a.take<C>(L.nslots * L.slot_elems);
   return L;
 }
 
@@ -53,21 +75,29 @@ template <class C>
 void load_row_weights(C *sv, const moe_tensor_t &s, const int32_t *sorted, int64_t n,
                       int64_t k) {
   const int64_t s0 = s.strides[0], s1 = s.strides[1];
+  const void *d = s.data;
+  if (s.dtype == MOE_DTYPE_F32) {
+    const float *f = static_cast<const float *>(d);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t p = sorted[r];
+      sv[r] = C(f[(p / k) * s0 + (p % k) * s1]);
+    }
+    return;
+  }
   for (int64_t r = 0; r < n; ++r) {
     const int64_t p = sorted[r];
-    sv[r] = C(load_scalar(s.data, s.dtype, (p / k) * s0 + (p % k) * s1));
+    sv[r] = C(load_scalar(d, s.dtype, (p / k) * s0 + (p % k) * s1));
   }
 }
 
-// XY row r <- row t = sorted[r] / k of a [T, H] tensor.
+// XY rows [r0, r1) <- rows t = sorted[r] / k of a [T, H] tensor.
 template <class T, class C>
-void gather_tokens(C *XY, int64_t ld, const moe_tensor_t &x, const int32_t *sorted,
-                   int64_t n, int64_t k, int64_t H) {
+void gather_tokens(C *XY, int64_t ld, const moe_tensor_t &x, const int32_t *sorted, int64_t r0,
+                   int64_t r1, int64_t k, int64_t H, bool inner) {
   const T *xp = data_as<const T>(x);
   const int64_t s0 = x.strides[0], s1 = H > 1 ? x.strides[1] : 1;
-#pragma omp parallel for schedule(static) if (n * H > kPar)
-  for (int64_t r = 0; r < n; ++r)
-    load_row<T, C>(XY + r * ld, xp + (sorted[r] / k) * s0, H, s1);
+#pragma omp parallel for schedule(static) if (inner && (r1 - r0) * H > kPar)
+  for (int64_t r = r0; r < r1; ++r) load_row<T, C>(XY + r * ld, xp + (sorted[r] / k) * s0, H, s1);
 }
 
 // out[t, :] = sum_j w_j * rows[pair_rows[t*k + j], :]  (w_j = sv or 1),
@@ -95,6 +125,30 @@ void combine_tokens(const moe_tensor_t &out, const C *rows, int64_t ld, const C 
   }
 }
 
+// a rows [r0, r1) = silu(g) * u from h rows (ld 2I).
+template <class C>
+void swiglu_rows(C *A, int64_t lda, const C *Hc, int64_t ldh, int64_t r0, int64_t r1, int64_t I,
+                 bool inner) {
+#pragma omp parallel for schedule(static) if (inner && (r1 - r0) * I > kPar)
+  for (int64_t r = r0; r < r1; ++r) {
+    const C *hr = Hc + r * ldh;
+    C *ar = A + r * lda;
+    for (int64_t i = 0; i < I; ++i) {
+      const C g = hr[i];
+      ar[i] = g * sigmoid(g) * hr[I + i];
+    }
+  }
+}
+
+// Whether expert weights of this tensor need converting into scratch.
+template <class T, class C> bool needs_scratch(const moe_tensor_t &w) {
+  if (!std::is_same<T, C>::value) return true;
+  const int64_t R = w.shape[1], K = w.shape[2];
+  int64_t sr = w.strides[1], sk = w.strides[2];
+  norm_strides(R, K, sr, sk);
+  return !((sk == 1 && sr >= std::max<int64_t>(K, 1)) || (sr == 1 && sk >= std::max<int64_t>(R, 1)));
+}
+
 template <class T>
 moe_status_t forward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
                           const moe_tensor_t &x, const moe_tensor_t &idx,
@@ -102,6 +156,7 @@ moe_status_t forward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
                           const moe_tensor_t &W2, const moe_plan_t &plan,
                           const moe_tensor_t &h, const moe_tensor_t &out) {
   using C = typename Compute<T>::type;
+  constexpr bool native = std::is_same<T, C>::value;
   const int64_t Tn = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
                 E = p.num_experts, n = Tn * k;
   const int64_t ldx = std::max<int64_t>(H, 1), ldh = std::max<int64_t>(2 * I, 1),
@@ -111,51 +166,43 @@ moe_status_t forward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
   int32_t *off = data_as<int32_t>(plan.expert_offsets);
   int32_t *sorted = data_as<int32_t>(plan.sorted_pairs);
   int32_t *rows = data_as<int32_t>(plan.pair_rows);
-
+  PROF_INIT
   counting_sort(idx, E, off, sorted, rows, L.cursor);
   load_row_weights<C>(L.sv, s, sorted, n, k);
-  gather_tokens<T, C>(L.XY, ldx, x, sorted, n, k, H);
+  PROF("plan");
 
-  // GEMM1: h_e = X_e W1[e]^T, straight into h when h is in the compute type.
-  constexpr bool native = std::is_same<T, C>::value;
-  C *Hc = native ? reinterpret_cast<C *>(h.data) : L.Hc;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], ne = off[e + 1] - r0;
-    if (ne == 0) continue;
-    MatRef<C> w = weight_operand<T, C>(W1, e, L.w);
-    gemm(Trans::N, w.as_op(true), ne, 2 * I, H, C(1), L.XY + r0 * ldx, ldx, w.p, w.ld, C(0),
+  C *Hc = native ? reinterpret_cast<C *>(h.data) : L.HD;
+  const bool need_slots = needs_scratch<T, C>(W1) || needs_scratch<T, C>(W2);
+  for_each_expert(E, off, L.nslots, need_slots, [&](int64_t e, int slot, bool inner) {
+    const int64_t r0 = off[e], r1 = off[e + 1], ne = r1 - r0;
+    if (ne == 0) return;
+    C *scratch = L.slots + slot * L.slot_elems;
+    gather_tokens<T, C>(L.XY, ldx, x, sorted, r0, r1, k, H, inner);
+    // GEMM1: h_e = X_e W1[e]^T (straight into h when h is in the compute type).
+    MatRef<C> w1 = weight_operand<T, C>(W1, e, scratch);
+    gemm(Trans::N, w1.as_op(true), ne, 2 * I, H, C(1), L.XY + r0 * ldx, ldx, w1.p, w1.ld, C(0),
          Hc + r0 * ldh, ldh);
-  }
-  if (!native) {
-    // h is stored in the activation dtype; a is computed from the rounded h.
-    T *hp = data_as<T>(h);
-    const int64_t m = n * 2 * I;
-#pragma omp parallel for schedule(static) if (m > kPar)
-    for (int64_t i = 0; i < m; ++i) {
-      const T v = from_c<T>(Hc[i]);
-      hp[i] = v;
-      Hc[i] = to_c<C>(v);
+    if (!native) {
+      // h is stored in the activation dtype; a is computed from the rounded h.
+      T *hp = data_as<T>(h) + r0 * 2 * I;
+      C *hc = Hc + r0 * 2 * I;
+      const int64_t m = ne * 2 * I;
+#pragma omp parallel for schedule(static) if (inner && m > kPar)
+      for (int64_t i = 0; i < m; ++i) {
+        const T v = from_c<T>(hc[i]);
+        hp[i] = v;
+        hc[i] = to_c<C>(v);
+      }
     }
-  }
-  // SwiGLU: a = silu(g) * u.
-#pragma omp parallel for schedule(static) if (n * I > kPar)
-  for (int64_t r = 0; r < n; ++r) {
-    const C *hr = Hc + r * ldh;
-    C *ar = L.A + r * lda;
-    for (int64_t i = 0; i < I; ++i) {
-      const C g = hr[i];
-      ar[i] = g * sigmoid(g) * hr[I + i];
-    }
-  }
-  // GEMM2: y_e = A_e W2[e]^T (into XY).
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], ne = off[e + 1] - r0;
-    if (ne == 0) continue;
-    MatRef<C> w = weight_operand<T, C>(W2, e, L.w);
-    gemm(Trans::N, w.as_op(true), ne, H, I, C(1), L.A + r0 * lda, lda, w.p, w.ld, C(0),
+    swiglu_rows(L.A, lda, Hc, ldh, r0, r1, I, inner);
+    // GEMM2: y_e = A_e W2[e]^T, into XY rows of e (X_e is no longer needed).
+    MatRef<C> w2 = weight_operand<T, C>(W2, e, scratch);
+    gemm(Trans::N, w2.as_op(true), ne, H, I, C(1), L.A + r0 * lda, lda, w2.p, w2.ld, C(0),
          L.XY + r0 * ldx, ldx);
-  }
+  });
+  PROF("experts");
   combine_tokens<T, C>(out, L.XY, ldx, L.sv, rows, Tn, k, H);
+  PROF("combine");
   return MOE_OK;
 }
 
@@ -168,6 +215,7 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
                            const moe_tensor_t *ds, const moe_tensor_t *dW1,
                            const moe_tensor_t *dW2) {
   using C = typename Compute<T>::type;
+  constexpr bool native = std::is_same<T, C>::value;
   const int64_t Tn = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
                 E = p.num_experts, n = Tn * k;
   const int64_t ldx = std::max<int64_t>(H, 1), ldh = std::max<int64_t>(2 * I, 1),
@@ -177,110 +225,101 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
   const int32_t *off = data_as<const int32_t>(plan.expert_offsets);
   const int32_t *sorted = data_as<const int32_t>(plan.sorted_pairs);
   const int32_t *rows = data_as<const int32_t>(plan.pair_rows);
-
+  PROF_INIT
   load_row_weights<C>(L.sv, s, sorted, n, k);
-  gather_tokens<T, C>(L.XY, ldx, dout, sorted, n, k, H);  // D = dout rows
 
-  constexpr bool native = std::is_same<T, C>::value;
-  const C *Hc = native ? reinterpret_cast<const C *>(h.data) : L.Hc;
-  if (!native) {
-    const T *hp = data_as<const T>(h);
-    const int64_t m = n * 2 * I;
-#pragma omp parallel for schedule(static) if (m > kPar)
-    for (int64_t i = 0; i < m; ++i) L.Hc[i] = to_c<C>(hp[i]);
-  }
   const bool need_dA = dx || ds || dW1;
   const bool need_A = ds || dW2;
-  if (need_A) {
-#pragma omp parallel for schedule(static) if (n * I > kPar)
-    for (int64_t r = 0; r < n; ++r) {
-      const C *hr = Hc + r * ldh;
-      C *ar = L.A + r * lda;
-      for (int64_t i = 0; i < I; ++i) {
-        const C g = hr[i];
-        ar[i] = g * sigmoid(g) * hr[I + i];
+  const bool need_dH = dx || dW1;
+  const bool need_slots = (need_dA && needs_scratch<T, C>(W2)) ||
+                          (dx && needs_scratch<T, C>(W1)) ||
+                          (dW1 && needs_scratch<T, C>(*dW1)) ||
+                          (dW2 && needs_scratch<T, C>(*dW2));
+  // h rows in the compute type: h itself, or converted into HD (then dh
+  // overwrites them in place, element by element).
+  const C *Hc = native ? reinterpret_cast<const C *>(h.data) : L.HD;
+  C *dH = L.HD;
+
+  for_each_expert(E, off, L.nslots, need_slots, [&](int64_t e, int slot, bool inner) {
+    const int64_t r0 = off[e], r1 = off[e + 1], ne = r1 - r0;
+    if (ne == 0) {
+      if (dW1) zero_expert<T>(*dW1, e);
+      if (dW2) zero_expert<T>(*dW2, e);
+      return;
+    }
+    C *wscratch = L.slots + slot * L.slot_elems;
+    C *gscratch = wscratch + 2 * I * H;
+    C *D = L.XY + r0 * ldx;  // dout rows of e, later x rows, later dx rows
+    gather_tokens<T, C>(L.XY, ldx, dout, sorted, r0, r1, k, H, inner);
+    if (!native) {
+      const T *hp = data_as<const T>(h) + r0 * 2 * I;
+      C *hc = L.HD + r0 * 2 * I;
+      const int64_t m = ne * 2 * I;
+#pragma omp parallel for schedule(static) if (inner && m > kPar)
+      for (int64_t i = 0; i < m; ++i) hc[i] = to_c<C>(hp[i]);
+    }
+    if (need_A) swiglu_rows(L.A, lda, Hc, ldh, r0, r1, I, inner);
+    if (need_dA) {
+      // dA'_e = D_e W2[e]
+      MatRef<C> w2 = weight_operand<T, C>(W2, e, wscratch);
+      gemm(Trans::N, w2.as_op(false), ne, I, H, C(1), D, ldx, w2.p, w2.ld, C(0), L.dA + r0 * lda,
+           lda);
+    }
+    if (ds) {
+      // ds_tj = <dA', a>
+      const int64_t s0 = ds->strides[0], s1 = ds->strides[1];
+      for (int64_t r = r0; r < r1; ++r) {
+        const C *a = L.A + r * lda, *d = L.dA + r * lda;
+        C acc = C(0);
+        for (int64_t i = 0; i < I; ++i) acc += a[i] * d[i];
+        const int64_t pr = sorted[r];
+        store_scalar(ds->data, ds->dtype, (pr / k) * s0 + (pr % k) * s1, double(acc));
       }
     }
-  }
-  if (need_dA) {
-    // dA'_e = D_e W2[e]
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = off[e], ne = off[e + 1] - r0;
-      if (ne == 0) continue;
-      MatRef<C> w = weight_operand<T, C>(W2, e, L.w);
-      gemm(Trans::N, w.as_op(false), ne, I, H, C(1), L.XY + r0 * ldx, ldx, w.p, w.ld, C(0),
-           L.dA + r0 * lda, lda);
-    }
-  }
-  if (ds) {
-    // ds_tj = <dA', a>
-    const int64_t s0 = ds->strides[0], s1 = ds->strides[1];
-#pragma omp parallel for schedule(static) if (n * I > kPar)
-    for (int64_t r = 0; r < n; ++r) {
-      const C *a = L.A + r * lda, *d = L.dA + r * lda;
-      C acc = C(0);
-      for (int64_t i = 0; i < I; ++i) acc += a[i] * d[i];
-      const int64_t pr = sorted[r];
-      store_scalar(ds->data, ds->dtype, (pr / k) * s0 + (pr % k) * s1, double(acc));
-    }
-  }
-  if (dW2) {
-    // dW2[e] = sum (s dout) a^T = D_e^T (s A)_e
-#pragma omp parallel for schedule(static) if (n * I > kPar)
-    for (int64_t r = 0; r < n; ++r) {
-      C *a = L.A + r * lda;
-      const C sr = L.sv[r];
-      for (int64_t i = 0; i < I; ++i) a[i] *= sr;
-    }
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = off[e], ne = off[e + 1] - r0;
-      if (ne == 0) {
-        zero_expert<T>(*dW2, e);
-        continue;
+    if (dW2) {
+      // dW2[e] = sum (s dout) a^T = D_e^T (s A)_e
+      for (int64_t r = r0; r < r1; ++r) {
+        C *a = L.A + r * lda;
+        const C sr = L.sv[r];
+        for (int64_t i = 0; i < I; ++i) a[i] *= sr;
       }
-      OutRef<C> o = weight_output<T, C>(*dW2, e, L.g);
-      gemm_into(o, Trans::T, Trans::N, H, I, ne, L.XY + r0 * ldx, ldx, L.A + r0 * lda, lda);
+      OutRef<C> o = weight_output<T, C>(*dW2, e, gscratch);
+      gemm_into(o, Trans::T, Trans::N, H, I, ne, D, ldx, L.A + r0 * lda, lda);
       finish_output<T, C>(o, *dW2, e);
     }
-  }
-  if (!dx && !dW1) return MOE_OK;
-  // dh = [dg ; du], da = s dA', dg = da u silu'(g), du = da silu(g).
-#pragma omp parallel for schedule(static) if (n * I > kPar)
-  for (int64_t r = 0; r < n; ++r) {
-    const C *hr = Hc + r * ldh;
-    const C *d = L.dA + r * lda;
-    C *dh = L.dH + r * ldh;
-    const C sr = L.sv[r];
-    for (int64_t i = 0; i < I; ++i) {
-      const C g = hr[i], u = hr[I + i];
-      const C sg = sigmoid(g);
-      const C da = sr * d[i];
-      dh[i] = da * u * (sg * (C(1) + g * (C(1) - sg)));
-      dh[I + i] = da * g * sg;
-    }
-  }
-  if (dW1) gather_tokens<T, C>(L.XY, ldx, x, sorted, n, k, H);  // X rows (D is done)
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], ne = off[e + 1] - r0;
-    if (dW1) {
-      if (ne == 0) {
-        zero_expert<T>(*dW1, e);
-      } else {
-        // dW1[e] [2I, H] = dH_e^T X_e
-        OutRef<C> o = weight_output<T, C>(*dW1, e, L.g);
-        gemm_into(o, Trans::T, Trans::N, 2 * I, H, ne, L.dH + r0 * ldh, ldh, L.XY + r0 * ldx,
-                  ldx);
-        finish_output<T, C>(o, *dW1, e);
+    if (!need_dH) return;
+    // dh = [dg ; du], da = s dA', dg = da u silu'(g), du = da silu(g).
+#pragma omp parallel for schedule(static) if (inner && ne * I > kPar)
+    for (int64_t r = r0; r < r1; ++r) {
+      const C *hr = Hc + r * ldh;
+      const C *d = L.dA + r * lda;
+      C *dh = dH + r * ldh;
+      const C sr = L.sv[r];
+      for (int64_t i = 0; i < I; ++i) {
+        const C g = hr[i], u = hr[I + i];
+        const C sg = sigmoid(g);
+        const C da = sr * d[i];
+        dh[i] = da * u * (sg * (C(1) + g * (C(1) - sg)));
+        dh[I + i] = da * g * sg;
       }
     }
-    if (dx && ne > 0) {
-      // dx rows of e = dH_e W1[e] (overwrites X_e, already used by dW1[e])
-      MatRef<C> w = weight_operand<T, C>(W1, e, L.w);
-      gemm(Trans::N, w.as_op(false), ne, H, 2 * I, C(1), L.dH + r0 * ldh, ldh, w.p, w.ld, C(0),
-           L.XY + r0 * ldx, ldx);
+    if (dW1) {
+      // dW1[e] [2I, H] = dH_e^T X_e
+      gather_tokens<T, C>(L.XY, ldx, x, sorted, r0, r1, k, H, inner);
+      OutRef<C> o = weight_output<T, C>(*dW1, e, gscratch);
+      gemm_into(o, Trans::T, Trans::N, 2 * I, H, ne, dH + r0 * ldh, ldh, D, ldx);
+      finish_output<T, C>(o, *dW1, e);
     }
-  }
+    if (dx) {
+      // dx rows of e = dH_e W1[e]  (overwrites X_e, already used for dW1[e])
+      MatRef<C> w1 = weight_operand<T, C>(W1, e, wscratch);
+      gemm(Trans::N, w1.as_op(false), ne, H, 2 * I, C(1), dH + r0 * ldh, ldh, w1.p, w1.ld, C(0),
+           D, ldx);
+    }
+  });
+  PROF("experts");
   if (dx) combine_tokens<T, C>(*dx, L.XY, ldx, nullptr, rows, Tn, k, H);
+  PROF("combine");
   return MOE_OK;
 }
 
@@ -297,6 +336,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
                              const moe_tensor_t &top_k_weights, const moe_tensor_t &gate_up_proj,
                              const moe_tensor_t &down_proj, const moe_plan_t &plan,
                              const moe_tensor_t &h, const moe_tensor_t &out) {
+  // Indices first: on a bad index nothing (plan, h, out) is written.
   moe_status_t st = check_indices(top_k_index, p.num_experts, "top_k_index");
   if (st != MOE_OK) return st;
   st = MOE_ERR_DTYPE;
@@ -318,6 +358,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
                               const moe_tensor_t *grad_top_k_weights,
                               const moe_tensor_t *grad_gate_up_proj,
                               const moe_tensor_t *grad_down_proj) {
+  // A corrupt plan is an error, not a wild read.
   moe_status_t st = check_plan(plan, p.num_experts, p.tokens * p.top_k);
   if (st != MOE_OK) return st;
   st = MOE_ERR_DTYPE;
