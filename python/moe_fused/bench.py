@@ -53,7 +53,8 @@ def _flops(mode, T, H, I, k):
 
 
 def _build(H, I, E, k, dtype, device, seed):
-    """A real Transformers Qwen3MoeSparseMoeBlock with random weights (experts + router)."""
+    """A real Transformers Qwen3MoeSparseMoeBlock with random weights (experts + router),
+    allocated directly on `device` in `dtype` (no fp32 or CPU copy of big expert weights)."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -70,13 +71,15 @@ def _build(H, I, E, k, dtype, device, seed):
         vocab_size=128,
     )
     cfg._experts_implementation = "eager"
+    with torch.device("meta"):
+        block = Qwen3MoeSparseMoeBlock(cfg)
+    block = block.to(dtype).to_empty(device=device)
     torch.manual_seed(seed)
-    block = Qwen3MoeSparseMoeBlock(cfg)
     with torch.no_grad():
         block.experts.gate_up_proj.normal_(0.0, H**-0.5)
         block.experts.down_proj.normal_(0.0, I**-0.5)
         block.gate.weight.normal_(0.0, H**-0.5)  # HF inits it to zeros: all tokens would tie
-    return cfg, block.to(device=device, dtype=dtype)
+    return cfg, block
 
 
 def _sync(device):
@@ -86,9 +89,14 @@ def _sync(device):
 
 def _time(fn, device, warmup, iters, max_seconds):
     """Median milliseconds of fn() over up to `iters` runs (at least 3, fewer if the runs
-    would exceed max_seconds). CUDA: events around each run; CPU: perf_counter."""
-    for _ in range(warmup):
+    would exceed max_seconds). CUDA: events around each run; CPU: perf_counter.
+    Warmup stops after one run when that run alone takes over a second."""
+    for i in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        _sync(device)
+        if time.perf_counter() - t0 > 1.0:
+            break
     _sync(device)
     times = []
     start = time.perf_counter()
@@ -109,16 +117,17 @@ def _time(fn, device, warmup, iters, max_seconds):
     return statistics.median(times), len(times)
 
 
-def _memory(fn_fwd, device):
+def _memory(forward, device):
     """CUDA only: (peak extra bytes of one forward+backward, bytes the forward keeps for
-    backward beyond its output) over the allocation baseline before the call."""
+    backward beyond its output), over the allocation baseline just before the call.
+    The gradients it allocates (weights included) count, for every implementation alike."""
     if device.type != "cuda":
         return None, None
     _sync(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    out, backward = fn_fwd()
+    out, backward = forward()
     _sync(device)
     kept = torch.cuda.memory_allocated(device) - base - out.numel() * out.element_size()
     backward(out)
@@ -128,11 +137,36 @@ def _memory(fn_fwd, device):
     return int(peak), int(kept)
 
 
-def run_shape(name, T, args, device, dtype, log):
+def _rel_err(a, b):
+    """max |a - b| / max |b|, in float32, chunked along dim 0 (the tensors can be GBs)."""
+    num = den = 0.0
+    step = max(1, (1 << 26) // max(1, b[0].numel()))
+    for i in range(0, b.shape[0], step):
+        aa, bb = a[i : i + step].float(), b[i : i + step].float()
+        num = max(num, float((aa - bb).abs().max()))
+        den = max(den, float(bb.abs().max()))
+    return num / max(den, 1e-30)
+
+
+def run_shape(name, tokens, args, device, dtype, log):
+    """All token counts of one shape, on one block (weights built once)."""
     from moe_fused import moe_experts
 
     H, I, E, k = SHAPES[name] if name in SHAPES else _parse_shape(name)
     cfg, block = _build(H, I, E, k, dtype, device, seed=args.seed)
+    experts = block.experts
+    params = [experts.gate_up_proj, experts.down_proj]
+    results = []
+    for T in tokens:
+        log(f"\n{name} (H={H}, I={I}, E={E}, k={k}), T={T}:")
+        results += _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, device, dtype, log)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del block, experts, params
+    return results
+
+
+def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, device, dtype, log):
     experts = block.experts
     g = torch.Generator(device="cpu").manual_seed(args.seed + T)
     hidden = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
@@ -140,10 +174,9 @@ def run_shape(name, T, args, device, dtype, log):
         _, top_k_weights, top_k_index = block.gate(hidden)
     grad_out = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
     counts = torch.bincount(top_k_index.reshape(-1).cpu(), minlength=E)
-
-    params = [experts.gate_up_proj, experts.down_proj]
     x_leaf = hidden.detach().clone().requires_grad_(True)
     w_leaf = top_k_weights.detach().clone().requires_grad_(True)
+    shape = dict(shape=name, T=T, H=H, I=I, E=E, k=k)
 
     def call(impl, x, w):
         if impl == "moe_fused":
@@ -155,13 +188,18 @@ def run_shape(name, T, args, device, dtype, log):
         for t in params + [x_leaf, w_leaf]:
             t.grad = None
 
-    results, outputs = [], {}
+    def grads():
+        return [t.grad for t in (x_leaf, w_leaf, *params)]
+
+    results = []
+    reference = None  # (impl, [out, d_hidden, d_weights, d_gate_up, d_down]) of the first HF path
+    errors = {}
     for impl in args.impls:
         if impl == "hf-eager" and args.eager_max_tokens and T > args.eager_max_tokens:
             msg = f"hf-eager at T={T} SKIPPED (--eager-max-tokens={args.eager_max_tokens}; pass 0 to run it)"
             log(f"  {msg}")
             for mode in ("fwd", "fwd+bwd"):
-                results.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, mode=mode, skipped=msg))
+                results.append(dict(shape, impl=impl, mode=mode, skipped=msg))
             continue
 
         def fwd():
@@ -170,66 +208,65 @@ def run_shape(name, T, args, device, dtype, log):
 
         def fwd_bwd():
             clear()
-            out = call(impl, x_leaf, w_leaf)
-            out.backward(grad_out)
+            call(impl, x_leaf, w_leaf).backward(grad_out)
 
-        def fwd_for_memory():
-            clear()
+        def forward_for_memory():
             out = call(impl, x_leaf, w_leaf)
             return out, lambda o: o.backward(grad_out)
 
         try:
-            # values (and grads) once, for the correctness line
+            # values and gradients once: the reference (first HF path) or compared with it
             clear()
             out = call(impl, x_leaf, w_leaf)
             out.backward(grad_out)
-            outputs[impl] = [out.detach().float()] + [t.grad.detach().float() for t in (x_leaf, w_leaf, *params)]
+            values = [out.detach()] + grads()
             del out
+            if reference is None and impl != "moe_fused":
+                reference = (impl, values)
+            elif impl == "moe_fused" and reference is not None:
+                names = ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")
+                errors = {"vs": reference[0], **{n: _rel_err(a, b) for n, a, b in zip(names, values, reference[1])}}
+                log(f"  max |moe_fused - {reference[0]}| / max|{reference[0]}|: "
+                    + ", ".join(f"{n} {errors[n]:.2e}" for n in names))
+            del values
             clear()
             for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 ms, n = _time(fn, device, args.warmup, args.iters, args.max_seconds)
-                rec = dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, mode=mode, ms=ms, runs=n,
+                rec = dict(shape, impl=impl, mode=mode, ms=ms, runs=n,
                            tflops=_flops(mode, T, H, I, k) / (ms * 1e-3) / 1e12)
-                if mode == "fwd+bwd":
-                    peak, kept = _memory(fwd_for_memory, device)
-                    rec.update(peak_extra_bytes=peak, saved_bytes=kept)
+                mem = ""
                 clear()
+                if mode == "fwd+bwd" and device.type == "cuda":
+                    peak, kept = _memory(forward_for_memory, device)
+                    clear()
+                    rec.update(peak_extra_bytes=peak, saved_bytes=kept)
+                    mem = f"  peak +{peak / 2**20:9.1f} MiB  saved {kept / 2**20:9.1f} MiB"
                 results.append(rec)
-                mem = f"  peak +{peak / 2**20:8.1f} MiB  saved {kept / 2**20:8.1f} MiB" if device.type == "cuda" and mode == "fwd+bwd" else ""
                 log(f"  {impl:14s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
         except Exception as exc:  # one failing implementation must not hide the others
             msg = f"{impl} FAILED: {type(exc).__name__}: {str(exc)[:300]}"
             log(f"  {msg}")
             for mode in ("fwd", "fwd+bwd"):
-                results.append(dict(shape=name, T=T, H=H, I=I, E=E, k=k, impl=impl, mode=mode, error=msg))
+                results.append(dict(shape, impl=impl, mode=mode, error=msg))
         clear()
+    del reference
 
     # ratios: time of each HF path / time of moe_fused (> 1 means moe_fused is faster)
     ours = {r["mode"]: r for r in results if r["impl"] == "moe_fused" and "ms" in r}
     for r in results:
         if r["impl"] != "moe_fused" and "ms" in r and r["mode"] in ours:
-            ours[r["mode"]][f"speedup_vs_{r['impl']}"] = r["ms"] / ours[r["mode"]]["ms"]
-            if r.get("peak_extra_bytes") and ours[r["mode"]].get("peak_extra_bytes"):
-                ours[r["mode"]][f"peak_mem_ratio_vs_{r['impl']}"] = ours[r["mode"]]["peak_extra_bytes"] / r["peak_extra_bytes"]
-    # agreement with HF (first HF path that ran)
-    if "moe_fused" in outputs:
-        for impl in ("hf-eager", "hf-grouped_mm"):
-            if impl in outputs:
-                names = ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")
-                errs = {n: _rel_err(a, b) for n, a, b in zip(names, outputs["moe_fused"], outputs[impl])}
-                for mode in ours:
-                    ours[mode][f"max_rel_err_vs_{impl}"] = errs
-                log("  max |moe_fused - " + impl + "| / max|" + impl + "|: "
-                    + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
-                break
+            o = ours[r["mode"]]
+            o[f"speedup_vs_{r['impl']}"] = r["ms"] / o["ms"]
+            if r.get("peak_extra_bytes") and o.get("peak_extra_bytes"):
+                o[f"peak_mem_ratio_vs_{r['impl']}"] = o["peak_extra_bytes"] / r["peak_extra_bytes"]
+            if r.get("saved_bytes") and o.get("saved_bytes") is not None:
+                o[f"saved_ratio_vs_{r['impl']}"] = o["saved_bytes"] / r["saved_bytes"]
+    for o in ours.values():
+        if errors:
+            o["max_rel_err"] = errors
     log(f"  routing: tokens per expert min {int(counts.min())} max {int(counts.max())}, "
         f"{int((counts == 0).sum())} experts with none")
-    del block, experts, params
     return results
-
-
-def _rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _parse_shape(s):
@@ -367,12 +404,9 @@ def main(argv=None) -> int:
     results = []
     t_start = time.perf_counter()
     for shape in args.shapes:
-        H, I, E, k = SHAPES[shape] if shape in SHAPES else _parse_shape(shape)
-        for T in args.tokens:
-            log(f"\n{shape} (H={H}, I={I}, E={E}, k={k}), T={T}:")
-            results += run_shape(shape, T, args, device, dtype, log)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        results += run_shape(shape, args.tokens, args, device, dtype, log)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     log("\n" + _table(results))
     log(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 

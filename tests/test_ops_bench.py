@@ -1,0 +1,67 @@
+"""Smoke tests of the layer benchmark and the `moe-fused` command (tiny shapes, one run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_fused import bench, cli
+
+
+def test_bench_tiny_cpu(tmp_path, capsys):
+    rc = bench.main(["--shapes", "32x16x4x2", "-T", "8", "17", "--iters", "1", "--warmup", "0",
+                     "--out", str(tmp_path), "--name", "tiny", "--no-plot"])
+    assert rc == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    recs = data["results"]
+    assert {(r["impl"], r["mode"], r["T"]) for r in recs} == {
+        (i, m, T) for i in bench.IMPLS for m in ("fwd", "fwd+bwd") for T in (8, 17)
+    }
+    for r in recs:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["tflops"] > 0
+    ours = [r for r in recs if r["impl"] == "moe_fused"]
+    for r in ours:
+        assert "speedup_vs_hf-eager" in r and "speedup_vs_hf-grouped_mm" in r
+        errs = r["max_rel_err"]
+        assert errs["vs"] == "hf-eager"
+        assert all(errs[n] < 1e-4 for n in ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")), errs
+    out = capsys.readouterr().out
+    assert "moe_fused speedup vs eager / grouped_mm" in out
+
+
+def test_bench_eager_skip_is_reported(tmp_path, capsys):
+    rc = bench.main(["--shapes", "32x16x4x2", "-T", "8", "40", "--iters", "1", "--warmup", "0",
+                     "--eager-max-tokens", "16", "--out", str(tmp_path), "--name", "skip", "--no-plot"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "hf-eager at T=40 SKIPPED" in out
+    recs = json.loads((tmp_path / "skip.json").read_text())["results"]
+    skipped = [r for r in recs if "skipped" in r]
+    assert {(r["impl"], r["T"]) for r in skipped} == {("hf-eager", 40)}
+    assert all(r["speedup_vs_hf-grouped_mm"] > 0 for r in recs if r["impl"] == "moe_fused")
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert bench.main(["--shapes", "16x8x3x1", "-T", "4", "--iters", "1", "--warmup", "0",
+                       "--impls", "hf-grouped_mm", "moe_fused", "--out", str(tmp_path), "--name", "p"]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_bench_bad_shape():
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "nonsense", "--out", "/tmp/unused-moe-bench"])
+
+
+def test_cli_dispatch(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0
+    assert "bench" in capsys.readouterr().out
+    assert cli.main(["info"]) == 0
+    assert "libmoe_fused:" in capsys.readouterr().out
+    assert cli.main(["no-such-command"]) == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
