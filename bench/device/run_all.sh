@@ -50,7 +50,7 @@ if has bench; then
   echo "bench: exit $?"; tail -30 "$OUT/bench.log"
 fi
 if has benchfull; then
-  timeout 560 python3 bench/bench_layer.py --device cuda --iters 10 --max-seconds 4 --out "$OUT" > "$OUT/bench_full.log" 2>&1
+  timeout 560 python3 bench/bench_layer.py --device cuda --iters 10 --max-seconds 4 --eager-max-tokens ${EAGER_MAX:-4096} --out "$OUT" > "$OUT/bench_full.log" 2>&1
   echo "benchfull: exit $?"; tail -40 "$OUT/bench_full.log"
 fi
 exit $rc

@@ -181,26 +181,28 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
         if (r < r1 && gn < N) {
           const int64_t p = clamp_row(a.sorted[r], a.n_rows);
           const float s = load_weight(a.sw, a.sw_dtype, (p / a.k) * a.sw_s0 + (p % a.k) * a.sw_s1);
-          float g[8], u[8], dg[8], du[8], sa[8];
+          float g[8], u[8], d[8], o[8];
           const T *hr = Hin + int64_t(r) * a.ldh;
           load8<T>(g, hr + gn, N - gn, a.vec_h);
           load8<T>(u, hr + N + gn, N - gn, a.vec_h);
+          T *dr = dH + int64_t(r) * a.ldc;
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
-            const float d = Cs[row * CS_ST + col + i];
+            d[i] = Cs[row * CS_ST + col + i];
             const float sg = 1.f / (1.f + __expf(-g[i]));
-            const float si = g[i] * sg;
-            const float av = si * u[i];
-            dot += d * av;
-            const float da = s * d;
-            dg[i] = da * u[i] * (sg * (1.f + g[i] * (1.f - sg)));
-            du[i] = da * si;
-            sa[i] = s * av;
+            g[i] *= sg;                      // g <- silu(g)
+            const float dsil = sg + g[i] * (1.f - sg);  // silu'(g) = sg (1 + g (1 - sg))
+            dot += d[i] * g[i] * u[i];
+            d[i] *= s;                       // da = s dA'
+            o[i] = d[i] * u[i] * dsil;       // dg
           }
-          T *dr = dH + int64_t(r) * a.ldc;
-          store8<T>(dr + gn, dg, N - gn, a.vec_c);
-          store8<T>(dr + N + gn, du, N - gn, a.vec_c);
-          store8<T>(SA + int64_t(r) * a.ldc2 + gn, sa, N - gn, a.vec_c);
+          store8<T>(dr + gn, o, N - gn, a.vec_c);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) o[i] = d[i] * g[i];  // du = da silu(g)
+          store8<T>(dr + N + gn, o, N - gn, a.vec_c);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) o[i] = s * g[i] * u[i];  // s a
+          store8<T>(SA + int64_t(r) * a.ldc2 + gn, o, N - gn, a.vec_c);
         }
         dot += __shfl_xor_sync(0xffffffffu, dot, 8);
         dot += __shfl_xor_sync(0xffffffffu, dot, 4);

@@ -304,6 +304,8 @@ def _experts_setup_context(ctx, inputs, output):
     # Saved: x, the routing weights, both expert weights, the plan and h. Not a, not y.
     ctx.save_for_backward(x, w, w1, w2, offsets, sorted_pairs, pair_rows, h)
     ctx.mark_non_differentiable(h, offsets, sorted_pairs, pair_rows)
+    # No zero-filled gradient for h (a [T*k, 2I] tensor) or the plan: they arrive as None.
+    ctx.set_materialize_grads(False)
 
 
 def _experts_backward(ctx, grad_out, _grad_h, _grad_offsets, _grad_sorted, _grad_rows):
