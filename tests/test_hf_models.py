@@ -129,7 +129,12 @@ _fp32_ok: dict[str, bool] = {}
 
 
 def _dtype(device: str) -> torch.dtype:
-    """fp32 where the op supports it (the CPU path); else bf16 (compared against an fp32 reference)."""
+    """fp32 where the op supports it (the CPU path); else bf16 (compared against an fp32 reference).
+
+    MOE_FUSED_TEST_DTYPE=bf16 forces the low-precision path (to check the GPU criteria on a CPU).
+    """
+    if os.environ.get("MOE_FUSED_TEST_DTYPE") == "bf16":
+        return torch.bfloat16
     if device not in _fp32_ok:
         try:
             x = torch.randn(4, 8, device=device)
@@ -167,11 +172,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _close(got, ref, lowp_ref=None, what=""):
     """fp32: tight. Low precision: relative error at most ~2x HF eager's own error at that precision."""
-    if got.dtype == torch.float32 and ref.dtype == torch.float32:
+    if lowp_ref is None and got.dtype == torch.float32 and ref.dtype == torch.float32:
         torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-5, msg=lambda m: f"{what}: {m}")
         return
-    err = _rel_err(got, ref)
-    bound = 3e-2 if lowp_ref is None else max(2.0 * _rel_err(lowp_ref, ref), 1e-2)
+    err = _rel_err(got.float(), ref.float())
+    bound = 3e-2 if lowp_ref is None else max(2.0 * _rel_err(lowp_ref.float(), ref.float()), 1e-2)
     assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
 
 
@@ -212,11 +217,11 @@ def test_logits_and_grads_match_eager(name, device):
     if dtype != torch.float32:  # HF eager at the same low precision: the error budget
         lowp_model = copy.deepcopy(ref).to(dtype)
         lowp, g_l = _fwd_bwd(lowp_model, ids)
-    _close(out_f.logits.float(), out_r.logits, None if lowp is None else lowp.logits.float(), f"{name} logits")
+    _close(out_f.logits, out_r.logits, None if lowp is None else lowp.logits, f"{name} logits")
     assert set(g_f) == set(g_r), "the same parameters get gradients"
     n_experts_grads = 0
     for n in g_r:
-        _close(g_f[n].float(), g_r[n], g_l[n].float() if n in g_l else None, f"{name} grad {n}")
+        _close(g_f[n], g_r[n], g_l.get(n), f"{name} grad {n}")
         n_experts_grads += ("gate_up_proj" in n) or ("experts.down_proj" in n)
     assert n_experts_grads >= 2, "expert weights got gradients"
 
@@ -225,40 +230,49 @@ def test_logits_and_grads_match_eager(name, device):
 @pytest.mark.parametrize("name", ROUTER_LOSS_MODELS)
 def test_router_logits_and_aux_loss_unchanged(name, device):
     dtype = _dtype(device)
-    ref = _build(name, device, dtype, output_router_logits=True)
-    fused = _patched_copy(ref)
+    ref = _build(name, device, torch.float32, output_router_logits=True)
+    fused = _patched_copy(ref).to(dtype)
+    lowp = copy.deepcopy(ref).to(dtype) if dtype != torch.float32 else None
     ids = _ids(device)
-    out_f, out_r = fused(ids, labels=ids), ref(ids, labels=ids)
+    with torch.no_grad():
+        out_f, out_r = fused(ids, labels=ids), ref(ids, labels=ids)
+        out_l = lowp(ids, labels=ids) if lowp is not None else None
     assert out_r.aux_loss is not None and len(out_r.router_logits) == len(out_f.router_logits)
-    # The first router runs before any experts: bitwise. Later ones see the experts' output.
-    torch.testing.assert_close(out_f.router_logits[0], out_r.router_logits[0], rtol=0, atol=0)
-    for a, b in zip(out_f.router_logits[1:], out_r.router_logits[1:]):
-        _close(a.float(), b.float(), what=f"{name} router logits")
-    _close(out_f.aux_loss.float(), out_r.aux_loss.float(), what=f"{name} aux loss")
+    if out_l is not None:
+        # The first router runs before any experts: identical to HF's at the same precision.
+        torch.testing.assert_close(out_f.router_logits[0], out_l.router_logits[0], rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(out_f.router_logits[0], out_r.router_logits[0], rtol=0, atol=0)
+    for i, (a, b) in enumerate(zip(out_f.router_logits[1:], out_r.router_logits[1:])):
+        _close(a, b, None if out_l is None else out_l.router_logits[i + 1], f"{name} router logits")
+    _close(out_f.aux_loss, out_r.aux_loss, None if out_l is None else out_l.aux_loss, f"{name} aux loss")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral"])
 def test_greedy_generate_same_tokens(name, device):
     dtype = _dtype(device)
-    ref = _build(name, device, dtype).eval()
-    fused = _patched_copy(ref).eval()
+    ref = _build(name, device, torch.float32).eval()
+    fused = _patched_copy(ref).to(dtype).eval()
     prompt = _ids(device, batch=2, seq=5, seed=3)
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     toks_r = ref.generate(prompt, **kw)
     toks_f = fused.generate(prompt, **kw)
     if dtype == torch.float32:
         assert torch.equal(toks_f, toks_r)
         return
-    # Low precision: where the sequences part, eager's own top-2 margin must be a near-tie.
-    for b in range(toks_r.size(0)):
-        diff = (toks_f[b] != toks_r[b]).nonzero()
-        if len(diff):
-            p = diff[0].item()
-            with torch.no_grad():
-                logits = ref(toks_r[b : b + 1, :p]).logits[0, -1].float()
-            margin = (logits[toks_r[b, p]] - logits[toks_f[b, p]]).abs().item()
-            assert margin < 0.05 * logits.abs().max().item(), f"{name}: tokens differ at {p} (margin {margin})"
+    # Low precision: a bf16 KV cache alone moves these tiny random models' logits by more than
+    # their top-2 margins (HF eager too), so only the first new token (the prefill, no cache)
+    # is compared with HF eager at that precision, and the whole generation must run.
+    lowp = copy.deepcopy(ref).to(dtype).eval()
+    toks_l = lowp.generate(prompt, **kw)
+    assert toks_f.shape == toks_l.shape and torch.equal(toks_f[:, :5], prompt)
+    with torch.no_grad():
+        last = lowp(prompt).logits[:, -1].float()
+    for b in range(prompt.size(0)):
+        if toks_f[b, 5] != toks_l[b, 5]:
+            margin = (last[b, toks_l[b, 5]] - last[b, toks_f[b, 5]]).item()
+            assert margin < 1e-2, f"{name}: first generated token differs (eager margin {margin:.3g})"
 
 
 @pytest.mark.parametrize("device", DEVICES)
