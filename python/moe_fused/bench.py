@@ -14,8 +14,10 @@ producing (top_k_index, top_k_weights) from the hidden states, then
 
 each timed forward and forward+backward (gradients for hidden states, routing weights and
 both expert weights). Reported: median ms, effective TFLOP/s (forward 6*T*k*H*I flops,
-forward+backward 18*T*k*H*I), on CUDA the peak extra memory over the baseline and the
-memory the forward keeps for backward, and the ratios of moe_fused against each HF path.
+forward+backward 18*T*k*H*I), on CUDA the peak extra memory of one forward+backward over
+the baseline (with and without the weight gradients, which every implementation allocates
+alike) and the memory the forward keeps for backward (beyond its output), and the ratios
+of moe_fused against each HF path.
 A table is printed; JSON and a PNG plot are saved to --out (bench/results by default).
 """
 
@@ -239,8 +241,11 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
                 if mode == "fwd+bwd" and device.type == "cuda":
                     peak, kept = _memory(forward_for_memory, device)
                     clear()
-                    rec.update(peak_extra_bytes=peak, saved_bytes=kept)
-                    mem = f"  peak +{peak / 2**20:9.1f} MiB  saved {kept / 2**20:9.1f} MiB"
+                    wg = sum(p.numel() * p.element_size() for p in params)
+                    rec.update(peak_extra_bytes=peak, saved_bytes=kept, weight_grad_bytes=wg,
+                               peak_extra_without_weight_grads_bytes=peak - wg)
+                    mem = (f"  peak +{peak / 2**20:9.1f} MiB (without the weight grads "
+                           f"+{(peak - wg) / 2**20:9.1f})  saved {kept / 2**20:9.1f} MiB")
                 results.append(rec)
                 log(f"  {impl:14s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
         except Exception as exc:  # one failing implementation must not hide the others
@@ -257,8 +262,10 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
         if r["impl"] != "moe_fused" and "ms" in r and r["mode"] in ours:
             o = ours[r["mode"]]
             o[f"speedup_vs_{r['impl']}"] = r["ms"] / o["ms"]
-            if r.get("peak_extra_bytes") and o.get("peak_extra_bytes"):
-                o[f"peak_mem_ratio_vs_{r['impl']}"] = o["peak_extra_bytes"] / r["peak_extra_bytes"]
+            for key, label in (("peak_extra_bytes", "peak_mem_ratio"),
+                               ("peak_extra_without_weight_grads_bytes", "peak_mem_without_weight_grads_ratio")):
+                if r.get(key) and o.get(key) is not None:
+                    o[f"{label}_vs_{r['impl']}"] = o[key] / r[key]
             if r.get("saved_bytes") and o.get("saved_bytes") is not None:
                 o[f"saved_ratio_vs_{r['impl']}"] = o["saved_bytes"] / r["saved_bytes"]
     for o in ours.values():
@@ -292,6 +299,20 @@ def _table(results):
         o = row.get("moe_fused", {})
         sp = " / ".join(f"{o[key]:.2f}x" if key in o else "-" for key in ("speedup_vs_hf-eager", "speedup_vs_hf-grouped_mm"))
         lines.append(f"{shape:12s} {T:6d} {mode:8s} " + " ".join(cells) + f"   {sp}")
+    mem = [r for r in results if r.get("peak_extra_bytes") is not None]
+    if mem:
+        lines.append("")
+        hdr = (f"{'shape':12s} {'T':>6s} fwd+bwd peak extra MiB (without weight grads) / saved for backward MiB: "
+               + ", ".join(IMPLS))
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        for shape, T in sorted({(r["shape"], r["T"]) for r in mem}):
+            cells = []
+            for impl in IMPLS:
+                r = [r for r in mem if (r["shape"], r["T"], r["impl"]) == (shape, T, impl)]
+                cells.append(f"{r[0]['peak_extra_without_weight_grads_bytes'] / 2**20:9.1f} / {r[0]['saved_bytes'] / 2**20:9.1f}"
+                             if r else f"{'-':>21s}")
+            lines.append(f"{shape:12s} {T:6d} " + "   ".join(cells))
     return "\n".join(lines)
 
 

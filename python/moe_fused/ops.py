@@ -28,6 +28,7 @@ indices are then the caller's responsibility. Nothing else in these ops syncs wi
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -293,9 +294,25 @@ def _experts_backward_impl(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h,
     return tuple(gr if gr is not None else empty(src) for gr, src in zip(grads, (x, w, w1, w2)))
 
 
-for _dev in ("cpu", "cuda"):
-    torch.library.register_kernel("moe_fused::experts_forward", _dev, _experts_forward_impl, lib=_LIB)
-    torch.library.register_kernel("moe_fused::experts_backward", _dev, _experts_backward_impl, lib=_LIB)
+def _cuda_guarded(fn):
+    """The CUDA kernel of an op: runs with the tensors' device current (the C side and
+    torch's allocator then agree on the device even when it is not the current one)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch.cuda.device(args[0].device):
+            return fn(*args)
+
+    return wrapper
+
+
+def _register_kernels(name, impl):
+    torch.library.register_kernel(f"moe_fused::{name}", "cpu", impl, lib=_LIB)
+    torch.library.register_kernel(f"moe_fused::{name}", "cuda", _cuda_guarded(impl), lib=_LIB)
+
+
+_register_kernels("experts_forward", _experts_forward_impl)
+_register_kernels("experts_backward", _experts_backward_impl)
 
 
 def _experts_setup_context(ctx, inputs, output):
@@ -397,9 +414,8 @@ def _linear_backward_impl(g, x, weight, sel, n_x, n_w):
     )
 
 
-for _dev in ("cpu", "cuda"):
-    torch.library.register_kernel("moe_fused::linear_forward", _dev, _linear_forward_impl, lib=_LIB)
-    torch.library.register_kernel("moe_fused::linear_backward", _dev, _linear_backward_impl, lib=_LIB)
+_register_kernels("linear_forward", _linear_forward_impl)
+_register_kernels("linear_backward", _linear_backward_impl)
 
 
 def _linear_setup_context(ctx, inputs, output):
