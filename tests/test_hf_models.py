@@ -301,7 +301,10 @@ def test_torch_compile(device):
     ref = _build("qwen3_moe", device, dtype, num_hidden_layers=1)
     fused = _patched_copy(ref)
     torch._dynamo.reset()
-    compiled = torch.compile(fused, backend=os.environ.get("MOE_FUSED_TEST_COMPILE_BACKEND", "inductor"))
+    # fullgraph: the experts forward and the op trace without graph breaks.
+    compiled = torch.compile(
+        fused, fullgraph=True, backend=os.environ.get("MOE_FUSED_TEST_COMPILE_BACKEND", "inductor")
+    )
     ids = _ids(device)
     out_c, g_c = _fwd_bwd(compiled, ids)
     out_r, g_r = _fwd_bwd(ref, ids)
