@@ -436,3 +436,16 @@ def test_peft_lora_on_experts_matches_eager():
     assert g_f.keys() == g_r.keys() and any("experts" in n and "lora_A" in n for n in g_r)
     for n in g_r:
         _close(g_f[n], g_r[n], what=f"peft grad {n}")
+
+
+def test_transformers_own_switch_api():
+    """model.set_experts_implementation("moe_fused") (Transformers' API) works too, where it exists."""
+    model = _build("olmoe", "cpu", torch.float32)
+    if not hasattr(model, "set_experts_implementation"):
+        pytest.skip("this transformers has no set_experts_implementation")
+    ids = _ids("cpu")
+    with torch.no_grad():
+        base = model(ids).logits
+        model.set_experts_implementation("moe_fused")
+        assert hf.is_patched(model)
+        torch.testing.assert_close(model(ids).logits, base, rtol=2e-4, atol=2e-5)
