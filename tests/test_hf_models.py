@@ -281,18 +281,19 @@ def test_gradient_checkpointing(device):
     ref = _build("qwen3_moe", device, torch.float32)
     fused = _patched_copy(ref).to(dtype)
     fused.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert fused.is_gradient_checkpointing
     fused.train()
     ref.train()
     ids = _ids(device)
     out_f, g_f = _fwd_bwd(fused, ids)
     out_r, g_r = _fwd_bwd(ref, ids)
-    tol = None if dtype == torch.float32 else out_r.logits  # low precision: loose bound
-    _close(out_f.loss.float(), out_r.loss, None if tol is None else out_r.loss, "loss")
+    out_l, g_l = (None, {})
+    if dtype != torch.float32:  # the error budget: HF eager at that precision, no checkpointing
+        out_l, g_l = _fwd_bwd(copy.deepcopy(ref).to(dtype), ids)
+    _close(out_f.loss, out_r.loss, None if out_l is None else out_l.loss, "loss")
+    assert g_f.keys() == g_r.keys()
     for n in g_r:
-        if dtype == torch.float32:
-            _close(g_f[n], g_r[n], what=f"grad {n}")
-        else:
-            assert _rel_err(g_f[n], g_r[n]) < 5e-2, n
+        _close(g_f[n], g_r[n], g_l.get(n), f"grad {n}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
