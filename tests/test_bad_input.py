@@ -291,3 +291,55 @@ def test_missing_library_is_reported_at_first_use_not_import():
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(moe_fused.__file__)), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
+
+
+def test_abi_backward_refuses_and_writes_nothing():
+    """moe_experts_backward with a wrong grad_out shape or a corrupt plan: an error naming
+    the argument, and no gradient buffer touched."""
+    args = _good("cpu")
+    bufs = _abi_buffers(args)
+    _abi_experts_forward(args, **bufs)
+    dev = torch.device("cpu")
+    grads = dict(
+        grad_hidden_states=torch.full((T, H), 7.0),
+        grad_top_k_weights=torch.full((T, K), 7.0),
+        grad_gate_up_proj=torch.full((E, 2 * I, H), 7.0),
+        grad_down_proj=torch.full((E, H, I), 7.0),
+    )
+    d = lambda t, n: ctypes.byref(_lib.tensor(t, n))  # noqa: E731
+    ctx = _lib.context(dev, _lib.experts_workspace_size(dev, T, K, H, I, E))
+
+    def call(grad_out, offsets):
+        plan = _lib.plan(offsets, bufs["sorted_pairs"], bufs["pair_rows"])
+        status = _lib.lib().moe_experts_backward(
+            ctx.ref(), d(grad_out, "grad_out"), d(args["hidden_states"], "hidden_states"),
+            d(args["top_k_weights"], "top_k_weights"), d(args["gate_up_proj"], "gate_up_proj"),
+            d(args["down_proj"], "down_proj"), ctypes.byref(plan), d(bufs["h"], "h"),
+            *(d(g, n) for n, g in grads.items()),
+        )
+        _lib.check(status, "moe_experts_backward")
+
+    with pytest.raises(ValueError, match="grad_out"):
+        call(torch.ones(T, H + 1), bufs["offsets"])
+    bad_offsets = bufs["offsets"].clone()
+    bad_offsets[-1] += 5  # the plan no longer covers T*k rows
+    with pytest.raises((ValueError, IndexError), match="expert_offsets"):
+        call(torch.ones(T, H), bad_offsets)
+    for n, g in grads.items():
+        assert torch.all(g == 7.0), f"{n} was written although the call failed"
+    call(torch.ones(T, H), bufs["offsets"])  # and the good call works
+    assert not torch.all(grads["grad_down_proj"] == 7.0)
+
+
+def test_abi_linear_refuses_and_writes_nothing():
+    args = _linear_good("cpu")
+    args["selected_experts"][3] = E
+    out = torch.full((5, 7), 3.0)
+    dev = torch.device("cpu")
+    ctx = _lib.context(dev, _lib.linear_workspace_size(dev, 5, E, 6, 7))
+    d = lambda n: ctypes.byref(_lib.tensor(args[n], n))  # noqa: E731
+    status = _lib.lib().moe_linear_forward(ctx.ref(), d("input"), d("weight"), d("selected_experts"),
+                                           ctypes.byref(_lib.tensor(out, "out")))
+    with pytest.raises(IndexError, match="selected_experts"):
+        _lib.check(status, "moe_linear_forward")
+    assert torch.all(out == 3.0)
