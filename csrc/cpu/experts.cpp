@@ -17,6 +17,7 @@
 #include "common/errors.h"
 #include "cpu/parallel.h"
 #include "cpu/plan.h"
+#include "cpu/swiglu.h"
 #include "cpu/util.h"
 
 #ifdef MOE_CPU_PROFILE  // dev-only phase timer (cmake -DCMAKE_CXX_FLAGS=-DMOE_CPU_PROFILE)
@@ -68,7 +69,30 @@ template <class C> ExpertsLayout<C> experts_layout(Arena &a, const ExpertsProble
 
 constexpr int64_t kPar = 32768;  // elements of work below which loops stay serial
 
-template <class C> inline C sigmoid(C g) { return C(1) / (C(1) + std::exp(-g)); }
+// Row kernels: float through the vectorised cpu/swiglu.cpp, double (the
+// gradcheck path) with std::exp.
+inline void act_row(float *a, const float *h, int64_t I) { swiglu_row(a, h, h + I, I); }
+inline void act_row(double *a, const double *h, int64_t I) {
+  for (int64_t i = 0; i < I; ++i) a[i] = h[i] / (1.0 + std::exp(-h[i])) * h[I + i];
+}
+inline void act_grad_row(float *dh, const float *h, const float *dA, float s, int64_t I) {
+  swiglu_grad_row(dh, dh + I, h, h + I, dA, s, I);
+}
+inline void act_grad_row(double *dh, const double *h, const double *dA, double s, int64_t I) {
+  for (int64_t i = 0; i < I; ++i) {
+    const double g = h[i], u = h[I + i];
+    const double sg = 1.0 / (1.0 + std::exp(-g));
+    const double da = s * dA[i];
+    dh[i] = da * u * (sg * (1.0 + g * (1.0 - sg)));
+    dh[I + i] = da * g * sg;
+  }
+}
+inline float row_dot(const float *a, const float *b, int64_t n) { return dot_row(a, b, n); }
+inline double row_dot(const double *a, const double *b, int64_t n) {
+  double acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
 
 // Plan-ordered routing weights: sv[r] = s[p], p = sorted[r].
 template <class C>
@@ -130,14 +154,7 @@ template <class C>
 void swiglu_rows(C *A, int64_t lda, const C *Hc, int64_t ldh, int64_t r0, int64_t r1, int64_t I,
                  bool inner) {
 #pragma omp parallel for schedule(static) if (inner && (r1 - r0) * I > kPar)
-  for (int64_t r = r0; r < r1; ++r) {
-    const C *hr = Hc + r * ldh;
-    C *ar = A + r * lda;
-    for (int64_t i = 0; i < I; ++i) {
-      const C g = hr[i];
-      ar[i] = g * sigmoid(g) * hr[I + i];
-    }
-  }
+  for (int64_t r = r0; r < r1; ++r) act_row(A + r * lda, Hc + r * ldh, I);
 }
 
 // Whether expert weights of this tensor need converting into scratch.
@@ -269,9 +286,7 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
       // ds_tj = <dA', a>
       const int64_t s0 = ds->strides[0], s1 = ds->strides[1];
       for (int64_t r = r0; r < r1; ++r) {
-        const C *a = L.A + r * lda, *d = L.dA + r * lda;
-        C acc = C(0);
-        for (int64_t i = 0; i < I; ++i) acc += a[i] * d[i];
+        const C acc = row_dot(L.A + r * lda, L.dA + r * lda, I);
         const int64_t pr = sorted[r];
         store_scalar(ds->data, ds->dtype, (pr / k) * s0 + (pr % k) * s1, double(acc));
       }
@@ -290,19 +305,8 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
     if (!need_dH) return;
     // dh = [dg ; du], da = s dA', dg = da u silu'(g), du = da silu(g).
 #pragma omp parallel for schedule(static) if (inner && ne * I > kPar)
-    for (int64_t r = r0; r < r1; ++r) {
-      const C *hr = Hc + r * ldh;
-      const C *d = L.dA + r * lda;
-      C *dh = dH + r * ldh;
-      const C sr = L.sv[r];
-      for (int64_t i = 0; i < I; ++i) {
-        const C g = hr[i], u = hr[I + i];
-        const C sg = sigmoid(g);
-        const C da = sr * d[i];
-        dh[i] = da * u * (sg * (C(1) + g * (C(1) - sg)));
-        dh[I + i] = da * g * sg;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      act_grad_row(dH + r * ldh, Hc + r * ldh, L.dA + r * lda, L.sv[r], I);
     if (dW1) {
       // dW1[e] [2I, H] = dH_e^T X_e
       gather_tokens<T, C>(L.XY, ldx, x, sorted, r0, r1, k, H, inner);
