@@ -29,6 +29,9 @@ from pathlib import Path
 
 IMPLS = ("moe_fused", "grouped_mm", "eager")
 HERE = Path(__file__).resolve().parent
+# Before torch is imported: torch's bundled libgomp and libmoe_fused's system libgomp would
+# otherwise spin against each other on the CPU (see moe_fused/__init__.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 QWEN3_30B_A3B = dict(
     vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -136,16 +139,17 @@ class ExpertsTimer:
 
     def _stop(self, key):
         if self.enabled and key in self._open:
-            self.pairs.append((self._open.pop(key), self._mark()))
+            self.pairs.append((key[0], self._open.pop(key), self._mark()))
 
-    def collect_ms(self) -> float:
+    def collect_ms(self) -> tuple[float, float]:
+        """(forward ms, backward ms) of all experts modules since the last call."""
         if self.cuda:
             self.torch.cuda.synchronize()
-            total = sum(s.elapsed_time(e) for s, e in self.pairs)
+            ms = [(kind, s.elapsed_time(e)) for kind, s, e in self.pairs]
         else:
-            total = 1e3 * sum(e - s for s, e in self.pairs)
+            ms = [(kind, 1e3 * (e - s)) for kind, s, e in self.pairs]
         self.pairs, self._open = [], {}
-        return total
+        return sum(t for k, t in ms if k == "f"), sum(t for k, t in ms if k == "b")
 
     def detach(self):
         self.enabled = False
@@ -247,20 +251,24 @@ def run(argv=None) -> int:
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             # Instrumented steps: the experts' own time in a step.
             timer.attach()
-            exp_ms, inst_ms = [], []
+            exp_ms, inst_ms, fwd_ms, bwd_ms = [], [], [], []
             for _ in range(min(2, n)):
                 sync()
                 t = time.perf_counter()
                 step()
                 sync()
                 inst_ms.append(1e3 * (time.perf_counter() - t))
-                exp_ms.append(timer.collect_ms())
+                f_ms, b_ms = timer.collect_ms()
+                fwd_ms.append(f_ms)
+                bwd_ms.append(b_ms)
+                exp_ms.append(f_ms + b_ms)
             timer.detach()
             step_ms = statistics.median(times)
             experts_ms = statistics.median(exp_ms)
             r = {
                 "step_ms": step_ms, "step_ms_all": times, "tokens_per_s": args.tokens / (step_ms / 1e3),
                 "peak_mem_gb": peak, "experts_ms": experts_ms,
+                "experts_fwd_ms": statistics.median(fwd_ms), "experts_bwd_ms": statistics.median(bwd_ms),
                 "experts_share": experts_ms / statistics.median(inst_ms),
                 "rest_ms": step_ms - experts_ms, "loss": losses[-1], "timed_steps": n,
             }
@@ -269,7 +277,8 @@ def run(argv=None) -> int:
             results[impl] = r
             mem = f", peak {peak:.1f} GB" if peak is not None else ""
             print(f"   step {step_ms:9.1f} ms  {r['tokens_per_s']:10,.0f} tokens/s{mem}  "
-                  f"experts {experts_ms:8.1f} ms ({100 * r['experts_share']:.0f}% of the step)  loss {losses[-1]:.3f}")
+                  f"experts {experts_ms:8.1f} ms (fwd {r['experts_fwd_ms']:.1f} + bwd {r['experts_bwd_ms']:.1f}; "
+                  f"{100 * r['experts_share']:.0f}% of the step)  loss {losses[-1]:.3f}")
         except Exception as exc:  # noqa: BLE001 - one failing implementation must not lose the others
             timer.detach()
             opt.zero_grad(set_to_none=True)
