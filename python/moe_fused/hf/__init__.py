@@ -13,7 +13,25 @@ Models whose experts moe-fused cannot compute exactly (biases, interleaved
 gate/up, custom gating, another activation) raise
 :class:`UnsupportedExpertsError` naming the model and the reason.
 Works without transformers installed: then ``register()`` returns False and
-``patch()`` raises ImportError.
+``patch()`` raises ImportError. ``moe_fused.hf.supported(model)`` lists, per
+experts module, why it would be refused ([] = supported).
+
+Support (checked per module at run time, not by a list of names; transformers
+5.23, every class decorated with ``@use_experts_implementation``, tested in
+tests/test_hf_experts.py against each class's own eager forward):
+
+- supported (SiLU-gated, [gate; up] rows, no biases): Qwen3-MoE, Qwen2-MoE
+  (shared expert), OLMoE, Mixtral, DeepSeek-V2/V3/V3.2, Qwen3-Next,
+  Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-Omni-MoE, GLM-4-MoE (+Lite, 4V, MoE-DSA),
+  Ernie-4.5-MoE, Dots1, HunYuan-MoE, Jamba, Granite-MoE (all variants),
+  MiniMax (M2), Phi-MoE, Kimi-Linear, LFM2-MoE, Mistral4 / Large4, Exaone-MoE,
+  FlexOlmo, Solar-Open, AfMoE, Bailing-hybrid, MiMo-V2-Flash, Zaya, ...;
+  Aria (transposed [E,H,2I] / [E,I,H] weights) through strided views.
+- refused: GPT-OSS (biases, interleaved gate/up, clamped SwiGLU with alpha),
+  OpenAI privacy filter (biases, custom gate), DeepSeek-V4, GLM-5-Next, HY-V4,
+  MiniMax-M3-VL (clamped SwiGLU), Inkling2 (soft-capped SwiGLU), Gemma4 and
+  Diffusion-Gemma (GELU-tanh gate), Nemotron-H (no gate, ReLU^2), MuseSpark
+  (norm after each expert); any model running expert-parallel.
 """
 from __future__ import annotations
 
