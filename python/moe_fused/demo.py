@@ -394,7 +394,11 @@ def main(argv=None) -> int:
     eval_before = evaluate(model, eval_data, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    losses, secs, ntok = train(model, train_data, lr, device, "moe_fused", not args.no_progress, args.log_every)
+    try:
+        losses, secs, ntok = train(model, train_data, lr, device, "moe_fused", not args.no_progress, args.log_every)
+    except FloatingPointError as exc:
+        print(f"moe-fused demo: {exc}; try a lower --lr (now {lr})", file=sys.stderr)
+        return 1
     eval_after = evaluate(model, eval_data, device)
     text = sample(model, device)
     results = {
