@@ -40,30 +40,48 @@ namespace moe {
 namespace cpu {
 namespace {
 
+// Rows of one expert are processed in chunks of at most kChunk plan rows,
+// so the per-row scratch (a, dA', h/dh in the compute type) is per thread and
+// bounded; only x / y / dout / dx rows live in one [n, H] buffer (the combine
+// over the k slots of a token needs all of them).
+constexpr int64_t kChunk = 256;
+
+template <class C> struct Slot {
+  C *w1;  // [2I*H]  gate_up_proj[e] in the compute type (when it is not usable in place)
+  C *w2;  // [H*I]   down_proj[e]
+  C *g1;  // [2I*H]  grad of gate_up_proj[e] before conversion
+  C *g2;  // [H*I]   grad of down_proj[e]
+  C *A;   // [kChunk, I]   a (backward: then s * a)
+  C *dA;  // [kChunk, I]   dA' = dout W2[e]
+  C *HD;  // [kChunk, 2I]  h in the compute type (when h is not) / dh
+};
+
 template <class C> struct ExpertsLayout {
-  int32_t *cursor;  // [E]       counting-sort cursor
-  C *sv;            // [n]       routing weight of each plan row
-  C *XY;            // [n, H]    x / y / dout / dx rows, in plan order
-  C *HD;            // [n, 2I]   h in the compute type (when h is not) / dh
-  C *A;             // [n, I]    a = silu(g) * u (backward: then s * a)
-  C *dA;            // [n, I]    dA' = dout W2[e]
-  C *slots;         // [nslots, 4IH] per-thread weight / weight-grad scratch
+  int32_t *cursor;  // [E]     counting-sort cursor
+  C *sv;            // [n]     routing weight of each plan row
+  C *XY;            // [n, H]  x / y / dout / dx rows, in plan order
+  Slot<C> slot[kMaxSlots];
   int nslots;
-  int64_t slot_elems;
 };
 
 template <class C> ExpertsLayout<C> experts_layout(Arena &a, const ExpertsProblem &p) {
   const int64_t n = p.tokens * p.top_k, H = p.hidden, I = p.intermediate;
+  const int64_t R = std::min<int64_t>(kChunk, n);
   ExpertsLayout<C> L;
   L.cursor = a.take<int32_t>(p.num_experts);
   L.sv = a.take<C>(n);
   L.XY = a.take<C>(n * H);
-  L.HD = a.take<C>(n * 2 * I);
-  L.A = a.take<C>(n * I);
-  L.dA = a.take<C>(n * I);
   L.nslots = scratch_slots();
-  L.slot_elems = 4 * I * H;
-  L.slots = a.take<C>(L.nslots * L.slot_elems);
+  for (int s = 0; s < L.nslots; ++s) {
+    Slot<C> &S = L.slot[s];
+    S.w1 = a.take<C>(2 * I * H);
+    S.w2 = a.take<C>(H * I);
+    S.g1 = a.take<C>(2 * I * H);
+    S.g2 = a.take<C>(H * I);
+    S.A = a.take<C>(R * I);
+    S.dA = a.take<C>(R * I);
+    S.HD = a.take<C>(R * 2 * I);
+  }
   return L;
 }
 
@@ -149,21 +167,11 @@ void combine_tokens(const moe_tensor_t &out, const C *rows, int64_t ld, const C 
   }
 }
 
-// a rows [r0, r1) = silu(g) * u from h rows (ld 2I).
+// a rows [0, m) = silu(g) * u from h rows (ld 2I).
 template <class C>
-void swiglu_rows(C *A, int64_t lda, const C *Hc, int64_t ldh, int64_t r0, int64_t r1, int64_t I,
-                 bool inner) {
-#pragma omp parallel for schedule(static) if (inner && (r1 - r0) * I > kPar)
-  for (int64_t r = r0; r < r1; ++r) act_row(A + r * lda, Hc + r * ldh, I);
-}
-
-// Whether expert weights of this tensor need converting into scratch.
-template <class T, class C> bool needs_scratch(const moe_tensor_t &w) {
-  if (!std::is_same<T, C>::value) return true;
-  const int64_t R = w.shape[1], K = w.shape[2];
-  int64_t sr = w.strides[1], sk = w.strides[2];
-  norm_strides(R, K, sr, sk);
-  return !((sk == 1 && sr >= std::max<int64_t>(K, 1)) || (sr == 1 && sk >= std::max<int64_t>(R, 1)));
+void swiglu_rows(C *A, int64_t lda, const C *Hc, int64_t ldh, int64_t m, int64_t I, bool inner) {
+#pragma omp parallel for schedule(static) if (inner && m * I > kPar)
+  for (int64_t r = 0; r < m; ++r) act_row(A + r * lda, Hc + r * ldh, I);
 }
 
 template <class T>
@@ -188,34 +196,33 @@ moe_status_t forward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
   load_row_weights<C>(L.sv, s, sorted, n, k);
   PROF("plan");
 
-  C *Hc = native ? reinterpret_cast<C *>(h.data) : L.HD;
-  const bool need_slots = needs_scratch<T, C>(W1) || needs_scratch<T, C>(W2);
-  for_each_expert(E, off, L.nslots, need_slots, [&](int64_t e, int slot, bool inner) {
-    const int64_t r0 = off[e], r1 = off[e + 1], ne = r1 - r0;
-    if (ne == 0) return;
-    C *scratch = L.slots + slot * L.slot_elems;
-    gather_tokens<T, C>(L.XY, ldx, x, sorted, r0, r1, k, H, inner);
-    // GEMM1: h_e = X_e W1[e]^T (straight into h when h is in the compute type).
-    MatRef<C> w1 = weight_operand<T, C>(W1, e, scratch);
-    gemm(Trans::N, w1.as_op(true), ne, 2 * I, H, C(1), L.XY + r0 * ldx, ldx, w1.p, w1.ld, C(0),
-         Hc + r0 * ldh, ldh);
-    if (!native) {
-      // h is stored in the activation dtype; a is computed from the rounded h.
-      T *hp = data_as<T>(h) + r0 * 2 * I;
-      C *hc = Hc + r0 * 2 * I;
-      const int64_t m = ne * 2 * I;
-#pragma omp parallel for schedule(static) if (inner && m > kPar)
-      for (int64_t i = 0; i < m; ++i) {
-        const T v = from_c<T>(hc[i]);
-        hp[i] = v;
-        hc[i] = to_c<C>(v);
+  for_each_expert(E, off, L.nslots, true, [&](int64_t e, int slot, bool inner) {
+    const int64_t r0 = off[e], r1 = off[e + 1];
+    if (r1 == r0) return;
+    const Slot<C> &S = L.slot[slot];
+    const MatRef<C> w1 = weight_operand<T, C>(W1, e, S.w1);
+    const MatRef<C> w2 = weight_operand<T, C>(W2, e, S.w2);
+    for (int64_t c0 = r0; c0 < r1; c0 += kChunk) {
+      const int64_t m = std::min(kChunk, r1 - c0);
+      C *X = L.XY + c0 * ldx;
+      gather_tokens<T, C>(L.XY, ldx, x, sorted, c0, c0 + m, k, H, inner);
+      // GEMM1: h = X W1[e]^T (straight into h when h is in the compute type).
+      C *Hc = native ? reinterpret_cast<C *>(h.data) + c0 * ldh : S.HD;
+      gemm(Trans::N, w1.as_op(true), m, 2 * I, H, C(1), X, ldx, w1.p, w1.ld, C(0), Hc, ldh);
+      if (!native) {
+        // h is stored in the activation dtype; a is computed from the rounded h.
+        T *hp = data_as<T>(h) + c0 * 2 * I;
+        const int64_t cnt = m * 2 * I;
+        for (int64_t i = 0; i < cnt; ++i) {
+          const T v = from_c<T>(Hc[i]);
+          hp[i] = v;
+          Hc[i] = to_c<C>(v);
+        }
       }
+      swiglu_rows(S.A, lda, Hc, ldh, m, I, inner);
+      // GEMM2: y = A W2[e]^T, into the XY rows of the chunk (X is used up).
+      gemm(Trans::N, w2.as_op(true), m, H, I, C(1), S.A, lda, w2.p, w2.ld, C(0), X, ldx);
     }
-    swiglu_rows(L.A, lda, Hc, ldh, r0, r1, I, inner);
-    // GEMM2: y_e = A_e W2[e]^T, into XY rows of e (X_e is no longer needed).
-    MatRef<C> w2 = weight_operand<T, C>(W2, e, scratch);
-    gemm(Trans::N, w2.as_op(true), ne, H, I, C(1), L.A + r0 * lda, lda, w2.p, w2.ld, C(0),
-         L.XY + r0 * ldx, ldx);
   });
   PROF("experts");
   combine_tokens<T, C>(out, L.XY, ldx, L.sv, rows, Tn, k, H);
@@ -248,78 +255,72 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
   const bool need_dA = dx || ds || dW1;
   const bool need_A = ds || dW2;
   const bool need_dH = dx || dW1;
-  const bool need_slots = (need_dA && needs_scratch<T, C>(W2)) ||
-                          (dx && needs_scratch<T, C>(W1)) ||
-                          (dW1 && needs_scratch<T, C>(*dW1)) ||
-                          (dW2 && needs_scratch<T, C>(*dW2));
-  // h rows in the compute type: h itself, or converted into HD (then dh
-  // overwrites them in place, element by element).
-  const C *Hc = native ? reinterpret_cast<const C *>(h.data) : L.HD;
-  C *dH = L.HD;
 
-  for_each_expert(E, off, L.nslots, need_slots, [&](int64_t e, int slot, bool inner) {
-    const int64_t r0 = off[e], r1 = off[e + 1], ne = r1 - r0;
-    if (ne == 0) {
+  for_each_expert(E, off, L.nslots, true, [&](int64_t e, int slot, bool inner) {
+    const int64_t r0 = off[e], r1 = off[e + 1];
+    if (r1 == r0) {
       if (dW1) zero_expert<T>(*dW1, e);
       if (dW2) zero_expert<T>(*dW2, e);
       return;
     }
-    C *wscratch = L.slots + slot * L.slot_elems;
-    C *gscratch = wscratch + 2 * I * H;
-    C *D = L.XY + r0 * ldx;  // dout rows of e, later x rows, later dx rows
-    gather_tokens<T, C>(L.XY, ldx, dout, sorted, r0, r1, k, H, inner);
-    if (!native) {
-      const T *hp = data_as<const T>(h) + r0 * 2 * I;
-      C *hc = L.HD + r0 * 2 * I;
-      const int64_t m = ne * 2 * I;
-#pragma omp parallel for schedule(static) if (inner && m > kPar)
-      for (int64_t i = 0; i < m; ++i) hc[i] = to_c<C>(hp[i]);
-    }
-    if (need_A) swiglu_rows(L.A, lda, Hc, ldh, r0, r1, I, inner);
-    if (need_dA) {
-      // dA'_e = D_e W2[e]
-      MatRef<C> w2 = weight_operand<T, C>(W2, e, wscratch);
-      gemm(Trans::N, w2.as_op(false), ne, I, H, C(1), D, ldx, w2.p, w2.ld, C(0), L.dA + r0 * lda,
-           lda);
-    }
-    if (ds) {
-      // ds_tj = <dA', a>
-      const int64_t s0 = ds->strides[0], s1 = ds->strides[1];
-      for (int64_t r = r0; r < r1; ++r) {
-        const C acc = row_dot(L.A + r * lda, L.dA + r * lda, I);
-        const int64_t pr = sorted[r];
-        store_scalar(ds->data, ds->dtype, (pr / k) * s0 + (pr % k) * s1, double(acc));
+    const Slot<C> &S = L.slot[slot];
+    MatRef<C> w1{}, w2{};
+    if (need_dA) w2 = weight_operand<T, C>(W2, e, S.w2);
+    if (dx) w1 = weight_operand<T, C>(W1, e, S.w1);
+    OutRef<C> o1{}, o2{};
+    if (dW1) o1 = weight_output<T, C>(*dW1, e, S.g1);
+    if (dW2) o2 = weight_output<T, C>(*dW2, e, S.g2);
+    for (int64_t c0 = r0; c0 < r1; c0 += kChunk) {
+      const int64_t m = std::min(kChunk, r1 - c0);
+      const C beta = c0 == r0 ? C(0) : C(1);  // dW accumulate over the chunks
+      C *D = L.XY + c0 * ldx;  // dout rows, then x rows, then dx rows of the chunk
+      gather_tokens<T, C>(L.XY, ldx, dout, sorted, c0, c0 + m, k, H, inner);
+      // h rows in the compute type: h itself, or converted into HD (then dh
+      // overwrites them in place, element by element).
+      const C *Hc = native ? reinterpret_cast<const C *>(h.data) + c0 * ldh : S.HD;
+      if (!native) {
+        const T *hp = data_as<const T>(h) + c0 * 2 * I;
+        const int64_t cnt = m * 2 * I;
+        for (int64_t i = 0; i < cnt; ++i) S.HD[i] = to_c<C>(hp[i]);
       }
-    }
-    if (dW2) {
-      // dW2[e] = sum (s dout) a^T = D_e^T (s A)_e
-      for (int64_t r = r0; r < r1; ++r) {
-        C *a = L.A + r * lda;
-        const C sr = L.sv[r];
-        for (int64_t i = 0; i < I; ++i) a[i] *= sr;
+      if (need_A) swiglu_rows(S.A, lda, Hc, ldh, m, I, inner);
+      // dA' = D W2[e]
+      if (need_dA)
+        gemm(Trans::N, w2.as_op(false), m, I, H, C(1), D, ldx, w2.p, w2.ld, C(0), S.dA, lda);
+      if (ds) {
+        // ds_tj = <dA', a>
+        const int64_t s0 = ds->strides[0], s1 = ds->strides[1];
+        for (int64_t r = 0; r < m; ++r) {
+          const C acc = row_dot(S.A + r * lda, S.dA + r * lda, I);
+          const int64_t pr = sorted[c0 + r];
+          store_scalar(ds->data, ds->dtype, (pr / k) * s0 + (pr % k) * s1, double(acc));
+        }
       }
-      OutRef<C> o = weight_output<T, C>(*dW2, e, gscratch);
-      gemm_into(o, Trans::T, Trans::N, H, I, ne, D, ldx, L.A + r0 * lda, lda);
-      finish_output<T, C>(o, *dW2, e);
+      if (dW2) {
+        // dW2[e] += D^T (s a)
+        for (int64_t r = 0; r < m; ++r) {
+          C *a = S.A + r * lda;
+          const C sr = L.sv[c0 + r];
+          for (int64_t i = 0; i < I; ++i) a[i] *= sr;
+        }
+        gemm_into(o2, Trans::T, Trans::N, H, I, m, D, ldx, S.A, lda, beta);
+      }
+      if (!need_dH) continue;
+      // dh = [dg ; du], da = s dA', dg = da u silu'(g), du = da silu(g).
+#pragma omp parallel for schedule(static) if (inner && m * I > kPar)
+      for (int64_t r = 0; r < m; ++r)
+        act_grad_row(S.HD + r * ldh, Hc + r * ldh, S.dA + r * lda, L.sv[c0 + r], I);
+      if (dW1) {
+        // dW1[e] += dh^T X
+        gather_tokens<T, C>(L.XY, ldx, x, sorted, c0, c0 + m, k, H, inner);
+        gemm_into(o1, Trans::T, Trans::N, 2 * I, H, m, S.HD, ldh, D, ldx, beta);
+      }
+      // dx rows = dh W1[e]  (overwrites X rows, already used for dW1[e])
+      if (dx)
+        gemm(Trans::N, w1.as_op(false), m, H, 2 * I, C(1), S.HD, ldh, w1.p, w1.ld, C(0), D, ldx);
     }
-    if (!need_dH) return;
-    // dh = [dg ; du], da = s dA', dg = da u silu'(g), du = da silu(g).
-#pragma omp parallel for schedule(static) if (inner && ne * I > kPar)
-    for (int64_t r = r0; r < r1; ++r)
-      act_grad_row(dH + r * ldh, Hc + r * ldh, L.dA + r * lda, L.sv[r], I);
-    if (dW1) {
-      // dW1[e] [2I, H] = dH_e^T X_e
-      gather_tokens<T, C>(L.XY, ldx, x, sorted, r0, r1, k, H, inner);
-      OutRef<C> o = weight_output<T, C>(*dW1, e, gscratch);
-      gemm_into(o, Trans::T, Trans::N, 2 * I, H, ne, dH + r0 * ldh, ldh, D, ldx);
-      finish_output<T, C>(o, *dW1, e);
-    }
-    if (dx) {
-      // dx rows of e = dH_e W1[e]  (overwrites X_e, already used for dW1[e])
-      MatRef<C> w1 = weight_operand<T, C>(W1, e, wscratch);
-      gemm(Trans::N, w1.as_op(false), ne, H, 2 * I, C(1), dH + r0 * ldh, ldh, w1.p, w1.ld, C(0),
-           D, ldx);
-    }
+    if (dW1) finish_output<T, C>(o1, *dW1, e);
+    if (dW2) finish_output<T, C>(o2, *dW2, e);
   });
   PROF("experts");
   if (dx) combine_tokens<T, C>(*dx, L.XY, ldx, nullptr, rows, Tn, k, H);

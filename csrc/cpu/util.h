@@ -168,15 +168,15 @@ OutRef<C> weight_output(const moe_tensor_t &w, int64_t e, C *scratch) {
   return {scratch, std::max<int64_t>(K, 1), false, false};
 }
 
-// out = op(A) op(B) (beta = 0) written to an OutRef (a transposed output is
-// computed as op(B)^T op(A)^T).
+// out = op(A) op(B) + beta * out, written to an OutRef (a transposed output
+// is computed as op(B)^T op(A)^T).
 template <class C>
 void gemm_into(const OutRef<C> &o, Trans ta, Trans tb, int64_t M, int64_t N,
-               int64_t K, const C *A, int64_t lda, const C *B, int64_t ldb) {
+               int64_t K, const C *A, int64_t lda, const C *B, int64_t ldb, C beta = C(0)) {
   if (o.trans)
-    gemm(flip(tb), flip(ta), N, M, K, C(1), B, ldb, A, lda, C(0), o.p, o.ld);
+    gemm(flip(tb), flip(ta), N, M, K, C(1), B, ldb, A, lda, beta, o.p, o.ld);
   else
-    gemm(ta, tb, M, N, K, C(1), A, lda, B, ldb, C(0), o.p, o.ld);
+    gemm(ta, tb, M, N, K, C(1), A, lda, B, ldb, beta, o.p, o.ld);
 }
 
 // Finishes an OutRef: converts the scratch product into expert e of w.

@@ -250,3 +250,17 @@ TEST(Experts, Deterministic) {
     }
   }
 }
+
+// Experts with more rows than one chunk (256): dW accumulates over chunks.
+TEST(Experts, ManyRowsPerExpert) { run_case({300, 2, 12, 5, 2}); }
+TEST(Experts, ManyRowsPerExpertTransposed) {
+  Case c{300, 3, 10, 4, 3};
+  c.transposed = true;
+  run_case(c);
+}
+TEST(Experts, ManyRowsPerExpertBF16) {
+  Case c{290, 2, 12, 5, 2};
+  c.dt = MOE_DTYPE_BF16;
+  run_case(c);
+}
+TEST(Experts, ManyRowsManyExperts) { run_case({700, 4, 16, 6, 8}); }
