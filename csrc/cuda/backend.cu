@@ -2,14 +2,15 @@
 // Host-side orchestration only; the kernels live in plan.cu, grouped_gemm.cu,
 // wgrad.cu and combine.cu. Every call enqueues on ctx.stream, never
 // allocates, never synchronises with the host (graph capturable).
-// Dtypes: bfloat16 and float16 (float32 -> MOE_ERR_DTYPE: use the CPU path or
-// cast). Operands need a unit inner stride (else MOE_ERR_STRIDE); row and
+// Dtypes: bfloat16 and float16 on the tensor-core kernels; float32 through a
+// simple SIMT path (simt_f32.cu: exact fp32, slow). Operands need a unit inner stride (else MOE_ERR_STRIDE); row and
 // expert strides are free.
 #include <algorithm>
 
 #include "common/backend.h"
 #include "common/errors.h"
 #include "cuda/kernels.h"
+#include "cuda/simt_f32.h"
 
 namespace moe {
 namespace cuda {
@@ -20,9 +21,9 @@ constexpr int BMT = kGemmBM;
 const char *tname(const moe_tensor_t &t, const char *param) { return t.name ? t.name : param; }
 
 moe_status_t check_half(const moe_tensor_t &t, const char *param) {
-  if (t.dtype != MOE_DTYPE_BF16 && t.dtype != MOE_DTYPE_F16)
+  if (t.dtype != MOE_DTYPE_BF16 && t.dtype != MOE_DTYPE_F16 && t.dtype != MOE_DTYPE_F32)
     return set_error(MOE_ERR_DTYPE,
-                     "%s: the CUDA path supports bfloat16 and float16 (got dtype %d); "
+                     "%s: the CUDA path supports bfloat16, float16 and float32 (got dtype %d); "
                      "cast, or run on the CPU",
                      tname(t, param), int(t.dtype));
   return MOE_OK;
@@ -183,6 +184,8 @@ moe_status_t linear_forward(const moe_context_t &ctx, const LinearProblem &p,
   MOE_CU_TRY(check_sizes(p.in_features, p.out_features, p.num_experts));
   DeviceGuard dg(ctx.device_index);
   if (!dg.ok()) return launch_status("moe_linear_forward (device)");
+  if (input.dtype == MOE_DTYPE_F32)
+    return f32_linear_forward(stream_of(ctx), p, input, weight, selected_experts, out);
   WsArena ar(ctx.workspace);
   LinearWs L = linear_layout(ar, p);
   MOE_CU_TRY(linear_plan(ctx, p, selected_experts, L));
@@ -231,6 +234,9 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
   LinearWs L = linear_layout(ar, p);
   MOE_CU_TRY(linear_plan(ctx, p, selected_experts, L));
   cudaStream_t st = stream_of(ctx);
+  if (input.dtype == MOE_DTYPE_F32)
+    return f32_linear_backward(st, p, grad_out, input, weight, selected_experts, grad_input,
+                               grad_weight, L.offsets, L.sorted);
   if (grad_input) {
     GroupedGemmArgs g{};
     g.dtype = input.dtype;
@@ -281,10 +287,11 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
 // ---- fused experts layer ---------------------------------------------------------------
 
 size_t experts_workspace_size(const ExpertsProblem &p) {
-  WsArena f(nullptr), b(nullptr);
+  WsArena f(nullptr), b(nullptr), f32(nullptr);
   fwd_layout(f, p);
   bwd_layout(b, p);
-  return std::max(f.required(), b.required());
+  f32.take<char>(int64_t(std::max(f32_experts_bwd_bytes(p), f32_experts_fwd_bytes(p))));
+  return std::max({f.required(), b.required(), f32.required()});
 }
 
 moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
@@ -314,6 +321,12 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   index_strides(top_k_index, &s0, &s1, &kk);
   build_plan(top_k_index.data, top_k_index.dtype, s0, s1, int(k), n, int(E), off, sorted, rows,
              L.plan.scratch, st);
+  if (hidden_states.dtype == MOE_DTYPE_F32) {
+    MOE_CU_TRY(launch_status("moe_experts_forward (plan)"));
+    WsArena ar32(ctx.workspace);
+    return f32_experts_forward(st, p, hidden_states, top_k_weights, gate_up_proj, down_proj, off,
+                               sorted, rows, h, out, ar32.take<char>(1));
+  }
   build_tiles(off, int(E), n, BMT, L.tiles, L.num_tiles, st);
   MOE_CU_TRY(launch_status("moe_experts_forward (plan)"));
 
@@ -394,6 +407,13 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   const int32_t *off = static_cast<const int32_t *>(plan.expert_offsets.data);
   const int32_t *sorted = static_cast<const int32_t *>(plan.sorted_pairs.data);
   const int32_t *rows = static_cast<const int32_t *>(plan.pair_rows.data);
+  if (hidden_states.dtype == MOE_DTYPE_F32) {
+    WsArena ar32(ctx.workspace);
+    return f32_experts_backward(st, p, grad_out, hidden_states, top_k_weights, gate_up_proj,
+                                down_proj, off, sorted, rows, h, grad_hidden_states,
+                                grad_top_k_weights, grad_gate_up_proj, grad_down_proj,
+                                ar32.take<char>(1));
+  }
   build_tiles(off, int(E), n, BMT, L.tiles, L.num_tiles, st);
   MOE_CU_TRY(launch_status("moe_experts_backward (tiles)"));
 
