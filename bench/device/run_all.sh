@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA library, run the GPU tests, the sanitizer, the
 # per-kernel profile and the layer benchmark. Output files go to $OUT (or /tmp/moe_out).
-#   bench/device/run_all.sh [build] [test] [testall] [sanitize] [profile] [variants] [bench] [benchfull]
+#   bench/device/run_all.sh [build] [test] [testall] [sanitize] [ncu] [profile] [variants] [bench] [benchfull]
 # (no argument = build test sanitize profile bench). ARCHS (default 90) picks the arch.
 set -u
 cd "$(dirname "$0")/../.."
@@ -31,6 +31,9 @@ if has testall; then
 fi
 if has sanitize; then
   timeout 240 bash bench/device/sanitize.sh "$OUT" || rc=1
+fi
+if has ncu; then
+  timeout 300 bash bench/device/ncu.sh 4096
 fi
 if has profile; then
   timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 --json "$OUT/profile.json" 2>&1 | grep -v Warn | grep -v _warn_once | tee "$OUT/profile.log"
