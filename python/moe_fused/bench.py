@@ -13,7 +13,8 @@ producing (top_k_index, top_k_weights) from the hidden states, then
     moe_fused      moe_fused.moe_experts on the module's own gate_up_proj / down_proj
 
 each timed forward and forward+backward (gradients for hidden states, routing weights and
-both expert weights). Reported: median ms, effective TFLOP/s (forward 6*T*k*H*I flops,
+both expert weights), round-robin (one run of each in turn, so background load hits all
+alike). Reported: median ms, effective TFLOP/s (forward 6*T*k*H*I flops,
 forward+backward 18*T*k*H*I), on CUDA the peak extra memory of one forward+backward over
 the baseline (with and without the weight gradients, which every implementation allocates
 alike) and the memory the forward keeps for backward (beyond its output), and the ratios
@@ -89,34 +90,42 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device, warmup, iters, max_seconds):
-    """Median milliseconds of fn() over up to `iters` runs (at least 3, fewer if the runs
-    would exceed max_seconds). CUDA: events around each run; CPU: perf_counter.
-    Warmup stops after one run when that run alone takes over a second."""
-    for i in range(warmup):
-        t0 = time.perf_counter()
+def _run_once(fn, device):
+    """Milliseconds of one fn() call. CUDA: events around it; CPU: perf_counter."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         fn()
-        _sync(device)
-        if time.perf_counter() - t0 > 1.0:
-            break
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < iters:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _time_interleaved(fns, device, warmup, iters, max_seconds):
+    """{name: (median ms, runs)} of each fn, timed round-robin (one run of each in turn),
+    so that a change of background load hits every implementation alike. Each gets up to
+    `iters` runs (at least 3; fewer once its own runs exceed max_seconds). Warmup stops
+    after one run when that run alone takes over a second."""
+    for fn in fns.values():
+        for _ in range(warmup):
             t0 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 3 and time.perf_counter() - start > max_seconds:
+            _sync(device)
+            if time.perf_counter() - t0 > 1.0:
+                break
+    _sync(device)
+    times = {name: [] for name in fns}
+    while True:
+        active = [n for n in fns if len(times[n]) < iters and
+                  (len(times[n]) < 3 or sum(times[n]) < max_seconds * 1e3)]
+        if not active:
             break
-    return statistics.median(times), len(times)
+        for name in active:
+            times[name].append(_run_once(fns[name], device))
+    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
 
 
 def _memory(forward, device):
@@ -196,6 +205,7 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
     results = []
     reference = None  # (impl, [out, d_hidden, d_weights, d_gate_up, d_down]) of the first HF path
     errors = {}
+    running = []
     for impl in args.impls:
         if impl == "hf-eager" and args.eager_max_tokens and T > args.eager_max_tokens:
             msg = f"hf-eager at T={T} SKIPPED (--eager-max-tokens={args.eager_max_tokens}; pass 0 to run it)"
@@ -203,19 +213,6 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
             for mode in ("fwd", "fwd+bwd"):
                 results.append(dict(shape, impl=impl, mode=mode, skipped=msg))
             continue
-
-        def fwd():
-            with torch.no_grad():
-                return call(impl, hidden, top_k_weights)
-
-        def fwd_bwd():
-            clear()
-            call(impl, x_leaf, w_leaf).backward(grad_out)
-
-        def forward_for_memory():
-            out = call(impl, x_leaf, w_leaf)
-            return out, lambda o: o.backward(grad_out)
-
         try:
             # values and gradients once: the reference (first HF path) or compared with it
             clear()
@@ -231,23 +228,7 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
                 log(f"  max |moe_fused - {reference[0]}| / max|{reference[0]}|: "
                     + ", ".join(f"{n} {errors[n]:.2e}" for n in names))
             del values
-            clear()
-            for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                ms, n = _time(fn, device, args.warmup, args.iters, args.max_seconds)
-                rec = dict(shape, impl=impl, mode=mode, ms=ms, runs=n,
-                           tflops=_flops(mode, T, H, I, k) / (ms * 1e-3) / 1e12)
-                mem = ""
-                clear()
-                if mode == "fwd+bwd" and device.type == "cuda":
-                    peak, kept = _memory(forward_for_memory, device)
-                    clear()
-                    wg = sum(p.numel() * p.element_size() for p in params)
-                    rec.update(peak_extra_bytes=peak, saved_bytes=kept, weight_grad_bytes=wg,
-                               peak_extra_without_weight_grads_bytes=peak - wg)
-                    mem = (f"  peak +{peak / 2**20:9.1f} MiB (without the weight grads "
-                           f"+{(peak - wg) / 2**20:9.1f})  saved {kept / 2**20:9.1f} MiB")
-                results.append(rec)
-                log(f"  {impl:14s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
+            running.append(impl)
         except Exception as exc:  # one failing implementation must not hide the others
             msg = f"{impl} FAILED: {type(exc).__name__}: {str(exc)[:300]}"
             log(f"  {msg}")
@@ -255,6 +236,46 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
                 results.append(dict(shape, impl=impl, mode=mode, error=msg))
         clear()
     del reference
+
+    def fwd(impl):
+        def run():
+            with torch.no_grad():
+                return call(impl, hidden, top_k_weights)
+
+        return run
+
+    def fwd_bwd(impl):
+        def run():
+            clear()
+            call(impl, x_leaf, w_leaf).backward(grad_out)
+
+        return run
+
+    def forward_for_memory(impl):
+        def run():
+            out = call(impl, x_leaf, w_leaf)
+            return out, lambda o: o.backward(grad_out)
+
+        return run
+
+    for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        timed = _time_interleaved({impl: make(impl) for impl in running}, device, args.warmup, args.iters, args.max_seconds)
+        clear()
+        for impl in running:
+            ms, n = timed[impl]
+            rec = dict(shape, impl=impl, mode=mode, ms=ms, runs=n,
+                       tflops=_flops(mode, T, H, I, k) / (ms * 1e-3) / 1e12)
+            mem = ""
+            if mode == "fwd+bwd" and device.type == "cuda":
+                peak, kept = _memory(forward_for_memory(impl), device)
+                clear()
+                wg = sum(p.numel() * p.element_size() for p in params)
+                rec.update(peak_extra_bytes=peak, saved_bytes=kept, weight_grad_bytes=wg,
+                           peak_extra_without_weight_grads_bytes=peak - wg)
+                mem = (f"  peak +{peak / 2**20:9.1f} MiB (without the weight grads "
+                       f"+{(peak - wg) / 2**20:9.1f})  saved {kept / 2**20:9.1f} MiB")
+            results.append(rec)
+            log(f"  {impl:14s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
 
     # ratios: time of each HF path / time of moe_fused (> 1 means moe_fused is faster)
     ours = {r["mode"]: r for r in results if r["impl"] == "moe_fused" and "ms" in r}
