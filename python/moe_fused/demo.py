@@ -291,8 +291,10 @@ def sample(model, device, prompt: bytes = b"def ", n: int = 80) -> str:
 
     model.eval()
     ids = torch.tensor([[BOS, *prompt]], device=device)
+    torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
+                             temperature=0.7, top_k=20, pad_token_id=PAD, eos_token_id=EOS)
     model.train()
     toks = [t for t in out[0, 1:].tolist() if t < 256]
     return bytes(toks).decode("utf-8", errors="replace")
@@ -409,7 +411,7 @@ def main(argv=None) -> int:
         }
     }
     print(f"\n  eval loss {eval_before:.3f} -> {eval_after:.3f} nats/byte after {steps} steps")
-    print(f"  greedy sample after 'def ': {text!r}\n")
+    print(f"  sample (temperature 0.7) after 'def ': {text!r}\n")
 
     # 2. The same first steps with Transformers' own experts implementations.
     n_cmp = min(cmp_steps, steps)
