@@ -99,65 +99,6 @@ def parse_args(argv=None):
     return p, args
 
 
-class ExpertsTimer:
-    """Time every experts module's forward and backward (CUDA events, or perf_counter on the CPU)."""
-
-    def __init__(self, model, device):
-        import torch
-
-        from moe_fused.hf import find_experts_modules
-
-        self.cuda = device.type == "cuda"
-        self.torch = torch
-        self.pairs = []  # (start, end) per region
-        self.enabled = False
-        self.handles = []
-        self._open = {}
-        self.modules = [m for _, m in find_experts_modules(model)]
-
-    def attach(self):
-        """Hooks only while measuring: full backward hooks cost a little on every step."""
-        self.enabled = True
-        for m in self.modules:
-            self.handles += [
-                m.register_forward_pre_hook(lambda mod, a: self._start(("f", id(mod)))),
-                m.register_forward_hook(lambda mod, a, o: self._stop(("f", id(mod)))),
-                m.register_full_backward_pre_hook(lambda mod, g: self._start(("b", id(mod)))),
-                m.register_full_backward_hook(lambda mod, gi, go: self._stop(("b", id(mod)))),
-            ]
-
-    def _mark(self):
-        if self.cuda:
-            e = self.torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def _start(self, key):
-        if self.enabled:
-            self._open[key] = self._mark()
-
-    def _stop(self, key):
-        if self.enabled and key in self._open:
-            self.pairs.append((key[0], self._open.pop(key), self._mark()))
-
-    def collect_ms(self) -> tuple[float, float]:
-        """(forward ms, backward ms) of all experts modules since the last call."""
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            ms = [(kind, s.elapsed_time(e)) for kind, s, e in self.pairs]
-        else:
-            ms = [(kind, 1e3 * (e - s)) for kind, s, e in self.pairs]
-        self.pairs, self._open = [], {}
-        return sum(t for k, t in ms if k == "f"), sum(t for k, t in ms if k == "b")
-
-    def detach(self):
-        self.enabled = False
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
 def run(argv=None) -> int:
     parser, args = parse_args(argv)
     try:
@@ -202,7 +143,9 @@ def run(argv=None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    timer = ExpertsTimer(model, device)
+    from moe_fused.hf.timing import ExpertsTimer
+
+    timer = ExpertsTimer(model)
     cuda = device.type == "cuda"
 
     def sync():
@@ -281,6 +224,7 @@ def run(argv=None) -> int:
                   f"{100 * r['experts_share']:.0f}% of the step)  loss {losses[-1]:.3f}")
         except Exception as exc:  # noqa: BLE001 - one failing implementation must not lose the others
             timer.detach()
+            timer.pairs, timer._open = [], {}
             opt.zero_grad(set_to_none=True)
             msg = f"{type(exc).__name__}: {str(exc)[:500]}"
             results[impl] = {"error": msg}

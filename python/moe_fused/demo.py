@@ -230,22 +230,35 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, log=print):
-    """Run one AdamW step per batch. Returns (losses, timed seconds, timed tokens)."""
+def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, instrument=2, log=print):
+    """One AdamW step per batch.
+
+    Returns (losses, timed seconds, timed tokens, experts share). Steps after the warm-up
+    are timed, except the last `instrument` ones, which time the experts modules
+    (hooks) to give the experts' share of a step.
+    """
     import torch
 
+    from .hf.timing import ExpertsTimer
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+    timer = ExpertsTimer(model)
+    n = len(data)
+    instrument = min(instrument, max(0, n - warmup - 1))
     bar = None
     if progress:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(data), desc=desc, unit="step", dynamic_ncols=True, leave=True)
+            bar = tqdm(total=n, desc=desc, unit="step", dynamic_ncols=True, leave=True)
         except ImportError:
             bar = None
-    losses, timed, ntok = [], 0.0, 0
+    losses, timed, ntok, inst_s, inst_experts_ms = [], 0.0, 0, 0.0, 0.0
     for i, ids in enumerate(data):
         ids = ids.to(device, non_blocking=True)
+        instrumented = i >= n - instrument
+        if instrumented:
+            timer.attach()
         _sync(device)
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
@@ -254,23 +267,30 @@ def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, 
         opt.zero_grad(set_to_none=True)
         value = loss.item()  # syncs
         dt = time.perf_counter() - t0
+        if instrumented:
+            timer.detach()
+            inst_s += dt
+            inst_experts_ms += sum(timer.collect_ms())
+        elif i >= min(warmup, n - 1):
+            timed += dt
+            ntok += ids.numel()
         if not math.isfinite(value):
             raise FloatingPointError(f"{desc}: loss became {value} at step {i + 1}")
         losses.append(value)
-        if i >= min(warmup, len(data) - 1):
-            timed += dt
-            ntok += ids.numel()
         if bar is not None:
             bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{ids.numel() / dt:,.0f}")
             bar.update(1)
-            if (i + 1) % log_every == 0 or i + 1 == len(data):
-                bar.write(f"  {desc} step {i + 1:4d}/{len(data)}  loss {value:.4f}")
-        elif (i + 1) % log_every == 0 or i + 1 == len(data):
-            log(f"  {desc} step {i + 1:4d}/{len(data)}  loss {value:.4f}  ({ids.numel() / dt:,.0f} tokens/s)")
+            if (i + 1) % log_every == 0 or i + 1 == n:
+                bar.write(f"  {desc} step {i + 1:4d}/{n}  loss {value:.4f}")
+        elif (i + 1) % log_every == 0 or i + 1 == n:
+            log(f"  {desc} step {i + 1:4d}/{n}  loss {value:.4f}  ({ids.numel() / dt:,.0f} tokens/s)")
     if bar is not None:
         bar.close()
     del opt
-    return losses, timed, ntok
+    if ntok == 0:  # too few steps to leave any uninstrumented timed one
+        timed, ntok = inst_s, instrument * data[0].numel()
+    share = (inst_experts_ms / 1e3) / inst_s if inst_s else None
+    return losses, timed, ntok, share
 
 
 def evaluate(model, data, device) -> float:
@@ -397,7 +417,9 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        losses, secs, ntok = train(model, train_data, lr, device, "moe_fused", not args.no_progress, args.log_every)
+        losses, secs, ntok, share = train(
+            model, train_data, lr, device, "moe_fused", not args.no_progress, args.log_every
+        )
     except FloatingPointError as exc:
         print(f"moe-fused demo: {exc}; try a lower --lr (now {lr})", file=sys.stderr)
         return 1
@@ -405,8 +427,8 @@ def main(argv=None) -> int:
     text = sample(model, device)
     results = {
         "moe_fused": {
-            "tokens_per_s": ntok / secs if secs else None, "step_ms": 1e3 * secs / max(1, len(losses) - 2),
-            "steps": len(losses), "losses": losses,
+            "tokens_per_s": ntok / secs if secs else None, "step_ms": 1e3 * secs * bs * seq / ntok if ntok else None,
+            "steps": len(losses), "losses": losses, "experts_share": share,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         }
     }
@@ -423,12 +445,12 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                l2, s2, t2 = train(model, train_data[:m_steps], lr, device, impl, not args.no_progress,
-                                   args.log_every, warmup=min(2, m_steps - 1))
+                l2, s2, t2, sh2 = train(model, train_data[:m_steps], lr, device, impl, not args.no_progress,
+                                        args.log_every, warmup=min(2, m_steps - 1))
                 diff = max(abs(a - b) for a, b in zip(l2, losses))
                 results[impl] = {
-                    "tokens_per_s": t2 / s2 if s2 else None, "step_ms": 1e3 * s2 / max(1, len(l2) - min(2, m_steps - 1)),
-                    "steps": len(l2), "losses": l2, "max_abs_loss_diff_vs_moe_fused": diff,
+                    "tokens_per_s": t2 / s2 if s2 else None, "step_ms": 1e3 * s2 * bs * seq / t2 if t2 else None,
+                    "steps": len(l2), "losses": l2, "max_abs_loss_diff_vs_moe_fused": diff, "experts_share": sh2,
                     "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 }
             except Exception as exc:  # noqa: BLE001 - report and go on (e.g. out of memory)
@@ -438,8 +460,8 @@ def main(argv=None) -> int:
 
     # 3. Report.
     base = results["moe_fused"]["tokens_per_s"]
-    print(f"{'experts_implementation':24s} {'tokens/s':>12s} {'step ms':>10s} {'moe_fused speedup':>18s}"
-          f"{'  peak GB' if cuda else ''}  {'max |loss diff|':>15s}")
+    print(f"{'experts_implementation':24s} {'tokens/s':>12s} {'step ms':>10s} {'experts share':>14s} "
+          f"{'moe_fused speedup':>18s}{'  peak GB' if cuda else ''}  {'max |loss diff|':>15s}")
     for impl, r in results.items():
         if "error" in r:
             print(f"{impl:24s} failed: {r['error']}")
@@ -448,7 +470,8 @@ def main(argv=None) -> int:
         r["moe_fused_speedup"] = speedup
         mem = f"  {r['peak_mem_gb']:7.2f}" if cuda else ""
         d = r.get("max_abs_loss_diff_vs_moe_fused")
-        print(f"{impl:24s} {r['tokens_per_s'] or float('nan'):12,.0f} {r['step_ms']:10.1f} "
+        sh = "-" if r.get("experts_share") is None else f"{100 * r['experts_share']:.0f}%"
+        print(f"{impl:24s} {r['tokens_per_s'] or float('nan'):12,.0f} {r['step_ms'] or float('nan'):10.1f} {sh:>14s} "
               f"{'-' if impl == 'moe_fused' else f'{speedup:.2f}x':>18s}{mem}  "
               f"{'-' if d is None else f'{d:.2e}':>15s}")
     png = args.out_dir / "loss_curve.png"
