@@ -55,6 +55,8 @@ def test_demo_tiny_run(tmp_path, capsys):
         # Same init weights, same batches: the losses agree with moe_fused's.
         assert r["max_abs_loss_diff_vs_moe_fused"] < 1e-3
     assert rec["results"]["moe_fused"]["tokens_per_s"] > 0
+    for r in rec["results"].values():
+        assert 0 < r["experts_share"] < 1
     pytest.importorskip("matplotlib")
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
 
