@@ -264,3 +264,9 @@ TEST(Experts, ManyRowsPerExpertBF16) {
   run_case(c);
 }
 TEST(Experts, ManyRowsManyExperts) { run_case({700, 4, 16, 6, 8}); }
+
+// Degenerate sizes are valid: k = 0 (out = 0), I = 0 (out = 0), H = 0, E with T = 0.
+TEST(Experts, ZeroTopK) { run_case({5, 0, 6, 3, 4}); }
+TEST(Experts, ZeroIntermediate) { run_case({5, 2, 6, 0, 4}); }
+TEST(Experts, ZeroHidden) { run_case({5, 2, 0, 3, 4}); }
+TEST(Experts, ZeroExpertsZeroTokens) { run_case({0, 2, 6, 3, 0}); }
