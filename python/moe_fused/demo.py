@@ -244,7 +244,8 @@ def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
     timer = ExpertsTimer(model)
     n = len(data)
-    instrument = min(instrument, max(0, n - warmup - 1))
+    # Keep at least one plainly timed step where there are enough steps; else time the hooked ones.
+    instrument = min(instrument, max(1, n - warmup - 1)) if n > 1 else 0
     bar = None
     if progress:
         try:
