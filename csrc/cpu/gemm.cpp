@@ -72,7 +72,7 @@ void gemm_loop(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, C alpha,
   }
 }
 
-bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+[[maybe_unused]] bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
 template <class C>
 bool trivial(int64_t M, int64_t N, int64_t K, C beta, C *Cm, int64_t ldc) {
