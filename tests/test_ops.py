@@ -383,3 +383,57 @@ def test_cpu_gpu_parity_bf16():
     assert max_err(g_out, c_out) <= 4 * eps * scale_of(ref_out)
     for n in GRAD_NAMES:
         assert max_err(g_g[n], c_g[n]) <= 4 * eps * scale_of(ref_g[n]), n
+
+
+# (T, H, I, E, k): sizes of 0 are valid (as in the C core): out = 0, zero gradients
+DEGENERATE = [
+    pytest.param(5, 6, 3, 4, 0, id="k0"),
+    pytest.param(5, 6, 0, 4, 2, id="I0"),
+    pytest.param(5, 0, 3, 4, 2, id="H0"),
+    pytest.param(0, 6, 3, 0, 2, id="E0-T0"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,H,I,E,k", DEGENERATE)
+def test_experts_degenerate_sizes(device, T, H, I, E, k):
+    x = torch.randn(T, H, device=device, requires_grad=True)
+    idx = torch.randint(0, max(E, 1), (T, k), device=device)
+    w = torch.rand(T, k, device=device, requires_grad=True)
+    w1 = torch.randn(E, 2 * I, H, device=device, requires_grad=True)
+    w2 = torch.randn(E, H, I, device=device, requires_grad=True)
+    out = moe_fused.moe_experts(x, idx, w, w1, w2)
+    assert out.shape == (T, H) and torch.count_nonzero(out) == 0
+    out.backward(torch.ones_like(out))
+    for t in (x, w, w1, w2):
+        assert t.grad is not None and t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0
+    _, _, offsets, sorted_pairs, pair_rows = torch.ops.moe_fused.experts_forward(x, idx, w, w1, w2)
+    flat = idx.reshape(-1).cpu()
+    assert torch.equal(offsets.cpu().long(), torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(flat, minlength=E).cumsum(0)]))
+    assert torch.equal(sorted_pairs.cpu().long(), torch.sort(flat, stable=True).indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_degenerate_sizes_still_check_indices(device):
+    x = torch.randn(3, 4, device=device)
+    with pytest.raises(IndexError, match="top_k_index"):  # I = 0, but index 5 names no expert
+        moe_fused.moe_experts(x, torch.full((3, 2), 5, device=device), torch.rand(3, 2, device=device),
+                              torch.randn(4, 0, 4, device=device), torch.randn(4, 4, 0, device=device))
+    with pytest.raises(IndexError, match="top_k_index"):  # E = 0 with tokens to route
+        moe_fused.moe_experts(x, torch.zeros(3, 1, dtype=torch.long, device=device), torch.rand(3, 1, device=device),
+                              torch.randn(0, 6, 4, device=device), torch.randn(0, 4, 3, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_degenerate_sizes(device):
+    for N, in_f, out_f, E in ((0, 3, 4, 2), (5, 0, 4, 2), (5, 3, 0, 2), (0, 3, 4, 0)):
+        x = torch.randn(N, in_f, device=device, requires_grad=True)
+        weight = torch.randn(E, out_f, in_f, device=device, requires_grad=True)
+        sel = torch.randint(0, max(E, 1), (N,), device=device)
+        out = moe_fused.moe_fused_linear(x, weight, sel)
+        assert out.shape == (N, out_f) and torch.count_nonzero(out) == 0
+        out.backward(torch.ones_like(out))
+        assert torch.count_nonzero(x.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+    with pytest.raises(IndexError, match="selected_experts"):
+        moe_fused.moe_fused_linear(torch.randn(2, 0, device=device), torch.randn(3, 4, 0, device=device),
+                                   torch.tensor([0, 3], device=device))

@@ -115,20 +115,18 @@ def _check_experts(x, idx, w, w1, w2) -> None:
             f"top_k_weights must have the dtype of hidden_states ({x.dtype}) or float32, got {w.dtype}"
         )
     T, H = x.shape
-    if idx.shape[0] != T or idx.shape[1] < 1:
+    if idx.shape[0] != T:
         raise ValueError(
-            f"top_k_index must have shape [T={T}, k>=1] like hidden_states [T, H], got {tuple(idx.shape)}"
+            f"top_k_index must have shape [T={T}, k] like hidden_states [T, H], got {tuple(idx.shape)}"
         )
     if tuple(w.shape) != tuple(idx.shape):
         raise ValueError(
             f"top_k_weights must have the shape of top_k_index {tuple(idx.shape)}, got {tuple(w.shape)}"
         )
     E, two_i, H1 = w1.shape
-    if E < 1:
-        raise ValueError(f"gate_up_proj must have at least one expert, got shape {tuple(w1.shape)}")
-    if two_i % 2 != 0 or two_i < 2:
+    if two_i % 2 != 0:
         raise ValueError(
-            f"gate_up_proj [E, 2I, H] must have an even, non-zero second dimension (gate rows then "
+            f"gate_up_proj [E, 2I, H] must have an even second dimension (gate rows then "
             f"up rows), got {two_i}"
         )
     if H1 != H:
@@ -154,8 +152,6 @@ def _check_linear(x, weight, sel) -> None:
     _check_rank("selected_experts", sel, 1, "[N]")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype}, but input has {x.dtype}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"weight must have at least one expert, got shape {tuple(weight.shape)}")
     if weight.shape[2] != x.shape[1]:
         raise ValueError(
             f"weight [E, out, in] has in={weight.shape[2]}, but input [N, in] has in={x.shape[1]}"
@@ -166,11 +162,12 @@ def _check_linear(x, weight, sel) -> None:
         )
 
 
-def _check_index_range(name: str, idx: torch.Tensor, num_experts: int) -> None:
-    """CUDA only (the CPU core checks by itself); skipped under CUDA graph capture."""
-    if idx.device.type != "cuda" or idx.numel() == 0:
+def _check_index_range(name: str, idx: torch.Tensor, num_experts: int, any_device: bool = False) -> None:
+    """CUDA only (the CPU core checks by itself) unless any_device; skipped under CUDA
+    graph capture."""
+    if (idx.device.type != "cuda" and not any_device) or idx.numel() == 0:
         return
-    if torch.cuda.is_current_stream_capturing():
+    if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
     bad = ((idx < 0) | (idx >= num_experts)).any()
     if bool(bad):  # one host sync
@@ -215,10 +212,8 @@ def _experts_forward_impl(x, idx, w, w1, w2):
     I = two_i // 2
     outs = _experts_outputs(x, idx, w1, lambda shape, dt: torch.empty(shape, dtype=dt, device=dev))
     out, h, offsets, sorted_pairs, pair_rows = outs
-    if T == 0:
-        out.zero_()
-        offsets.zero_()
-        return outs
+    if T * k == 0 or I == 0 or H == 0:
+        return _experts_forward_degenerate(idx, E, outs)
     _check_index_range("top_k_index", idx, E)
     x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
     lib = _lib.lib()
@@ -244,6 +239,25 @@ def _experts_forward_impl(x, idx, w, w1, w2):
     return outs
 
 
+def _experts_forward_degenerate(idx, E, outs):
+    """T*k, I or H is 0: out = 0; the plan from torch ops (no pair, or nothing to multiply)."""
+    out, h, offsets, sorted_pairs, pair_rows = outs
+    out.zero_()
+    h.zero_()
+    flat = idx.reshape(-1)
+    if flat.numel() == 0:
+        offsets.zero_()
+        return outs
+    _check_index_range("top_k_index", idx, E, any_device=True)
+    order = torch.sort(flat, stable=True).indices
+    sorted_pairs.copy_(order)
+    pair_rows.scatter_(0, order, torch.arange(flat.numel(), device=flat.device, dtype=torch.int32))
+    counts = torch.bincount(flat, minlength=E)
+    offsets[0] = 0
+    offsets[1:].copy_(torch.cumsum(counts, 0))
+    return outs
+
+
 @torch.library.register_fake("moe_fused::experts_backward", lib=_LIB)
 def _experts_backward_fake(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2):
     def like(t, need):
@@ -264,7 +278,7 @@ def _experts_backward_impl(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h,
     E, two_i = w1.shape[0], w1.shape[1]
     I = two_i // 2
     if any(gr is not None for gr in grads):
-        if T == 0:
+        if T * k == 0 or I == 0 or H == 0:
             for gr in grads:
                 if gr is not None:
                     gr.zero_()
@@ -356,9 +370,8 @@ def _linear_forward_impl(x, weight, sel):
     N, in_f = x.shape
     E, out_f = weight.shape[0], weight.shape[1]
     out = torch.empty((N, out_f), dtype=x.dtype, device=dev)
-    if N == 0 or out_f == 0:
-        return out
-    if in_f == 0:
+    if N == 0 or out_f == 0 or in_f == 0:
+        _check_index_range("selected_experts", sel, E, any_device=True)
         return out.zero_()
     _check_index_range("selected_experts", sel, E)
     x, sel = x.contiguous(), sel.contiguous()
