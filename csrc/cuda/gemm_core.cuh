@@ -1,10 +1,12 @@
 // The tensor-core mainloop shared by grouped_gemm.cu and wgrad.cu:
-// 128x128x64 CTA tile, MOE_GEMM_WARPS warps (8: 2 x 4 warps of 64x32, the
-// default, measured faster on H100; 4: 2 x 2 warps of 64x64), mma.sync m16n8k16
-// (bf16/fp16 in, fp32 accumulate), ldmatrix, a 3-stage cp.async pipeline
-// (110.6 KB of shared memory: 2 CTAs per SM on sm80/sm90).
-// Operand loading is a separate "loader" object per operand so that other
-// sources (LoRA K blocks, NF4 dequantisation) can replace it.
+// 128 x BN x 64 CTA tile (BN = MOE_GEMM_BN: 256 by default, 128 selectable),
+// 2 x BN/32 warps of 64x32 each, mma.sync m16n8k16 (bf16/fp16 in, fp32
+// accumulate), ldmatrix(.trans), a 3-stage cp.async pipeline with padded
+// (conflict-free) shared-memory rows. BN=256: 512 threads, 166 KB smem, 1 CTA/SM;
+// BN=128: 256 threads, 110.6 KB, 2 CTAs/SM. The larger tile moves 25% fewer
+// bytes from L2 per FLOP (ncu: the 128x128 kernels were L2-throughput bound).
+// Operand loading is separate from the MMA loop (loaders fill smem tiles) so that
+// other sources (LoRA K blocks, NF4 dequantisation) can replace it.
 #pragma once
 
 #include "cuda/common.cuh"
@@ -13,25 +15,32 @@ namespace moe {
 namespace cuda {
 namespace core {
 
-#ifndef MOE_GEMM_WARPS
-#define MOE_GEMM_WARPS 8
-#endif
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 32 * MOE_GEMM_WARPS;
-constexpr int WARPS_N = MOE_GEMM_WARPS / 2;  // 2 warps along M (64 rows each)
-constexpr int WTN = BN / WARPS_N;            // warp tile columns: 64 or 32
+constexpr int BM = 128, BN = MOE_GEMM_BN, BK = 64, STAGES = 3;
+constexpr int WARPS_N = BN / 32;             // warps along N (32 columns each)
+constexpr int THREADS = 32 * 2 * WARPS_N;    // 2 warps along M (64 rows each)
+constexpr int WTN = 32;                      // warp tile columns
 constexpr int NI = WTN / 8;                  // n8 fragments per warp
-constexpr int LD_ITERS = BM * BK / 8 / THREADS;  // 16-byte chunks per thread per operand tile
-constexpr int MIN_BLOCKS = MOE_GEMM_WARPS == 4 ? 2 : 2;
-constexpr int PAD = 8;          // halfs of padding per smem row (conflict-free ldmatrix)
-constexpr int ST_K = BK + PAD;  // row stride of a [rows][BK] tile (K contiguous)
-constexpr int ST_MN = BM + PAD; // row stride of a [BK][cols] tile (M/N contiguous), BM == BN
-constexpr int TILE_ELEMS_K = BM * ST_K;    // [128][72]
-constexpr int TILE_ELEMS_MN = BK * ST_MN;  // [64][136]
-constexpr int CS_ST = BN + 4;              // fp32 epilogue staging row stride
-constexpr int kMaxTileElems = TILE_ELEMS_K > TILE_ELEMS_MN ? TILE_ELEMS_K : TILE_ELEMS_MN;
-constexpr size_t kPipeBytes = size_t(STAGES) * 2 * kMaxTileElems * 2;
+constexpr int MIN_BLOCKS = BN == 128 ? 2 : 1;
+constexpr int PAD = 8;                       // halfs of padding per smem row
+constexpr int ST_K = BK + PAD;               // [rows][BK] tiles (K contiguous)
+constexpr int ST_MA = BM + PAD;              // [BK][BM] A tiles (M contiguous)
+constexpr int ST_NB = BN + PAD;              // [BK][BN] B tiles (N contiguous)
+constexpr int cmax(int a, int b) { return a > b ? a : b; }
+constexpr int A_ELEMS = cmax(BM * ST_K, BK * ST_MA);
+constexpr int B_ELEMS = cmax(BN * ST_K, BK * ST_NB);
+constexpr int STAGE_ELEMS = A_ELEMS + B_ELEMS;
+constexpr int CS_ST = BN + 4;                // fp32 epilogue staging row stride
+constexpr size_t kPipeBytes = size_t(STAGES) * STAGE_ELEMS * 2;
 constexpr size_t kStageBytes = size_t(BM) * CS_ST * 4;
 constexpr size_t kSmemBytes = kPipeBytes > kStageBytes ? kPipeBytes : kStageBytes;
+// 16-byte chunks: [rows][BK] tiles have BK/8 = 8 per row; [BK][cols] tiles cols/8.
+constexpr int A_ROW_IT = BM * BK / 8 / THREADS;  // [BM][BK] A tile
+constexpr int B_ROW_IT = BN * BK / 8 / THREADS;  // [BN][BK] B tile
+constexpr int A_COL_TPR = BM / 8;                // [BK][BM] A tile: threads per k row
+constexpr int A_COL_IT = BK * A_COL_TPR / THREADS;
+constexpr int B_COL_TPR = BN / 8;                // [BK][BN] B tile
+constexpr int B_COL_IT = BK * B_COL_TPR / THREADS;
+static_assert(A_ROW_IT >= 1 && B_ROW_IT >= 1 && A_COL_IT >= 1 && B_COL_IT >= 1, "tile/threads");
 
 // Accumulators of one thread: warp tile 64 x WTN = 4 (m16) x NI (n8) fragments.
 struct Acc {
@@ -63,7 +72,7 @@ __device__ __forceinline__ void mma_tile(Acc &acc, const T *As, const T *Bs, int
       } else {
         const int kr = kk * 16 + (lane >> 4) * 8 + (lane & 7);
         const int m = wm * 64 + mi * 16 + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4_trans(a[mi], As + kr * ST_MN + m);
+        ldmatrix_x4_trans(a[mi], As + kr * ST_MA + m);
       }
     }
 #pragma unroll
@@ -76,7 +85,7 @@ __device__ __forceinline__ void mma_tile(Acc &acc, const T *As, const T *Bs, int
       } else {
         const int kr = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
         const int n = wn * WTN + nj * 16 + (lane >> 4) * 8;
-        ldmatrix_x4_trans(r, Bs + kr * ST_MN + n);
+        ldmatrix_x4_trans(r, Bs + kr * ST_NB + n);
       }
       b[2 * nj][0] = r[0];
       b[2 * nj][1] = r[1];

@@ -75,14 +75,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
     __syncthreads();
 
     // Chunks of 8 elements: [rows][BK] tiles: row (tid>>3) + (THREADS/8) i, k (tid&7)*8;
-    // [BK][cols] tiles: k row (tid>>4) + (THREADS/16) i, col (tid&15)*8; i < LD_ITERS.
+    // [BK][cols] tiles: k row tid / (BN/8) + (THREADS/(BN/8)) i, col (tid % (BN/8))*8.
     const int kc = (tid & 7) * 8;
     auto load_stage = [&](int s, int kt) {
-      T *As = smem + s * 2 * kMaxTileElems;
-      T *Bs = As + kMaxTileElems;
+      T *As = smem + s * STAGE_ELEMS;
+      T *Bs = As + A_ELEMS;
       const int k0 = kt * BK;
 #pragma unroll
-      for (int i = 0; i < LD_ITERS; ++i) {
+      for (int i = 0; i < A_ROW_IT; ++i) {
         const int row = (tid >> 3) + (THREADS / 8) * i;
         const T *rp = s_arow[row];
         const int nv = rp ? K - (k0 + kc) : 0;
@@ -90,21 +90,21 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
       }
       if (!B_KN) {
 #pragma unroll
-        for (int i = 0; i < LD_ITERS; ++i) {
+        for (int i = 0; i < B_ROW_IT; ++i) {
           const int row = (tid >> 3) + (THREADS / 8) * i;
           const T *rp = s_brow[row];
           const int nv = rp ? K - (k0 + kc) : 0;
           load_chunk<T>(Bs + row * ST_K + kc, nv > 0 ? rp + k0 + kc : Bbase, nv, a.vec_b);
         }
       } else {
-        const int nc = (tid & 15) * 8;
+        const int nc = (tid % B_COL_TPR) * 8;
 #pragma unroll
-        for (int i = 0; i < LD_ITERS; ++i) {
-          const int kr = (tid >> 4) + (THREADS / 16) * i;
+        for (int i = 0; i < B_COL_IT; ++i) {
+          const int kr = tid / B_COL_TPR + (THREADS / B_COL_TPR) * i;
           const int kg = k0 + kr;
           const int gn = n0 + nc;
           const int nv = kg < K ? N - gn : 0;
-          load_chunk<T>(Bs + kr * ST_MN + nc, nv > 0 ? B + int64_t(kg) * a.ldb + gn : Bbase, nv,
+          load_chunk<T>(Bs + kr * ST_NB + nc, nv > 0 ? B + int64_t(kg) * a.ldb + gn : Bbase, nv,
                         a.vec_b);
         }
       }
@@ -123,8 +123,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
       const int nk = kt + STAGES - 1;
       if (nk < KT) load_stage(nk % STAGES, nk);
       cp_async_commit();
-      const T *As = smem + (kt % STAGES) * 2 * kMaxTileElems;
-      mma_tile<T, false, B_KN>(acc, As, As + kMaxTileElems, wm, wn, lane);
+      const T *As = smem + (kt % STAGES) * STAGE_ELEMS;
+      mma_tile<T, false, B_KN>(acc, As, As + A_ELEMS, wm, wn, lane);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
     if (EPI == EPI_STORE) {
       T *C = static_cast<T *>(a.C);
 #pragma unroll 2
-      for (int pass = 0; pass < BM * 16 / THREADS; ++pass) {
-        const int row = pass * (THREADS / 16) + (tid >> 4), col = (tid & 15) * 8;
+      for (int pass = 0; pass < BM * (BN / 8) / THREADS; ++pass) {
+        const int row = pass * (THREADS / (BN / 8)) + tid / (BN / 8), col = (tid % (BN / 8)) * 8;
         const int r = r0 + row, gn = n0 + col;
         if (r < r1 && gn < N) {
           float v[8];
@@ -152,8 +152,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
       T *Hh = static_cast<T *>(a.C);
       T *Aa = static_cast<T *>(a.C2);
 #pragma unroll 2
-      for (int pass = 0; pass < BM * 8 / THREADS; ++pass) {
-        const int row = pass * (THREADS / 8) + (tid >> 3), col = (tid & 7) * 8;
+      for (int pass = 0; pass < BM * (BN / 16) / THREADS; ++pass) {
+        const int row = pass * (THREADS / (BN / 16)) + tid / (BN / 16), col = (tid % (BN / 16)) * 8;
         const int r = r0 + row, gc = n0 + col;
         if (r < r1 && gc < N) {
           float g[8], u[8], av[8];
@@ -174,8 +174,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
       T *SA = static_cast<T *>(a.C2);
       const T *Hin = static_cast<const T *>(a.Hin);
 #pragma unroll 1
-      for (int pass = 0; pass < BM * 16 / THREADS; ++pass) {
-        const int row = pass * (THREADS / 16) + (tid >> 4), col = (tid & 15) * 8;
+      for (int pass = 0; pass < BM * (BN / 8) / THREADS; ++pass) {
+        const int row = pass * (THREADS / (BN / 8)) + tid / (BN / 8), col = (tid % (BN / 8)) * 8;
         const int r = r0 + row, gn = n0 + col;
         float dot = 0.f;
         if (r < r1 && gn < N) {
@@ -204,11 +204,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
           for (int i = 0; i < 8; ++i) o[i] = s * g[i] * u[i];  // s a
           store8<T>(SA + int64_t(r) * a.ldc2 + gn, o, N - gn, a.vec_c);
         }
-        dot += __shfl_xor_sync(0xffffffffu, dot, 8);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 4);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-        if ((tid & 15) == 0 && r < r1) a.ds_part[int64_t(r) * a.ds_ld + blockIdx.x] = dot;
+#pragma unroll
+        for (int o = BN / 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (tid % (BN / 8) == 0 && r < r1) a.ds_part[int64_t(r) * a.ds_ld + blockIdx.x] = dot;
       }
     }
     __syncthreads();  // the next tile's loads reuse the staging smem

@@ -42,7 +42,7 @@ enum Epilogue : int {
 };
 
 constexpr int kGemmBM = 128;
-constexpr int kGemmBN = 128;
+constexpr int kGemmBN = MOE_GEMM_BN;
 
 struct GroupedGemmArgs {
   int dtype;  // MOE_DTYPE_BF16 / F16

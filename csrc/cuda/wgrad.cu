@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) wgrad_kernel(const WgradA
   t = t < s ? s : (t > n ? n : t);
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int KT = static_cast<int>((t - s + BK - 1) / BK);
-  const int cc = (tid & 15) * 8;
+  const int ca = (tid % A_COL_TPR) * 8, cb = (tid % B_COL_TPR) * 8;
 
   // Ring of gathered row indices, one slot per pipeline stage, filled one
   // iteration ahead of use so that the index load never stalls a cp.async issue.
@@ -53,18 +53,24 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) wgrad_kernel(const WgradA
     }
   };
   auto load_stage = [&](int st, int kt) {
-    T *As = smem + st * 2 * kMaxTileElems;
-    T *Bs = As + kMaxTileElems;
+    T *As = smem + st * STAGE_ELEMS;
+    T *Bs = As + A_ELEMS;
     (void)kt;
 #pragma unroll
-    for (int i = 0; i < LD_ITERS; ++i) {
-      const int kr = (tid >> 4) + (THREADS / 16) * i;
-      const int32_t ar = s_ar[st][kr], br = s_br[st][kr];
-      const int gm = m0 + cc, gn = n0 + cc;
+    for (int i = 0; i < A_COL_IT; ++i) {
+      const int kr = tid / A_COL_TPR + (THREADS / A_COL_TPR) * i;
+      const int32_t ar = s_ar[st][kr];
+      const int gm = m0 + ca;
       const int nva = ar >= 0 ? a.M - gm : 0;
+      load_chunk<T>(As + kr * ST_MA + ca, nva > 0 ? A + int64_t(ar) * a.lda + gm : A, nva, a.vec_a);
+    }
+#pragma unroll
+    for (int i = 0; i < B_COL_IT; ++i) {
+      const int kr = tid / B_COL_TPR + (THREADS / B_COL_TPR) * i;
+      const int32_t br = s_br[st][kr];
+      const int gn = n0 + cb;
       const int nvb = br >= 0 ? a.N - gn : 0;
-      load_chunk<T>(As + kr * ST_MN + cc, nva > 0 ? A + int64_t(ar) * a.lda + gm : A, nva, a.vec_a);
-      load_chunk<T>(Bs + kr * ST_MN + cc, nvb > 0 ? B + int64_t(br) * a.ldb + gn : B, nvb, a.vec_b);
+      load_chunk<T>(Bs + kr * ST_NB + cb, nvb > 0 ? B + int64_t(br) * a.ldb + gn : B, nvb, a.vec_b);
     }
   };
 
@@ -96,8 +102,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) wgrad_kernel(const WgradA
     const bool pf = tid < BK && kt + STAGES < KT;
     int32_t par = -1, pbr = -1;
     if (pf) fetch_idx(kt + STAGES, par, pbr);
-    const T *As = smem + (kt % STAGES) * 2 * kMaxTileElems;
-    mma_tile<T, true, true>(acc, As, As + kMaxTileElems, wm, wn, lane);
+    const T *As = smem + (kt % STAGES) * STAGE_ELEMS;
+    mma_tile<T, true, true>(acc, As, As + A_ELEMS, wm, wn, lane);
     if (pf) {
       s_ar[kt % STAGES][tid] = par;
       s_br[kt % STAGES][tid] = pbr;
@@ -110,8 +116,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) wgrad_kernel(const WgradA
 
   T *C = static_cast<T *>(a.C) + int64_t(e) * a.strideCE;
 #pragma unroll 2
-  for (int pass = 0; pass < BM * 16 / THREADS; ++pass) {
-    const int row = pass * (THREADS / 16) + (tid >> 4), col = (tid & 15) * 8;
+  for (int pass = 0; pass < BM * (BN / 8) / THREADS; ++pass) {
+    const int row = pass * (THREADS / (BN / 8)) + tid / (BN / 8), col = (tid % (BN / 8)) * 8;
     const int gm = m0 + row, gn = n0 + col;
     if (gm < a.M && gn < a.N) {
       float v[8];
