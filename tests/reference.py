@@ -41,11 +41,10 @@ def ref_linear(x, weight, sel):
 
 
 def run_with_grads(fn, float_inputs, other_inputs, grad_out, dtype=None, device="cpu"):
-    """Run fn(*inputs) with fresh leaves (cast to dtype/device), backprop grad_out.
+    """Run fn(**inputs) with fresh leaves (cast to dtype/device), backprop grad_out.
 
-    float_inputs: dict name -> tensor (get grads); other_inputs: dict name -> tensor.
-    Returns (out, {name: grad}). The call order is float then other, by `order` of fn args:
-    fn receives keyword arguments."""
+    float_inputs: dict name -> tensor (leaves that get grads); other_inputs: dict name ->
+    tensor (moved to device). fn receives keyword arguments. Returns (out, {name: grad})."""
     leaves = {}
     for name, t in float_inputs.items():
         t = t.detach().to(device=device, dtype=dtype or t.dtype)
