@@ -4,7 +4,8 @@ For each class decorated with @use_experts_implementation, a tiny instance is
 built from its model's own config class; then either moe_fused matches the
 class's own eager forward (output and every gradient: input, routing weights,
 expert weights), or moe_fused refuses it with UnsupportedExpertsError naming
-the model. Nothing in between: no class computes silently wrong numbers.
+the model. Nothing in between: no class computes silently wrong numbers. Classes
+on the fused path are also checked on the two-GEMM path (moe_fused_linear).
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ _SIZE = {
     "num_experts": 6, "n_routed_experts": 6, "num_local_experts": 6, "moe_num_experts": 6,
     "n_experts": 6, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
 }
-# The models this project names first must be supported; GPT-OSS must be refused.
-MUST_SUPPORT = {"qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "qwen3_next"}
-MUST_REFUSE = {"gpt_oss"}
+# The models this project names first run on the fused op; GPT-OSS on the two-GEMM path.
+MUST_FUSE = {"qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "qwen3_next", "aria"}
+MUST_TWO_GEMM = {"gpt_oss"}
 
 
 def _experts_classes():
@@ -135,40 +136,49 @@ def _run(module, impl, x, idx, w):
 def test_experts_match_eager_or_refuse(model_name, cls_name, monkeypatch):
     module = _build(model_name, cls_name)
     assert hf.is_experts_module(module)
-    problems = hf.experts._problems(module)
-    if model_name in MUST_REFUSE:
-        assert problems, f"{model_name} must be refused"
-    if problems:
-        assert model_name not in MUST_SUPPORT, f"{model_name} refused: {problems}"
+    path, why = hf.experts_path(module)
+    if model_name in MUST_FUSE:
+        assert path == "fused", f"{model_name}: {path} {why}"
+    if model_name in MUST_TWO_GEMM:
+        assert path == "two_gemm", f"{model_name}: {path} {why}"
+    if path == "refused":
         with pytest.raises(hf.UnsupportedExpertsError, match=re.escape(f"'{module.config.model_type}'")):
             hf.check_experts_module(module)
         _set_impl(module.config, "moe_fused")
         with pytest.raises(hf.UnsupportedExpertsError):
             module(torch.randn(3, 32), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
         return
-    gate_up, down = hf.experts_weights(module)
-    E, _, H = gate_up.shape
+    E = module.down_proj.size(0)
+    H = module.config.hidden_size
     T, k = 10, min(2, E)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, H, generator=g)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     w = torch.softmax(torch.randn(T, k, generator=g), -1)
     calls = []
-    real = hf.experts._moe_experts
-    monkeypatch.setattr(hf.experts, "_moe_experts", lambda *a: calls.append(1) or real(*a))
+    for op in ("_moe_experts", "_moe_fused_linear"):
+        real = getattr(hf.experts, op)
+        monkeypatch.setattr(hf.experts, op, lambda *a, real=real, op=op: calls.append(op) or real(*a))
     ref = _run(module, "eager", x, idx, w)
     assert not calls
     got = _run(module, "moe_fused", x, idx, w)
-    assert calls, "moe_fused ran the op"
+    assert calls and set(calls) == {"_moe_experts" if path == "fused" else "_moe_fused_linear"}
+    _assert_same(model_name, got, ref)
+    if path == "fused":  # the two-GEMM path on the same module gives the same numbers
+        monkeypatch.setattr(hf.experts, "_problems", lambda m: ["forced"])
+        _assert_same(f"{model_name} (two-GEMM)", _run(module, "moe_fused", x, idx, w), ref)
+
+
+def _assert_same(what, got, ref):
     tol = dict(rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(got[0], ref[0], **tol, msg=lambda m: f"{model_name} output: {m}")
-    torch.testing.assert_close(got[1], ref[1], **tol, msg=lambda m: f"{model_name} grad x: {m}")
-    torch.testing.assert_close(got[2], ref[2], **tol, msg=lambda m: f"{model_name} grad weights: {m}")
+    torch.testing.assert_close(got[0], ref[0], **tol, msg=lambda m: f"{what} output: {m}")
+    torch.testing.assert_close(got[1], ref[1], **tol, msg=lambda m: f"{what} grad x: {m}")
+    torch.testing.assert_close(got[2], ref[2], **tol, msg=lambda m: f"{what} grad weights: {m}")
     assert got[3].keys() == ref[3].keys()
     for n in ref[3]:
-        torch.testing.assert_close(got[3][n], ref[3][n], **tol, msg=lambda m, n=n: f"{model_name} grad {n}: {m}")
+        torch.testing.assert_close(got[3][n], ref[3][n], **tol, msg=lambda m, n=n: f"{what} grad {n}: {m}")
 
 
 def test_named_models_are_covered():
     names = {m for m, _ in CLASSES}
-    assert MUST_SUPPORT | MUST_REFUSE <= names
+    assert MUST_FUSE | MUST_TWO_GEMM <= names

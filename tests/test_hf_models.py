@@ -112,6 +112,8 @@ SUPPORTED = {
     "deepseek_v3": _cfg_deepseek_v3,
     "qwen3_next": _cfg_qwen3_next,
     "aria_text": _cfg_aria_text,
+    # Biases, interleaved gate/up, clamped SwiGLU: the two-GEMM path (moe_fused_linear).
+    "gpt_oss": _cfg_gpt_oss,
 }
 ROUTER_LOSS_MODELS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
 
@@ -148,7 +150,7 @@ def _dtype(device: str) -> torch.dtype:
 
 
 def _build(name: str, device: str, dtype=torch.float32, impl="eager", seed=0, **overrides):
-    cfg = SUPPORTED[name]() if name in SUPPORTED else _cfg_gpt_oss()
+    cfg = SUPPORTED[name]()
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
@@ -362,7 +364,7 @@ def test_patch_unpatch_round_trip():
     assert loaded.config._experts_implementation in ("grouped_mm", "eager")
     moe_fused.unpatch(loaded, implementation="eager")
     assert loaded.config._experts_implementation == "eager"
-    assert list(hf.supported(loaded).values()) == [[]] * 2
+    assert list(hf.supported(loaded).values()) == [("fused", [])] * 2
 
 
 def test_save_pretrained_is_plain_hf(tmp_path):
@@ -388,19 +390,41 @@ def test_save_pretrained_is_plain_hf(tmp_path):
 # --------------------------------------------------------------- refusals --
 
 
-def test_gpt_oss_is_refused_clearly():
-    model = _build("gpt_oss", "cpu", torch.float32, impl="grouped_mm")
+def test_paths_reported():
+    assert list(hf.supported(_build("qwen3_moe", "cpu")).values()) == [("fused", [])] * 2
+    aria = hf.supported(_build("aria_text", "cpu"))
+    assert {p for p, _ in aria.values()} == {"fused"}  # transposed weights: strided views
+    paths = hf.supported(_build("gpt_oss", "cpu"))
+    assert len(paths) == 2
+    for path, why in paths.values():
+        text = "; ".join(why)
+        assert path == "two_gemm" and "biases" in text and "interleaved" in text and "_apply_gate" in text
+
+
+def test_gpt_oss_runs_the_linear_op(monkeypatch):
+    model = _build("gpt_oss", "cpu", impl="moe_fused")
+    calls = []
+    real = hf.experts._moe_fused_linear
+    monkeypatch.setattr(hf.experts, "_moe_fused_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(hf.experts, "_moe_experts", lambda *a: pytest.fail("the fused op can't run GPT-OSS"))
+    model(_ids("cpu"))
+    assert len(calls) == 2 * model.config.num_hidden_layers
+
+
+def test_expert_parallel_is_refused_clearly():
+    model = _build("qwen3_moe", "cpu", impl="grouped_mm")
+    model.model.layers[1].mlp.experts._is_expert_parallel = True
     with pytest.raises(hf.UnsupportedExpertsError) as info:
         moe_fused.patch(model)
     msg = str(info.value)
-    assert "gpt_oss" in msg and "GptOssExperts" in msg
-    assert "biases" in msg and "interleaved" in msg and "_apply_gate" in msg
-    assert model.config._experts_implementation == "grouped_mm", "a refused patch changes nothing"
+    assert "qwen3_moe" in msg and "Qwen3MoeExperts" in msg and "expert-parallel" in msg
     assert isinstance(info.value, NotImplementedError)
+    assert model.config._experts_implementation == "grouped_mm", "a refused patch changes nothing"
     # Requested at load time: the first forward refuses, never computes.
-    loaded = _build("gpt_oss", "cpu", torch.float32, impl="moe_fused")
-    with pytest.raises(hf.UnsupportedExpertsError, match="gpt_oss"):
-        loaded(_ids("cpu"))
+    moe_fused.patch(model, False)
+    model.config._experts_implementation_internal = "moe_fused"
+    with pytest.raises(hf.UnsupportedExpertsError, match="qwen3_moe"):
+        model(_ids("cpu"))
 
 
 def test_patch_without_moe_is_an_error():

@@ -5,7 +5,7 @@ import warnings
 
 from torch import nn
 
-from .experts import _problems, check_experts_module, is_experts_module, moe_fused_experts_forward
+from .experts import check_experts_module, experts_path, is_experts_module, moe_fused_experts_forward
 
 IMPLEMENTATION = "moe_fused"
 
@@ -43,9 +43,10 @@ def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if is_experts_module(m)]
 
 
-def supported(model: nn.Module) -> dict[str, list[str]]:
-    """{module name: reasons it can't run on moe-fused} for each experts module ([] = supported)."""
-    return {n: _problems(m) for n, m in find_experts_modules(model)}
+def supported(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
+    """{module name: (path, reasons)} for each experts module: ("fused", []), ("two_gemm", why
+    not fused) or ("refused", why)."""
+    return {n: experts_path(m) for n, m in find_experts_modules(model)}
 
 
 def _get_impl(config):
