@@ -194,6 +194,14 @@ def experts_weights(module):
     return gate_up, down
 
 
+def _op_weight(w: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernels need a unit stride on a weight's last dim (the CPU core takes any
+    strides): there, a transposed view (Aria, GPT-OSS) becomes a copy, per call."""
+    if w.device.type != "cpu" and w.stride(-1) != 1:
+        return w.contiguous()
+    return w
+
+
 def _two_gemm_forward(self, x, index, weights, out_dtype):
     """Experts that the fused op can't express (biases, interleaved gate/up, a custom gate,
     another activation, no gate, a post-expert norm): the two grouped GEMMs run on
@@ -208,7 +216,7 @@ def _two_gemm_forward(self, x, index, weights, out_dtype):
         w1, b1 = self.up_proj, _bias(self, "up_proj_bias")
     w2, b2 = self.down_proj, _bias(self, "down_proj_bias")
     if _transposed(self):
-        w1, w2 = w1.transpose(-2, -1), w2.transpose(-2, -1)
+        w1, w2 = _op_weight(w1.transpose(-2, -1)), _op_weight(w2.transpose(-2, -1))
     h = _moe_fused_linear(x_rep, w1, sel)
     if b1 is not None:
         h = h + b1[sel]
@@ -252,5 +260,5 @@ def moe_fused_experts_forward(
         x = x.to(gate_up.dtype)
     if weights.dtype not in (x.dtype, torch.float32):
         weights = weights.to(x.dtype)
-    out = _moe_experts(x, index, weights, gate_up, down)
+    out = _moe_experts(x, index, weights, _op_weight(gate_up), _op_weight(down))
     return out.to(hidden_states.dtype).reshape(hidden_states.shape)
