@@ -29,6 +29,7 @@ EXPERTS_SHAPES = [
     pytest.param(130, 96, 48, 5, 2, 0, 3.0, id="heavy-skew"),
     pytest.param(17, 8, 1, 3, 2, 0, 0.0, id="I1"),
     pytest.param(33, 129, 65, 9, 4, 1, 0.5, id="odd-129-65"),
+    pytest.param(200, 256, 128, 16, 8, 0, 40.0, id="medium-k8-all-tokens-on-the-same-8-experts"),
 ]
 
 GRAD_NAMES = ("x", "w", "w1", "w2")
