@@ -438,3 +438,40 @@ def test_linear_degenerate_sizes(device):
     with pytest.raises(IndexError, match="selected_experts"):
         moe_fused.moe_fused_linear(torch.randn(2, 0, device=device), torch.randn(3, 4, 0, device=device),
                                    torch.tensor([0, 3], device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_casts_like_a_matmul(device):
+    """Under torch.autocast, float32 activations and weights run in the autocast dtype
+    (exactly as if cast by hand); gradients reach the float32 leaves in float32."""
+    inp = make_experts_inputs(24, 32, 16, 6, 2, seed=13)
+    leaves = {n: inp[n].float().to(device).requires_grad_(True) for n in GRAD_NAMES}
+    idx = inp["idx"].to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = moe_fused.moe_experts(leaves["x"], idx, leaves["w"], leaves["w1"], leaves["w2"])
+        y = moe_fused.moe_fused_linear(leaves["x"], leaves["w1"], idx[:, 0])
+    assert out.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    (out.float().sum() + y.float().sum()).backward()
+    for n in GRAD_NAMES:
+        assert leaves[n].grad.dtype == torch.float32, n
+    manual = {n: leaves[n].detach().bfloat16().requires_grad_(True) for n in ("x", "w1", "w2")}
+    out2 = moe_fused.moe_experts(manual["x"], idx, leaves["w"].detach(), manual["w1"], manual["w2"])
+    assert torch.equal(out, out2)  # float32 routing weights stay float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_compiles(device):
+    inp = make_experts_inputs(12, 16, 8, 4, 2, seed=14)
+    args = [inp[n].float().to(device).requires_grad_(True) for n in GRAD_NAMES]
+    idx = inp["idx"].to(device)
+
+    def f(x, w, w1, w2):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return moe_fused.moe_experts(x, idx, w, w1, w2)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, f(*args))
+    out.float().sum().backward()
+    assert all(a.grad is not None for a in args)

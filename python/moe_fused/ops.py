@@ -453,6 +453,21 @@ torch.library.register_autograd(
 # ---- public API ---------------------------------------------------------------------------
 
 
+def _autocast_dtype(device: torch.device):
+    """The autocast dtype when autocast is on for this device type, else None."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _cast(t, dtype, keep_float32=False):
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+        return t
+    if keep_float32 and t.dtype == torch.float32:
+        return t
+    return t.to(dtype)
+
+
 def moe_experts(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -476,7 +491,18 @@ def moe_experts(
     Returns:
         [T, H] in the dtype of hidden_states. Differentiable in hidden_states,
         top_k_weights, gate_up_proj and down_proj (only the needed gradients are computed).
+
+    Under ``torch.autocast`` (CPU or CUDA) the activations and weights are cast to the
+    autocast dtype first (float32 routing weights stay float32), like a matmul would be;
+    the gradients flow back through the casts to the original dtypes.
     """
+    if isinstance(hidden_states, torch.Tensor):
+        dt = _autocast_dtype(hidden_states.device)
+        if dt is not None:
+            hidden_states = _cast(hidden_states, dt)
+            top_k_weights = _cast(top_k_weights, dt, keep_float32=True)
+            gate_up_proj = _cast(gate_up_proj, dt)
+            down_proj = _cast(down_proj, dt)
     _check_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     return torch.ops.moe_fused.experts_forward(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj
@@ -492,7 +518,12 @@ def moe_fused_linear(input: torch.Tensor, weight: torch.Tensor, selected_experts
         selected_experts: [N] int64 or int32, values in [0, E).
 
     Returns:
-        [N, out]. Differentiable in input and weight.
+        [N, out]. Differentiable in input and weight. Under ``torch.autocast`` both are cast
+        to the autocast dtype first.
     """
+    if isinstance(input, torch.Tensor):
+        dt = _autocast_dtype(input.device)
+        if dt is not None:
+            input, weight = _cast(input, dt), _cast(weight, dt)
     _check_linear(input, weight, selected_experts)
     return torch.ops.moe_fused.linear_forward(input, weight, selected_experts)
