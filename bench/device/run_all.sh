@@ -39,7 +39,7 @@ if has profile; then
   timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 --json "$OUT/profile.json" 2>&1 | grep -v Warn | grep -v _warn_once | tee "$OUT/profile.log"
 fi
 if has variants; then  # the same profile with other compile-time GEMM configs
-  for V in ${VARIANTS:-BN=128}; do
+  for V in ${VARIANTS:-BN=256}; do
     VB=build/device-$V
     cmake -S . -B $VB -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90}" -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_CUDA_FLAGS="-DMOE_GEMM_$V" > "$OUT/build_$V.log" 2>&1 && cmake --build $VB -j16 >> "$OUT/build_$V.log" 2>&1 || { echo "variant $V build failed"; continue; }

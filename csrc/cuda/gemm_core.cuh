@@ -1,10 +1,11 @@
 // The tensor-core mainloop shared by grouped_gemm.cu and wgrad.cu:
-// 128 x BN x 64 CTA tile (BN = MOE_GEMM_BN: 256 by default, 128 selectable),
+// 128 x BN x 64 CTA tile (BN = MOE_GEMM_BN: 128 by default, 256 selectable),
 // 2 x BN/32 warps of 64x32 each, mma.sync m16n8k16 (bf16/fp16 in, fp32
 // accumulate), ldmatrix(.trans), a 3-stage cp.async pipeline with padded
 // (conflict-free) shared-memory rows. BN=256: 512 threads, 166 KB smem, 1 CTA/SM;
 // BN=128: 256 threads, 110.6 KB, 2 CTAs/SM. The larger tile moves 25% fewer
-// bytes from L2 per FLOP (ncu: the 128x128 kernels were L2-throughput bound).
+// bytes from L2 per FLOP (ncu: 128x128 ran at 80% of L2 throughput) but lost the
+// epilogue/mainloop overlap of two CTAs per SM: no faster on H100.
 // Operand loading is separate from the MMA loop (loaders fill smem tiles) so that
 // other sources (LoRA K blocks, NF4 dequantisation) can replace it.
 #pragma once
