@@ -343,3 +343,20 @@ def test_abi_linear_refuses_and_writes_nothing():
     with pytest.raises(IndexError, match="selected_experts"):
         _lib.check(status, "moe_linear_forward")
     assert torch.all(out == 3.0)
+
+
+def test_cuda_index_check_toggle():
+    from moe_fused import ops
+
+    prev = ops.set_cuda_index_check(False)
+    try:
+        assert ops.set_cuda_index_check(False) is False
+        # the CPU core checks regardless
+        args = _with("cpu", top_k_index=lambda t: t.fill_(E))
+        with pytest.raises(IndexError, match="top_k_index"):
+            _call(args)
+        if torch.cuda.is_available():
+            assert _call(_good("cuda")).shape == (T, H)  # runs without the host-side check
+    finally:
+        ops.set_cuda_index_check(prev)
+    assert ops.set_cuda_index_check(prev) == prev

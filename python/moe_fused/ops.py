@@ -21,20 +21,34 @@ Public functions: :func:`moe_experts` (the Transformers v5 experts contract) and
 Index range: on the CPU the C core checks every index and raises IndexError. On CUDA the
 Python layer checks ``(idx < 0) | (idx >= E)`` before the launch (one small reduction and a
 host sync) -- except while the current stream is being captured into a CUDA graph
-(``torch.cuda.is_current_stream_capturing()``), where a sync is not allowed: out-of-range
-indices are then the caller's responsibility. Nothing else in these ops syncs with the host.
+(``torch.cuda.is_current_stream_capturing()``), where a sync is not allowed, or when the
+check is turned off (``moe_fused.ops.set_cuda_index_check(False)`` or the environment
+variable ``MOE_FUSED_CHECK_INDICES=0``; indices from a top-k router are always in range, and
+the sync stops the host from running ahead of the GPU): out-of-range indices are then the
+caller's responsibility. Nothing else in these ops syncs with the host.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
 from . import _lib
 
-__all__ = ["moe_experts", "moe_fused_linear"]
+__all__ = ["moe_experts", "moe_fused_linear", "set_cuda_index_check"]
+
+_cuda_index_check = os.environ.get("MOE_FUSED_CHECK_INDICES", "1") != "0"
+
+
+def set_cuda_index_check(enabled: bool) -> bool:
+    """Turn the range check of expert indices on CUDA tensors on or off (one reduction
+    and one host sync per call); returns the previous setting. The CPU core always checks."""
+    global _cuda_index_check
+    previous, _cuda_index_check = _cuda_index_check, bool(enabled)
+    return previous
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -167,7 +181,9 @@ def _check_index_range(name: str, idx: torch.Tensor, num_experts: int, any_devic
     graph capture."""
     if (idx.device.type != "cuda" and not any_device) or idx.numel() == 0:
         return
-    if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if idx.device.type == "cuda" and (
+        (not _cuda_index_check and not any_device) or torch.cuda.is_current_stream_capturing()
+    ):
         return
     bad = ((idx < 0) | (idx >= num_experts)).any()
     if bool(bad):  # one host sync
