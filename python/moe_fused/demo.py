@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int("--steps"), default=None,
                    help="fine-tuning steps with moe_fused (default: cpu 200, cuda 100)")
     p.add_argument("--compare-steps", type=_nonneg_int("--compare-steps"), default=None,
-                   help="steps run for each other implementation (default 8; eager on cuda at most 4; 0 = none)")
+                   help="steps run for each other implementation (default: cpu 16, cuda 8; eager on cuda at "
+                        "most 6; 0 = none)")
     p.add_argument("--compare", type=lambda s: [] if s == "none" else _impl_list(s),
                    default=["grouped_mm", "eager"],
                    help="implementations to compare with, comma separated (default grouped_mm,eager; 'none')")
@@ -233,9 +234,9 @@ def _sync(device):
 def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, instrument=2, log=print):
     """One AdamW step per batch.
 
-    Returns (losses, timed seconds, timed tokens, experts share). Steps after the warm-up
-    are timed, except the last `instrument` ones, which time the experts modules
-    (hooks) to give the experts' share of a step.
+    Returns (losses, per-step seconds, experts share). Steps after the warm-up are timed
+    (their seconds; None for the others), except the last `instrument` ones, which time
+    the experts modules (hooks) to give the experts' share of a step.
     """
     import torch
 
@@ -254,7 +255,7 @@ def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, 
             bar = tqdm(total=n, desc=desc, unit="step", dynamic_ncols=True, leave=True)
         except ImportError:
             bar = None
-    losses, timed, ntok, inst_s, inst_experts_ms = [], 0.0, 0, 0.0, 0.0
+    losses, dts, inst_s, inst_experts_ms = [], [], 0.0, 0.0
     for i, ids in enumerate(data):
         ids = ids.to(device, non_blocking=True)
         instrumented = i >= n - instrument
@@ -272,9 +273,7 @@ def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, 
             timer.detach()
             inst_s += dt
             inst_experts_ms += sum(timer.collect_ms())
-        elif i >= min(warmup, n - 1):
-            timed += dt
-            ntok += ids.numel()
+        dts.append(dt if (not instrumented and i >= min(warmup, n - 1)) else None)
         if not math.isfinite(value):
             raise FloatingPointError(f"{desc}: loss became {value} at step {i + 1}")
         losses.append(value)
@@ -288,10 +287,17 @@ def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, 
     if bar is not None:
         bar.close()
     del opt
-    if ntok == 0:  # too few steps to leave any uninstrumented timed one
-        timed, ntok = inst_s, instrument * data[0].numel()
     share = (inst_experts_ms / 1e3) / inst_s if inst_s else None
-    return losses, timed, ntok, share
+    return losses, dts, share
+
+
+def throughput(dts, tokens_per_step, steps=None):
+    """(tokens/s, step ms) over the timed steps (those in `steps` if given)."""
+    idx = [i for i, d in enumerate(dts) if d is not None and (steps is None or i in steps)]
+    if not idx:
+        return None, None
+    secs = sum(dts[i] for i in idx)
+    return len(idx) * tokens_per_step / secs, 1e3 * secs / len(idx)
 
 
 def evaluate(model, data, device) -> float:
@@ -373,7 +379,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda requested, but this libmoe_fused was built without CUDA; use --device cpu")
     cuda = args.device == "cuda"
     steps = args.steps or (100 if cuda else 200)
-    cmp_steps = args.compare_steps if args.compare_steps is not None else 8
+    cmp_steps = args.compare_steps if args.compare_steps is not None else (8 if cuda else 16)
     bs = args.batch_size or (16 if cuda else 8)
     seq = args.seq_len or (1024 if cuda else 256)
     layers = args.layers or 2
@@ -418,7 +424,7 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        losses, secs, ntok, share = train(
+        losses, dts, share = train(
             model, train_data, lr, device, "moe_fused", not args.no_progress, args.log_every
         )
     except FloatingPointError as exc:
@@ -428,7 +434,8 @@ def main(argv=None) -> int:
     text = sample(model, device)
     results = {
         "moe_fused": {
-            "tokens_per_s": ntok / secs if secs else None, "step_ms": 1e3 * secs * bs * seq / ntok if ntok else None,
+            # tokens/s and step ms are set below, over the same steps as the comparisons
+            "tokens_per_s_whole_run": throughput(dts, bs * seq)[0],
             "steps": len(losses), "losses": losses, "experts_share": share,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         }
@@ -440,17 +447,18 @@ def main(argv=None) -> int:
     n_cmp = min(cmp_steps, steps)
     if n_cmp and args.compare:
         for impl in args.compare:
-            m_steps = n_cmp if not (cuda and impl == "eager") else min(n_cmp, 4)
+            m_steps = n_cmp if not (cuda and impl == "eager") else min(n_cmp, 6)
             use(model, impl, state)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                l2, s2, t2, sh2 = train(model, train_data[:m_steps], lr, device, impl, not args.no_progress,
+                l2, d2, sh2 = train(model, train_data[:m_steps], lr, device, impl, not args.no_progress,
                                         args.log_every, warmup=min(2, m_steps - 1))
                 diff = max(abs(a - b) for a, b in zip(l2, losses))
                 results[impl] = {
-                    "tokens_per_s": t2 / s2 if s2 else None, "step_ms": 1e3 * s2 * bs * seq / t2 if t2 else None,
+                    "tokens_per_s": throughput(d2, bs * seq)[0], "step_ms": throughput(d2, bs * seq)[1],
+                    "timed_steps": [i + 1 for i, d in enumerate(d2) if d is not None],
                     "steps": len(l2), "losses": l2, "max_abs_loss_diff_vs_moe_fused": diff, "experts_share": sh2,
                     "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 }
@@ -460,7 +468,16 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
 
     # 3. Report.
-    base = results["moe_fused"]["tokens_per_s"]
+    # moe_fused over the very steps (same batches) the others were timed on; else its whole run.
+    same = [set(r["timed_steps"]) for r in results.values() if "timed_steps" in r]
+    window = {i - 1 for i in set.intersection(*same)} if same else None
+    rf = results["moe_fused"]
+    rf["tokens_per_s"], rf["step_ms"] = throughput(dts, bs * seq, window)
+    if rf["tokens_per_s"] is None:
+        rf["tokens_per_s"], rf["step_ms"] = throughput(dts, bs * seq)
+    else:
+        rf["timed_steps"] = sorted(i + 1 for i in window if dts[i] is not None)
+    base = rf["tokens_per_s"]
     print(f"{'experts_implementation':24s} {'tokens/s':>12s} {'step ms':>10s} {'experts share':>14s} "
           f"{'moe_fused speedup':>18s}{'  peak GB' if cuda else ''}  {'max |loss diff|':>15s}")
     for impl, r in results.items():
@@ -475,6 +492,9 @@ def main(argv=None) -> int:
         print(f"{impl:24s} {r['tokens_per_s'] or float('nan'):12,.0f} {r['step_ms'] or float('nan'):10.1f} {sh:>14s} "
               f"{'-' if impl == 'moe_fused' else f'{speedup:.2f}x':>18s}{mem}  "
               f"{'-' if d is None else f'{d:.2e}':>15s}")
+    if rf.get("timed_steps"):
+        print(f"(tokens/s over steps {rf['timed_steps'][0]}-{rf['timed_steps'][-1]}, the same batches for each; "
+              f"moe_fused over its whole run: {rf['tokens_per_s_whole_run'] or float('nan'):,.0f} tokens/s)")
     png = args.out_dir / "loss_curve.png"
     curves = {f"{k} ({v['steps']} steps)": v.get("losses", []) for k, v in results.items()}
     title = (f"Qwen3-MoE ({layers}L, H={config.hidden_size}, E={config.num_experts}, k={config.num_experts_per_tok}) "
