@@ -385,6 +385,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=10.0, help="stop a measurement after this many seconds (>= 3 runs)")
     p.add_argument("--eager-max-tokens", type=int, default=0,
                    help="skip hf-eager above this T (it is slow); 0 = never skip. Skips are printed and saved.")
+    p.add_argument("--index-check", action="store_true",
+                   help="CUDA: keep moe_fused's host-side expert-index range check (one sync per call) on while timing")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results", help="folder for the JSON and PNG (default bench/results)")
@@ -441,6 +443,13 @@ def main(argv=None) -> int:
     log(f"moe-fused bench: experts layer, {args.dtype}, {env['device']}, torch {env['torch']}, "
         f"transformers {env['transformers']}, {env['threads']} threads")
     log("flops: fwd 6*T*k*H*I, fwd+bwd 18*T*k*H*I; times are medians; speedup = HF time / moe_fused time")
+    if device.type == "cuda" and not args.index_check:
+        # Like HF's paths, which validate no index: the check's host sync would also stall
+        # the launch queue inside the timed region. (--index-check turns it back on.)
+        from moe_fused.ops import set_cuda_index_check
+
+        set_cuda_index_check(False)
+        log("note: moe_fused's host-side index range check (a sync) is off, as HF's paths have none; --index-check times it")
     if args.eager_max_tokens:
         log(f"NOTE: hf-eager is skipped above T={args.eager_max_tokens} (--eager-max-tokens)")
     results = []
