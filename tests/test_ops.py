@@ -475,3 +475,26 @@ def test_autocast_compiles(device):
     assert torch.equal(out, f(*args))
     out.float().sum().backward()
     assert all(a.grad is not None for a in args)
+
+
+def test_experts_saves_only_x_weights_plan_and_h():
+    """Autograd keeps x, the routing weights, both expert weights, the plan and h = [g; u]
+    -- not a = silu(g) * u, not y, no gathered copy of x."""
+    T, H, I, E, k = 10, 12, 5, 4, 3
+    inp = make_experts_inputs(T, H, I, E, k, seed=15)
+    leaves = {n: inp[n].float().requires_grad_(True) for n in GRAD_NAMES}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        out = moe_fused.moe_experts(leaves["x"], inp["idx"], leaves["w"], leaves["w1"], leaves["w2"])
+    expected = [
+        ((T, H), torch.float32),  # x
+        ((T, k), torch.float32),  # routing weights
+        ((E, 2 * I, H), torch.float32),  # gate_up_proj
+        ((E, H, I), torch.float32),  # down_proj
+        ((E + 1,), torch.int32),  # expert_offsets
+        ((T * k,), torch.int32),  # sorted_pairs
+        ((T * k,), torch.int32),  # pair_rows
+        ((T * k, 2 * I), torch.float32),  # h
+    ]
+    assert sorted(saved, key=str) == sorted(expected, key=str)
+    out.sum().backward()
