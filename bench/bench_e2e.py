@@ -4,7 +4,8 @@
 One process, one model (random weights, bf16, real vocabulary 151936), the same
 batch for every implementation: the experts implementation is switched on the
 same weights (moe_fused.patch / unpatch). A step is forward + loss + backward +
-optimizer update (SGD, like the peers' figure in shared/PEERS.md) at
+optimizer update (SGD, like the peers' figure in shared/PEERS.md; lr 0, so the weights, and
+the losses, stay comparable across implementations) at
 batch x seq = 16384 tokens. Reported per implementation: step ms (median),
 tokens/s, peak memory, and the experts' share of the step (CUDA events around
 every experts module's forward and backward, in separate instrumented steps so
@@ -139,10 +140,12 @@ def run(argv=None) -> int:
     ids = torch.randint(0, config.vocab_size, (batch, args.seq_len), generator=g).to(device)
     print(f"step : {batch} x {args.seq_len} = {args.tokens} tokens, {args.optimizer}, attn {args.attn}")
 
+    # lr 0: the update runs in full (its cost is part of the step) but the weights stay
+    # the same, so every implementation sees identical weights and its loss is comparable.
     if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0, foreach=True)
     from moe_fused.hf.timing import ExpertsTimer
 
     timer = ExpertsTimer(model)
@@ -233,8 +236,11 @@ def run(argv=None) -> int:
                 torch.cuda.empty_cache()
 
     ok = {k: v for k, v in results.items() if "error" not in v}
+    if "moe_fused" in ok:
+        for k, v in ok.items():
+            v["loss_diff_vs_moe_fused"] = abs(v["loss"] - ok["moe_fused"]["loss"])
     print(f"\n{'experts_implementation':24s} {'step ms':>9s} {'tokens/s':>11s} {'peak GB':>8s} {'experts ms':>11s} "
-          f"{'share':>6s} {'speedup':>8s}")
+          f"{'share':>6s} {'speedup':>8s} {'loss':>8s}")
     base = ok.get("moe_fused", {}).get("step_ms")
     for k, v in results.items():
         if "error" in v:
@@ -244,7 +250,7 @@ def run(argv=None) -> int:
         v["moe_fused_speedup"] = v["step_ms"] / base if base else None
         pk = f"{v['peak_mem_gb']:8.1f}" if v["peak_mem_gb"] is not None else f"{'-':>8s}"
         print(f"{k:24s} {v['step_ms']:9.1f} {v['tokens_per_s']:11,.0f} {pk} {v['experts_ms']:11.1f} "
-              f"{100 * v['experts_share']:5.0f}% {sp:>8s}")
+              f"{100 * v['experts_share']:5.0f}% {sp:>8s} {v['loss']:8.4f}")
 
     record = {
         "bench": "e2e_train_step",
