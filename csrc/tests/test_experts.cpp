@@ -76,7 +76,7 @@ void run_case(const Case &c, uint32_t seed = 0) {
     for (int64_t r = plan.at(plan.off, e); r < plan.at(plan.off, e + 1); ++r) {
       const int32_t p = plan.at(plan.sorted, r);
       ASSERT_EQ(int64_t(iv[size_t(p)]), e);
-      if (r > plan.at(plan.off, e)) ASSERT_LT(plan.at(plan.sorted, r - 1), p);
+      if (r > plan.at(plan.off, e)) { ASSERT_LT(plan.at(plan.sorted, r - 1), p); }
       ASSERT_EQ(plan.at(plan.rows, p), r);
     }
   }
@@ -84,7 +84,7 @@ void run_case(const Case &c, uint32_t seed = 0) {
   ExpertsRef R = experts_ref(T, k, H, I, E, x.values(), iv, s.values(), W1.values(),
                              W2.values(), dout.values());
   const double tol = tol_for(c.dt);
-  if (T * H > 0) EXPECT_LE(rel_err(out.values(), R.out), tol) << "out";
+  if (T * H > 0) { EXPECT_LE(rel_err(out.values(), R.out), tol) << "out"; }
 
   // h rows in plan order: h[r] = W1[e] x_t for pair sorted[r].
   {
@@ -98,7 +98,7 @@ void run_case(const Case &c, uint32_t seed = 0) {
         href[size_t(r * 2 * I + o)] = acc;
       }
     }
-    if (n * I > 0) EXPECT_LE(rel_err(hv, href), tol) << "h";
+    if (n * I > 0) { EXPECT_LE(rel_err(hv, href), tol) << "h"; }
   }
 
   Tensor dx = make(c, {T, H}, false), ds(sdt, {T, k}), dW1 = make(c, {E, 2 * I, H}, true),
@@ -112,8 +112,8 @@ void run_case(const Case &c, uint32_t seed = 0) {
                                  &dsd, &dw1d, &dw2d),
             MOE_OK)
       << moe_last_error();
-  if (T * H > 0) EXPECT_LE(rel_err(dx.values(), R.dx), tol) << "dx";
-  if (n * I * H > 0) EXPECT_LE(rel_err(ds.values(), R.ds), tol) << "ds";
+  if (T * H > 0) { EXPECT_LE(rel_err(dx.values(), R.dx), tol) << "dx"; }
+  if (n * I * H > 0) { EXPECT_LE(rel_err(ds.values(), R.ds), tol) << "ds"; }
   if (E * I * H > 0) {
     EXPECT_LE(rel_err(dW1.values(), R.dW1), tol) << "dW1";
     EXPECT_LE(rel_err(dW2.values(), R.dW2), tol) << "dW2";
@@ -121,8 +121,8 @@ void run_case(const Case &c, uint32_t seed = 0) {
   // Experts without rows get exact zeros.
   for (int64_t e = 0; e < E; ++e) {
     if (plan.at(plan.off, e + 1) != plan.at(plan.off, e)) continue;
-    for (int64_t i = 0; i < 2 * I * H; ++i) ASSERT_EQ(dW1.get(e * 2 * I * H + i), 0.0);
-    for (int64_t i = 0; i < H * I; ++i) ASSERT_EQ(dW2.get(e * H * I + i), 0.0);
+    for (int64_t i = 0; i < 2 * I * H; ++i) { ASSERT_EQ(dW1.get(e * 2 * I * H + i), 0.0); }
+    for (int64_t i = 0; i < H * I; ++i) { ASSERT_EQ(dW2.get(e * H * I + i), 0.0); }
   }
 
   // Every gradient is optional: each alone gives the same values.

@@ -52,17 +52,17 @@ void run_linear(const LCase &c) {
       }
   }
   const double tol = tol_for(c.dt);
-  if (N * Out > 0) EXPECT_LE(rel_err(out.values(), ro), tol) << "out";
-  if (N * In > 0) EXPECT_LE(rel_err(gx.values(), rgx), tol) << "grad_input";
+  if (N * Out > 0) { EXPECT_LE(rel_err(out.values(), ro), tol) << "out"; }
+  if (N * In > 0) { EXPECT_LE(rel_err(gx.values(), rgx), tol) << "grad_input"; }
   if (E * Out * In > 0) {
     std::vector<double> gwv = gW.values();
-    if (N > 0) EXPECT_LE(rel_err(gwv, rgw), tol) << "grad_weight";
+    if (N > 0) { EXPECT_LE(rel_err(gwv, rgw), tol) << "grad_weight"; }
     // experts that no row selects: exact zeros
     for (int64_t e = 0; e < E; ++e) {
       bool used = false;
       for (double v : sv) used |= int64_t(v) == e;
       if (!used)
-        for (int64_t i = 0; i < Out * In; ++i) ASSERT_EQ(gwv[size_t(e * Out * In + i)], 0.0);
+        for (int64_t i = 0; i < Out * In; ++i) { ASSERT_EQ(gwv[size_t(e * Out * In + i)], 0.0); }
     }
   }
 }
