@@ -28,7 +28,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-IMPLS = ("moe_fused", "grouped_mm", "eager")
+# "moe_fused+check": moe_fused with the CUDA host-side expert-index range check on (the
+# default of moe_fused.ops; one reduction and one host sync per layer). "moe_fused" runs
+# with it off, like bench_layer.py: indices from a top-k router are always in range.
+IMPLS = ("moe_fused", "moe_fused+check", "grouped_mm", "eager")
 HERE = Path(__file__).resolve().parent
 # Before torch is imported: torch's bundled libgomp and libmoe_fused's system libgomp would
 # otherwise spin against each other on the CPU (see moe_fused/__init__.py).
@@ -147,6 +150,9 @@ def run(argv=None) -> int:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=0.0, foreach=True)
     from moe_fused.hf.timing import ExpertsTimer
+    from moe_fused.ops import set_cuda_index_check
+
+    index_check_default = set_cuda_index_check(True)
 
     timer = ExpertsTimer(model)
     cuda = device.type == "cuda"
@@ -166,11 +172,13 @@ def run(argv=None) -> int:
     for impl in args.impls:
         print(f"\n== {impl}")
         try:
-            if impl == "moe_fused":
+            hf_impl = "moe_fused" if impl.startswith("moe_fused") else impl
+            if hf_impl == "moe_fused":
                 moe_fused.patch(model)
+                set_cuda_index_check(impl == "moe_fused+check")
             else:
                 moe_fused.unpatch(model, implementation=impl)
-            assert model.config._experts_implementation == impl
+            assert model.config._experts_implementation == hf_impl
             n = args.eager_steps if impl == "eager" else args.steps
             warm = 1 if impl == "eager" else args.warmup
             gc.collect()
@@ -235,6 +243,7 @@ def run(argv=None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
 
+    set_cuda_index_check(index_check_default)
     ok = {k: v for k, v in results.items() if "error" not in v}
     if "moe_fused" in ok:
         for k, v in ok.items():
@@ -264,6 +273,13 @@ def run(argv=None) -> int:
                                            "num_experts_per_tok")}, "params": n_params, "dtype": str(dtype)},
         "step": {"tokens": args.tokens, "batch": batch, "seq_len": args.seq_len, "optimizer": args.optimizer,
                  "attn": args.attn},
+        "notes": {
+            "moe_fused": "CUDA expert-index range check off (as bench_layer.py); top-k indices are in range",
+            "moe_fused+check": "the ops' default: index range check on (one reduction + host sync per layer)",
+            "experts_ms": "CUDA events around each experts module's forward and backward (hooks), "
+                          "median of 2 separately instrumented steps",
+            "optimizer": "lr 0: full update cost, identical weights for every implementation",
+        },
         "results": results,
     }
     out = args.out
