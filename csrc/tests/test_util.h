@@ -182,10 +182,10 @@ inline ExpertsRef experts_ref(int64_t T, int64_t k, int64_t H, int64_t I, int64_
     for (int64_t j = 0; j < k; ++j) {
       const int64_t e = int64_t(idx[size_t(t * k + j)]);
       const double sw = s[size_t(t * k + j)];
-      const double *w1 = &W1[size_t(e * 2 * I * H)];
-      const double *w2 = &W2[size_t(e * H * I)];
-      const double *xt = &x[size_t(t * H)];
-      const double *go = &dout[size_t(t * H)];
+      const double *w1 = W1.data() + e * 2 * I * H;
+      const double *w2 = W2.data() + e * H * I;
+      const double *xt = x.data() + t * H;
+      const double *go = dout.data() + t * H;
       for (int64_t r = 0; r < 2 * I; ++r) {
         double acc = 0;
         for (int64_t c = 0; c < H; ++c) acc += w1[r * H + c] * xt[c];
