@@ -366,6 +366,8 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   // A corrupt plan is an error, not a wild read.
   moe_status_t st = check_plan(plan, p.num_experts, p.tokens * p.top_k);
   if (st != MOE_OK) return st;
+  if (!grad_hidden_states && !grad_top_k_weights && !grad_gate_up_proj && !grad_down_proj)
+    return MOE_OK;
   st = MOE_ERR_DTYPE;
   dispatch_float(hidden_states.dtype, [&](auto tag) {
     st = backward_impl<decltype(tag)>(ctx, p, grad_out, hidden_states, top_k_weights,
