@@ -114,7 +114,7 @@ moe_status_t float_dtype(const moe_tensor_t &t, const char *param, int32_t devic
 moe_status_t same_dtype(const moe_tensor_t &t, const char *param, int32_t want,
                         const char *ref, bool also_f32) {
   if (t.dtype == want || (also_f32 && t.dtype == MOE_DTYPE_F32)) return MOE_OK;
-  if (also_f32)
+  if (also_f32 && want != MOE_DTYPE_F32)
     return set_error(MOE_ERR_DTYPE, "%s: expected %s (the dtype of %s) or float32, got %s",
                      name(&t, param), dtype_name(want), ref, dtype_name(t.dtype));
   return set_error(MOE_ERR_DTYPE, "%s: expected %s (the dtype of %s), got %s",
