@@ -292,12 +292,15 @@ def train(model, data, lr, device, desc, progress=True, log_every=10, warmup=2, 
 
 
 def throughput(dts, tokens_per_step, steps=None):
-    """(tokens/s, step ms) over the timed steps (those in `steps` if given)."""
-    idx = [i for i, d in enumerate(dts) if d is not None and (steps is None or i in steps)]
-    if not idx:
+    """(tokens/s, step ms) from the median timed step (those in `steps` if given): robust to
+    the bursts of other work on a shared machine."""
+    import statistics
+
+    times = [d for i, d in enumerate(dts) if d is not None and (steps is None or i in steps)]
+    if not times:
         return None, None
-    secs = sum(dts[i] for i in idx)
-    return len(idx) * tokens_per_step / secs, 1e3 * secs / len(idx)
+    med = statistics.median(times)
+    return tokens_per_step / med, 1e3 * med
 
 
 def evaluate(model, data, device) -> float:
@@ -493,7 +496,7 @@ def main(argv=None) -> int:
               f"{'-' if impl == 'moe_fused' else f'{speedup:.2f}x':>18s}{mem}  "
               f"{'-' if d is None else f'{d:.2e}':>15s}")
     if rf.get("timed_steps"):
-        print(f"(tokens/s over steps {rf['timed_steps'][0]}-{rf['timed_steps'][-1]}, the same batches for each; "
+        print(f"(tokens/s: median step of steps {rf['timed_steps'][0]}-{rf['timed_steps'][-1]}, the same batches for each; "
               f"moe_fused over its whole run: {rf['tokens_per_s_whole_run'] or float('nan'):,.0f} tokens/s)")
     png = args.out_dir / "loss_curve.png"
     curves = {f"{k} ({v['steps']} steps)": v.get("losses", []) for k, v in results.items()}
