@@ -213,6 +213,7 @@ moe_status_t forward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
         // h is stored in the activation dtype; a is computed from the rounded h.
         T *hp = data_as<T>(h) + c0 * 2 * I;
         const int64_t cnt = m * 2 * I;
+#pragma omp parallel for schedule(static) if (inner && cnt > kPar)
         for (int64_t i = 0; i < cnt; ++i) {
           const T v = from_c<T>(Hc[i]);
           hp[i] = v;
@@ -281,6 +282,7 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
       if (!native) {
         const T *hp = data_as<const T>(h) + c0 * 2 * I;
         const int64_t cnt = m * 2 * I;
+#pragma omp parallel for schedule(static) if (inner && cnt > kPar)
         for (int64_t i = 0; i < cnt; ++i) S.HD[i] = to_c<C>(hp[i]);
       }
       if (need_A) swiglu_rows(S.A, lda, Hc, ldh, m, I, inner);
