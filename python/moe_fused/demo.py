@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import sysconfig
@@ -415,8 +414,8 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"moe-fused demo on {args.device} ({torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} CPU threads)")
+    where = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    print(f"moe-fused demo on {args.device} ({where}, {torch.get_num_threads()} CPU threads)")
     print(f"  data : {what}: {nfiles} files, {tokens.numel():,} byte tokens")
     print(f"  model: Qwen3-MoE, {layers} layers, H={config.hidden_size}, I={config.moe_intermediate_size}, "
           f"E={config.num_experts}, k={config.num_experts_per_tok}, {n_params / 1e6:.1f}M parameters, {dtype}")
@@ -496,8 +495,10 @@ def main(argv=None) -> int:
               f"{'-' if impl == 'moe_fused' else f'{speedup:.2f}x':>18s}{mem}  "
               f"{'-' if d is None else f'{d:.2e}':>15s}")
     if rf.get("timed_steps"):
-        print(f"(tokens/s: median step of steps {rf['timed_steps'][0]}-{rf['timed_steps'][-1]}, the same batches for each; "
-              f"moe_fused over its whole run: {rf['tokens_per_s_whole_run'] or float('nan'):,.0f} tokens/s)")
+        first, last = rf["timed_steps"][0], rf["timed_steps"][-1]
+        whole = rf["tokens_per_s_whole_run"] or float("nan")
+        print(f"(tokens/s: median step of steps {first}-{last}, the same batches for each; "
+              f"moe_fused over its whole run: {whole:,.0f} tokens/s)")
     png = args.out_dir / "loss_curve.png"
     curves = {f"{k} ({v['steps']} steps)": v.get("losses", []) for k, v in results.items()}
     title = (f"Qwen3-MoE ({layers}L, H={config.hidden_size}, E={config.num_experts}, k={config.num_experts_per_tok}) "
