@@ -100,21 +100,30 @@ FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p) {
   return L;
 }
 
+// Backward workspace. dx is computed in row windows: the per-pair rows dh W1[e] of
+// one window of plan rows go to `win` (which reuses the s*a buffer: s*a is dead once
+// dW2 is done), then are summed into an fp32 token accumulator (combine_window). With
+// nwin = 4 this holds n/4 rows instead of n, and the window shares memory with s*a.
 struct BwdWs {
   Tile *tiles;
   int32_t *num_tiles;
-  void *dh, *sa, *dxs;
+  void *dh, *sa;  // sa: [n, I] s*a, then the dx row window [win_rows, H]
+  float *acc;     // [T, H] fp32 dx accumulator (nwin > 1)
   float *ds_part;
   int ds_ld;
+  int nwin;
+  int64_t win_rows;
 };
 BwdWs bwd_layout(WsArena &ar, const ExpertsProblem &p) {
   const int64_t n = p.tokens * p.top_k;
   BwdWs L;
+  L.nwin = n >= 1024 ? 4 : 1;
+  L.win_rows = (n + L.nwin - 1) / L.nwin;
   L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
   L.num_tiles = ar.take<int32_t>(1);
   L.dh = ar.take<uint16_t>(n * 2 * p.intermediate);
-  L.sa = ar.take<uint16_t>(n * p.intermediate);
-  L.dxs = ar.take<uint16_t>(n * p.hidden);
+  L.sa = ar.take<uint16_t>(std::max(n * p.intermediate, L.win_rows * p.hidden));
+  L.acc = L.nwin > 1 ? ar.take<float>(p.tokens * p.hidden) : nullptr;
   L.ds_ld = grouped_gemm_col_tiles(EPI_DSWIGLU, int(std::min<int64_t>(p.intermediate, 1 << 30)));
   L.ds_part = ar.take<float>(n * std::max(L.ds_ld, 1));
   return L;
@@ -495,6 +504,8 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     MOE_CU_TRY(wgrad_gemm(w, st));
   }
   if (grad_hidden_states) {
+    // dx rows = dh W1[e] per plan row, in row windows (s*a, now dead, holds the window),
+    // then summed per token over its k slots (fp32, deterministic order).
     GroupedGemmArgs d{};
     d.dtype = hidden_states.dtype;
     d.epilogue = EPI_STORE;
@@ -512,14 +523,24 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     d.tiles = L.tiles;
     d.num_tiles = L.num_tiles;
     d.max_tiles = max_tiles(n, E, BMT);
-    d.C = L.dxs;
+    d.C = L.sa;
     d.ldc = H;
     d.c_scatter = false;
     d.k = int(k);
-    MOE_CU_TRY(grouped_gemm(d, st));
-    MOE_CU_TRY(combine_rows(hidden_states.dtype, L.dxs, H, rows, nullptr, MOE_DTYPE_F32, 0, 0, T,
-                            int(k), H, grad_hidden_states->data,
-                            grad_hidden_states->strides[0], st));
+    for (int w = 0; w < L.nwin; ++w) {
+      const int64_t lo = w * L.win_rows, hi = std::min<int64_t>(n, lo + L.win_rows);
+      d.c_row0 = lo;
+      if (L.nwin > 1) build_tiles_window(off, int(E), n, lo, hi, BMT, L.tiles, L.num_tiles, st);
+      MOE_CU_TRY(grouped_gemm(d, st));
+      if (L.nwin == 1)
+        MOE_CU_TRY(combine_rows(hidden_states.dtype, L.sa, H, rows, nullptr, MOE_DTYPE_F32, 0, 0,
+                                T, int(k), H, grad_hidden_states->data,
+                                grad_hidden_states->strides[0], st));
+      else
+        MOE_CU_TRY(combine_window(hidden_states.dtype, L.sa, H, rows, lo, hi, T, int(k), H, L.acc,
+                                  w == 0, w == L.nwin - 1, grad_hidden_states->data,
+                                  grad_hidden_states->strides[0], st));
+    }
   }
   return MOE_OK;
 }

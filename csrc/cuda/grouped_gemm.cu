@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
           const float4 x1 = *reinterpret_cast<const float4 *>(Cs + row * CS_ST + col + 4);
           v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
           v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
-          const int64_t orow = a.c_scatter ? clamp_row(a.sorted[r], a.n_rows) : r;
+          const int64_t orow = a.c_scatter ? clamp_row(a.sorted[r], a.n_rows) : r - a.c_row0;
           store8<T>(C + orow * a.ldc + gn, v, N - gn, a.vec_c);
         }
       }

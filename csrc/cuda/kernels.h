@@ -32,6 +32,9 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
 // to [0, n], made monotone): tiles[max_tiles(n,E,BM)], num_tiles[1].
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
                  int32_t *num_tiles, cudaStream_t stream);
+// The same, with every segment clipped to the plan-row window [lo, hi).
+void build_tiles_window(const int32_t *offsets, int E, int64_t n, int64_t lo, int64_t hi, int BM,
+                        Tile *tiles, int32_t *num_tiles, cudaStream_t stream);
 
 // ---- grouped_gemm.cu -----------------------------------------------------------
 
@@ -65,6 +68,7 @@ struct GroupedGemmArgs {
   void *C;
   int64_t ldc;
   bool c_scatter;
+  int64_t c_row0;  // EPI_STORE without scatter: C row = r - c_row0 (row windows)
   void *C2;
   int64_t ldc2;
   const void *Hin;
@@ -112,6 +116,13 @@ moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, const int32_t *
                           const void *sw, int sw_dtype, int64_t sw_s0, int64_t sw_s1,
                           int64_t T, int k, int64_t H, void *out, int64_t ldo,
                           cudaStream_t stream);
+// Row-window form of combine_rows (w = 1): over the plan rows [lo, hi) held in Yw
+// (row r at Yw[(r - lo) * ldy]), acc[t] (fp32 [T, H]) = (first ? 0 : acc[t]) + sum of
+// the token's slots j (ascending) whose row lies in the window; on the last window the
+// sum goes to out (its dtype) instead of acc. Deterministic: window order, then slots.
+moe_status_t combine_window(int dtype, const void *Yw, int64_t ldy, const int32_t *rows,
+                            int64_t lo, int64_t hi, int64_t T, int k, int64_t H, float *acc,
+                            bool first, bool last, void *out, int64_t ldo, cudaStream_t stream);
 // grad_s[t, j] = sum_i ds_part[rows[t*k+j], i] (i ascending), in gs_dtype.
 moe_status_t reduce_ds(const float *ds_part, int ds_ld, int ncols, const int32_t *rows,
                        int64_t T, int k, void *gs, int gs_dtype, int64_t gs_s0,

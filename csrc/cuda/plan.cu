@@ -125,18 +125,21 @@ __global__ void plan_scatter(const Idx *idx, int64_t s0, int64_t s1, int k, int6
 
 // One block: per-expert tile counts (segments clamped to [0, n] and made
 // monotone), their scan, the tile entries, and the tile count.
-__global__ void tiles_kernel(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
-                             int32_t *num_tiles, int64_t maxT) {
+__global__ void tiles_kernel(const int32_t *offsets, int E, int64_t n, int64_t lo, int64_t hi,
+                             int BM, Tile *tiles, int32_t *num_tiles, int64_t maxT) {
   int carry = 0;
   for (int b = 0; b < E; b += blockDim.x) {
     const int e = b + threadIdx.x;
     int s = 0, t = 0, cnt = 0;
     if (e < E) {
-      const int64_t lo = offsets[e], hi = offsets[e + 1];
-      s = static_cast<int>(lo < 0 ? 0 : (lo > n ? n : lo));
-      const int64_t t64 = hi < s ? s : (hi > n ? n : hi);
+      const int64_t lo_e = offsets[e], hi_e = offsets[e + 1];
+      s = static_cast<int>(lo_e < 0 ? 0 : (lo_e > n ? n : lo_e));
+      const int64_t t64 = hi_e < s ? s : (hi_e > n ? n : hi_e);
       t = static_cast<int>(t64);
-      cnt = (t - s + BM - 1) / BM;
+      // clip to the row window [lo, hi)
+      s = static_cast<int>(s < lo ? lo : s);
+      t = static_cast<int>(t > hi ? hi : t);
+      cnt = t > s ? (t - s + BM - 1) / BM : 0;
     }
     int tot;
     const int ex = block_exclusive_scan(cnt, &tot);
@@ -190,7 +193,12 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
 
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
                  int32_t *num_tiles, cudaStream_t stream) {
-  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, E, n, BM, tiles, num_tiles,
+  build_tiles_window(offsets, E, n, 0, n, BM, tiles, num_tiles, stream);
+}
+
+void build_tiles_window(const int32_t *offsets, int E, int64_t n, int64_t lo, int64_t hi, int BM,
+                        Tile *tiles, int32_t *num_tiles, cudaStream_t stream) {
+  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, E, n, lo, hi, BM, tiles, num_tiles,
                                        max_tiles(n, E, BM));
 }
 
