@@ -116,11 +116,19 @@ def _custom_gate(module) -> bool:
     return gate_fn is not None and getattr(gate_fn, "__name__", "") != "_default_apply_gate"
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # noqa: BLE001 - builds without torch.distributed
+    _DTensor = None
+
+
 def _refusals(module) -> list[str]:
     """Reasons neither path can compute this experts module exactly ([] = it can run)."""
     problems = []
     if getattr(module, "_is_expert_parallel", False):
         problems.append("it runs expert-parallel (sentinel expert ids >= num_experts)")
+    elif _DTensor is not None and any(isinstance(p, _DTensor) for p in module.parameters(recurse=False)):
+        problems.append("its expert weights are sharded DTensors (tensor / expert parallel)")
     up = getattr(module, "gate_up_proj", None) if _has_gate(module) else getattr(module, "up_proj", None)
     down = getattr(module, "down_proj", None)
     if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor):
