@@ -35,7 +35,8 @@ its own eager forward, output and all gradients):
   (clamped SwiGLU), Inkling2 (soft-capped SwiGLU), Gemma4 and Diffusion-Gemma
   (GELU-tanh gate), Nemotron-H (no gate, ReLU^2); MuseSpark (post-expert norm,
   not instantiated by the test).
-- refused: any module running expert-parallel (sentinel expert ids).
+- refused: modules running expert-parallel (sentinel expert ids) or with sharded
+  (DTensor) expert weights.
 """
 from __future__ import annotations
 
