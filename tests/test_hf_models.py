@@ -121,13 +121,14 @@ ROUTER_LOSS_MODELS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
 
 # ---------------------------------------------------------------- devices --
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-    ),
-]
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# "cuda": fp32 where the CUDA op has it (exact SIMT path), compared tightly; "cuda-bf16": the
+# real training dtype, judged against HF eager's own bf16 error on an fp32 reference.
+DEVICES = ["cpu", pytest.param("cuda", marks=_GPU), pytest.param("cuda-bf16", marks=_GPU)]
+
+
+def _dev(device: str) -> str:
+    return device.split("-")[0]
 
 _fp32_ok: dict[str, bool] = {}
 
@@ -137,8 +138,9 @@ def _dtype(device: str) -> torch.dtype:
 
     MOE_FUSED_TEST_DTYPE=bf16 forces the low-precision path (to check the GPU criteria on a CPU).
     """
-    if os.environ.get("MOE_FUSED_TEST_DTYPE") == "bf16":
+    if os.environ.get("MOE_FUSED_TEST_DTYPE") == "bf16" or device.endswith("-bf16"):
         return torch.bfloat16
+    device = _dev(device)
     if device not in _fp32_ok:
         try:
             x = torch.randn(4, 8, device=device)
@@ -163,12 +165,12 @@ def _build(name: str, device: str, dtype=torch.float32, impl="eager", seed=0, **
         for n, p in model.named_parameters():
             if n.endswith("gate.weight") or n.endswith("router.weight"):
                 p.normal_(0.0, 0.5)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=_dev(device), dtype=dtype)
 
 
 def _ids(device, batch=2, seq=12, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g).to(_dev(device))
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
