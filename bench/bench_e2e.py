@@ -122,6 +122,8 @@ def run(argv=None) -> int:
             parser.error("--device cuda: PyTorch sees no CUDA GPU (use --quick for a CPU smoke run)")
         if "moe_fused" in args.impls and not moe_fused.has_cuda():
             parser.error("libmoe_fused was built without CUDA: rebuild with nvcc, or --impls grouped_mm,eager")
+        if device.index is None:  # torch 2.11's set_device wants an ordinal
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = TINY if args.quick else QWEN3_30B_A3B
