@@ -346,6 +346,144 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
 }
 
 // ----------------------------------------------------------------------------------------
+// Variant 5: variant 4 in 2-CTA clusters with the B tile multicast. The two CTAs of a cluster
+// take the two m-tiles of a tile pair (same expert, same n-tile; the host pads an expert's
+// odd tile count with an empty tile row0 == row1, which loads and multiplies nothing but
+// still takes part in the pipeline). Each CTA's producer TMA-loads half of B (BN/2 rows) and
+// multicasts it into both CTAs, so W1 crosses L2 -> SM once per 256 rows instead of per 128.
+// full[s]: 128 noinc arrivals + 1 expect_tx of the whole B tile (half of the bytes come from
+// the partner). empty[s]: 2*NC arrivals, from the consumers of both CTAs (a stage of mine is
+// written by the partner's multicast, so the partner's producer must wait for my consumers).
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(cta)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                               uint32_t bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+
+template <int BN, int NC, int S>
+__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NC + 1), 1)
+    gemm1_ws_mc(const __grid_constant__ CUtensorMap tmapB, const __nv_bfloat16 *__restrict__ x,
+                const int32_t *__restrict__ sorted, int a_div, const Tile *__restrict__ tiles,
+                const int32_t *__restrict__ num_pairs, __nv_bfloat16 *__restrict__ out, int H,
+                int N) {
+  constexpr int BM = 64 * NC;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+  constexpr int RPT = BM * 8 / 128;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t sA = sbase, sB = sbase + S * A_BYTES, sFull = sB + S * B_BYTES,
+                 sEmpty = sFull + 8 * S;
+  const int tid = threadIdx.x;
+  const uint32_t rank = cluster_rank(), peer = rank ^ 1;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(sFull + 8 * s, 128 + 1);
+      mbar_init(sEmpty + 8 * s, 2 * NC);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  cluster_sync();
+  const int wg = tid / 128, tid_wg = tid % 128;
+  const int KB = H / BK;
+  const int ntn = N / BN;
+  const int total = num_pairs[0] * ntn;
+  const int cid = blockIdx.x / 2, ncl = gridDim.x / 2;
+
+  if (wg == 0) {
+    setmaxnreg_dec<40>();
+    const int chunk = tid_wg & 7, trow = tid_wg >> 3;
+    uint32_t it = 0;
+    for (int w = cid; w < total; w += ncl) {
+      const Tile t = tiles[2 * (w / ntn) + rank];
+      const int n0 = (w % ntn) * BN;
+      const int brow = t.expert * N + n0 + rank * (BN / 2);
+      const bool valid = t.row0 < t.row1;
+      const __nv_bfloat16 *src[RPT];
+#pragma unroll
+      for (int j = 0; j < RPT; ++j) {
+        int r = max(min(t.row0 + trow + j * 16, t.row1 - 1), 0);
+        src[j] = x + (int64_t)(sorted[r] / a_div) * H + chunk * 8;
+      }
+      for (int kb = 0; kb < KB; ++kb, ++it) {
+        const uint32_t st = it % S, ph = (it / S) & 1;
+        mbar_wait(sEmpty + 8 * st, ph ^ 1);
+        const uint32_t a = sA + st * A_BYTES;
+        if (valid) {
+#pragma unroll
+          for (int j = 0; j < RPT; ++j) {
+            const int row = trow + j * 16;
+            cp_async16(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
+          }
+        }
+        cp_async_mbar_arrive(sFull + 8 * st);
+        if (tid_wg == 0) {
+          mbar_expect_tx(sFull + 8 * st, B_BYTES);
+          tma_load_2d_mc(sB + st * B_BYTES + rank * (B_BYTES / 2), &tmapB, kb * BK, brow,
+                         sFull + 8 * st, (uint16_t)3);
+        }
+      }
+    }
+    cp_async_wait<0>();
+  } else {
+    setmaxnreg_inc<232>();
+    const int c = wg - 1;
+    uint32_t it = 0;
+    float acc[BN / 2];
+    for (int w = cid; w < total; w += ncl) {
+      const Tile t = tiles[2 * (w / ntn) + rank];
+      const int n0 = (w % ntn) * BN;
+      const bool valid = t.row0 < t.row1;
+      uint32_t prev = 0;
+      for (int kb = 0; kb < KB; ++kb, ++it) {
+        const uint32_t st = it % S, ph = (it / S) & 1;
+        mbar_wait(sFull + 8 * st, ph);
+        fence_proxy_async();
+        if (valid) {
+          wgmma_fence();
+#pragma unroll
+          for (int k = 0; k < BK / 16; ++k) {
+            const uint64_t db = make_desc(sB + st * B_BYTES + k * 32);
+            const uint64_t da = make_desc(sA + st * A_BYTES + c * 64 * 128 + k * 32);
+            wgmma_call<BN>(acc, da, db, (kb > 0 || k > 0) ? 1 : 0);
+          }
+          wgmma_commit();
+          wgmma_wait<1>();
+        }
+        if (kb > 0 && tid_wg == 0) {
+          mbar_arrive(sEmpty + 8 * prev);
+          mbar_arrive_cluster(sEmpty + 8 * prev, peer);
+        }
+        prev = st;
+      }
+      wgmma_wait<0>();
+      if (tid_wg == 0) {
+        mbar_arrive(sEmpty + 8 * prev);
+        mbar_arrive_cluster(sEmpty + 8 * prev, peer);
+      }
+      if (valid) store_frag<BN>(acc, out, N, t.row0, t.row1, c * 64, n0, tid_wg);
+    }
+  }
+  cluster_sync();  // no CTA leaves while its partner may still write its smem or barriers
+}
+
+// ----------------------------------------------------------------------------------------
 // Reference on the GPU (fp32 SIMT, 64x64 tiles, 4x4 per thread), itself checked against a
 // float64 CPU reference on sampled rows.
 __global__ void ref_kernel(const __nv_bfloat16 *x, const __nv_bfloat16 *W, const int32_t *sorted,
@@ -447,10 +585,11 @@ struct Problem {
   int T, H, I, E, k;
   int R, N;
   std::vector<int32_t> offsets, sorted, row_expert;
-  std::vector<Tile> tiles;
+  std::vector<Tile> tiles, ptiles;  // ptiles: pairs of m-tiles of one expert (v5)
   __nv_bfloat16 *dx, *dW, *dout;
   int32_t *dsorted, *drow_expert, *dnum;
-  Tile *dtiles;
+  Tile *dtiles, *dptiles;
+  int32_t *dpnum;
   float *dref;
 };
 
@@ -486,6 +625,12 @@ static void build_problem(Problem &P, uint32_t seed, const std::vector<int> &emp
   P.tiles.clear();
   for (int e = 0; e < P.E; ++e)
     for (int r = P.offsets[e]; r < P.offsets[e + 1]; r += BM) P.tiles.push_back({e, r, P.offsets[e + 1], 0});
+  P.ptiles.clear();
+  for (int e = 0; e < P.E; ++e) {
+    int n = 0;
+    for (int r = P.offsets[e]; r < P.offsets[e + 1]; r += BM, ++n) P.ptiles.push_back({e, r, P.offsets[e + 1], 0});
+    if (n % 2) P.ptiles.push_back({e, P.offsets[e + 1], P.offsets[e + 1], 0});  // empty partner
+  }
   CK(cudaMalloc(&P.dx, (size_t)P.T * P.H * 2));
   CK(cudaMalloc(&P.dW, (size_t)P.E * P.N * P.H * 2));
   CK(cudaMalloc(&P.dout, (size_t)P.R * P.N * 2));
@@ -502,11 +647,17 @@ static void build_problem(Problem &P, uint32_t seed, const std::vector<int> &emp
   CK(cudaMemcpy(P.dtiles, P.tiles.data(), P.tiles.size() * sizeof(Tile), cudaMemcpyHostToDevice));
   int nt = (int)P.tiles.size();
   CK(cudaMemcpy(P.dnum, &nt, 4, cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&P.dptiles, P.ptiles.size() * sizeof(Tile) + 16));
+  CK(cudaMalloc(&P.dpnum, 4));
+  CK(cudaMemcpy(P.dptiles, P.ptiles.data(), P.ptiles.size() * sizeof(Tile), cudaMemcpyHostToDevice));
+  int np = (int)P.ptiles.size() / 2;
+  CK(cudaMemcpy(P.dpnum, &np, 4, cudaMemcpyHostToDevice));
 }
 
 static void free_problem(Problem &P) {
   cudaFree(P.dx); cudaFree(P.dW); cudaFree(P.dout); cudaFree(P.dref); cudaFree(P.dsorted);
   cudaFree(P.drow_expert); cudaFree(P.dtiles); cudaFree(P.dnum);
+  cudaFree(P.dptiles); cudaFree(P.dpnum);
 }
 
 // GPU fp32 reference, then float64 CPU check of `nsample` rows of it (values are recomputed
@@ -549,6 +700,7 @@ struct Variant {
   int id;
   const char *name;
   int BN, threads;
+  int box_rows, grid;  // TMA box rows of B; grid (0: #SMs)
   size_t smem;
   void (*launch)(const CUtensorMap &, Problem &, int grid, size_t smem, int threads);
 };
@@ -568,18 +720,43 @@ static Variant mk_simple(int id, const char *name) {
   size_t smem = 1024 + S * (64 * NWG * MI * BK * 2 + BN * BK * 2) + 8 * S;
   CK(cudaFuncSetAttribute(gemm1_simple<BN, NWG, MI, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           (int)smem));
-  return {id, name, BN, 128 * NWG, smem, launch_simple<BN, NWG, MI, S>};
+  return {id, name, BN, 128 * NWG, BN, 0, smem, launch_simple<BN, NWG, MI, S>};
 }
 template <int BN, int NC, int S>
 static Variant mk_ws(int id, const char *name) {
   size_t smem = 1024 + S * (64 * NC * BK * 2 + BN * BK * 2) + 16 * S;
   CK(cudaFuncSetAttribute(gemm1_ws<BN, NC, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  return {id, name, BN, 128 * (NC + 1), smem, launch_ws<BN, NC, S>};
+  return {id, name, BN, 128 * (NC + 1), BN, 0, smem, launch_ws<BN, NC, S>};
+}
+template <int BN, int NC, int S>
+static void launch_ws_mc(const CUtensorMap &m, Problem &P, int grid, size_t smem, int threads) {
+  gemm1_ws_mc<BN, NC, S><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dptiles, P.dpnum,
+                                                  P.dout, P.H, P.N);
+}
+template <int BN, int NC, int S>
+static Variant mk_ws_mc(int id, const char *name, int nsm) {
+  size_t smem = 1024 + S * (64 * NC * BK * 2 + BN * BK * 2) + 16 * S;
+  CK(cudaFuncSetAttribute(gemm1_ws_mc<BN, NC, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(nsm);
+  cfg.blockDim = dim3(128 * (NC + 1));
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 2; attr.val.clusterDim.y = 1; attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int ncl = 0;
+  CK(cudaOccupancyMaxActiveClusters(&ncl, gemm1_ws_mc<BN, NC, S>, &cfg));
+  printf("%s: max active 2-CTA clusters %d\n", name, ncl);
+  if (ncl < 1) ncl = nsm / 2;
+  return {id, name, BN, 128 * (NC + 1), BN / 2, 2 * std::min(ncl, nsm / 2), smem, launch_ws_mc<BN, NC, S>};
 }
 
 int main(int argc, char **argv) {
-  std::string which = argc > 1 ? argv[1] : "1,2,3,4";
+  std::string which = argc > 1 ? argv[1] : "1,2,3,4,5";
   int reps = argc > 2 ? atoi(argv[2]) : 20;
+  std::string case_mask = argc > 3 ? argv[3] : "012";
   int dev = 0;
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, dev));
@@ -590,6 +767,7 @@ int main(int argc, char **argv) {
       mk_simple<128, 2, 1, 6>(2, "v2 2WG m64n128 S6"),
       mk_simple<256, 2, 1, 4>(3, "v3 2WG m64n256 S4"),
       mk_ws<256, 2, 4>(4, "v4 WS 1P+2C m64n256 S4"),
+      mk_ws_mc<256, 2, 4>(5, "v5 v4 + 2-CTA B multicast", prop.multiProcessorCount),
   };
   std::vector<Variant> vs;
   for (auto &v : all)
@@ -611,6 +789,7 @@ int main(int argc, char **argv) {
   CK(cudaEventCreate(&e1));
   int ci = 0;
   for (auto &c : cases) {
+    if (case_mask.find(std::to_string(ci)) == std::string::npos) { ++ci; continue; }
     Problem P{};
     P.T = c.T; P.H = c.H; P.I = c.I; P.E = c.E; P.k = c.k;
     uint32_t seed = 1234 + 17 * ci++;
@@ -621,14 +800,14 @@ int main(int argc, char **argv) {
       nempty += n == 0;
       nonmult += n % 128 != 0;
     }
-    printf("case %s: rows %d, tiles %zu, empty experts %d, segments not a multiple of 128: %d\n",
-           c.name, P.R, P.tiles.size(), nempty, nonmult);
+    printf("case %s: rows %d, tiles %zu (pairs for v5 %zu), empty experts %d, segments not a multiple of 128: %d\n",
+           c.name, P.R, P.tiles.size(), P.ptiles.size() / 2, nempty, nonmult);
     int ns = std::min(c.nsample, P.R);
     if (!reference(P, ns, seed)) printf("  REFERENCE FAILED\n");
     double flop = 2.0 * P.R * P.N * P.H;
     for (auto &v : vs) {
-      CUtensorMap m = make_map(P.dW, (int64_t)P.E * P.N, P.H, v.BN);
-      int grid = prop.multiProcessorCount;
+      CUtensorMap m = make_map(P.dW, (int64_t)P.E * P.N, P.H, v.box_rows);
+      int grid = v.grid ? v.grid : prop.multiProcessorCount;
       bool ok = true;
       double rel = 0, maxe = 0;
       for (int trial = 0; trial < 2; ++trial) {  // poison (NaN), run, check every element; twice
