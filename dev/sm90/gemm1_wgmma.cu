@@ -377,12 +377,43 @@ __device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const CUtensorMap *
       : "memory");
 }
 
-template <int BN, int NC, int S>
+// SW (variant 6): SwiGLU epilogue. The tile's B rows are [n0h, n0h+BN/2) of the gate and the
+// same rows of up (I + n0h...), one half from each CTA's TMA, so each thread holds g in
+// acc[j < BN/16 blocks] and u in the matching acc[j + BN/16]: it writes h = [g;u] (the usual
+// layout) and a[r, n0h + c] = silu(g) * u.
+template <int BN, bool SW>
+__device__ __forceinline__ void store_frag_swiglu(const float (&acc)[BN / 2], __nv_bfloat16 *h,
+                                                  __nv_bfloat16 *a, int I, int row0, int row1,
+                                                  int m0, int n0h, int tid_wg) {
+  const int warp = tid_wg >> 5, lane = tid_wg & 31;
+  const int rbase = row0 + m0 + warp * 16 + (lane >> 2);
+  const int cbase = n0h + (lane & 3) * 2;
+  constexpr int HJ = BN / 16;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = rbase + hh * 8;
+    if (r < row1) {
+      __nv_bfloat16 *o = h + (int64_t)r * 2 * I + cbase;
+      __nv_bfloat16 *oa = a + (int64_t)r * I + cbase;
+#pragma unroll
+      for (int j = 0; j < HJ; ++j) {
+        const float g0 = acc[j * 4 + hh * 2], g1 = acc[j * 4 + hh * 2 + 1];
+        const float u0 = acc[(j + HJ) * 4 + hh * 2], u1 = acc[(j + HJ) * 4 + hh * 2 + 1];
+        *reinterpret_cast<__nv_bfloat162 *>(o + j * 8) = __floats2bfloat162_rn(g0, g1);
+        *reinterpret_cast<__nv_bfloat162 *>(o + I + j * 8) = __floats2bfloat162_rn(u0, u1);
+        const float a0 = g0 / (1.f + __expf(-g0)) * u0, a1 = g1 / (1.f + __expf(-g1)) * u1;
+        *reinterpret_cast<__nv_bfloat162 *>(oa + j * 8) = __floats2bfloat162_rn(a0, a1);
+      }
+    }
+  }
+}
+
+template <int BN, int NC, int S, bool SW>
 __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NC + 1), 1)
     gemm1_ws_mc(const __grid_constant__ CUtensorMap tmapB, const __nv_bfloat16 *__restrict__ x,
                 const int32_t *__restrict__ sorted, int a_div, const Tile *__restrict__ tiles,
-                const int32_t *__restrict__ num_pairs, __nv_bfloat16 *__restrict__ out, int H,
-                int N) {
+                const int32_t *__restrict__ num_pairs, __nv_bfloat16 *__restrict__ out,
+                __nv_bfloat16 *__restrict__ aout, int H, int N) {
   constexpr int BM = 64 * NC;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
   constexpr int RPT = BM * 8 / 128;
@@ -413,7 +444,8 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NC + 1), 1)
     for (int w = cid; w < total; w += ncl) {
       const Tile t = tiles[2 * (w / ntn) + rank];
       const int n0 = (w % ntn) * BN;
-      const int brow = t.expert * N + n0 + rank * (BN / 2);
+      const int brow = SW ? t.expert * N + rank * (N / 2) + (w % ntn) * (BN / 2)
+                          : t.expert * N + n0 + rank * (BN / 2);
       const bool valid = t.row0 < t.row1;
       const __nv_bfloat16 *src[RPT];
 #pragma unroll
@@ -477,7 +509,13 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NC + 1), 1)
         mbar_arrive(sEmpty + 8 * prev);
         mbar_arrive_cluster(sEmpty + 8 * prev, peer);
       }
-      if (valid) store_frag<BN>(acc, out, N, t.row0, t.row1, c * 64, n0, tid_wg);
+      if (valid) {
+        if constexpr (SW)
+          store_frag_swiglu<BN, SW>(acc, out, aout, N / 2, t.row0, t.row1, c * 64,
+                                    (w % ntn) * (BN / 2), tid_wg);
+        else
+          store_frag<BN>(acc, out, N, t.row0, t.row1, c * 64, n0, tid_wg);
+      }
     }
   }
   cluster_sync();  // no CTA leaves while its partner may still write its smem or barriers
@@ -549,6 +587,29 @@ __global__ void check_kernel(const __nv_bfloat16 *out, const float *ref, int64_t
   atomicAdd(bad, nb);
 }
 
+// a = silu(g) * u against the fp32 reference h (g = ref[:, n], u = ref[:, I + n]).
+__global__ void check_swiglu_kernel(const __nv_bfloat16 *a, const float *ref, int64_t R, int I,
+                                    double *acc, unsigned long long *bad) {
+  double d2 = 0, r2 = 0, dmax = 0;
+  unsigned long long nb = 0;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < R * I;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i / I, n = i % I;
+    double g = ref[r * 2 * I + n], u = ref[r * 2 * I + I + n];
+    double want = g / (1.0 + exp(-g)) * u;
+    float o = __bfloat162float(a[i]);
+    if (!isfinite(o)) { ++nb; continue; }
+    double d = (double)o - want;
+    d2 += d * d;
+    r2 += want * want;
+    dmax = fmax(dmax, fabs(d));
+  }
+  atomicAdd(&acc[0], d2);
+  atomicAdd(&acc[1], r2);
+  atomicMax(reinterpret_cast<unsigned long long *>(&acc[2]), __double_as_longlong(dmax));
+  atomicAdd(bad, nb);
+}
+
 // ----------------------------------------------------------------------------------------
 // host
 
@@ -586,7 +647,7 @@ struct Problem {
   int R, N;
   std::vector<int32_t> offsets, sorted, row_expert;
   std::vector<Tile> tiles, ptiles;  // ptiles: pairs of m-tiles of one expert (v5)
-  __nv_bfloat16 *dx, *dW, *dout;
+  __nv_bfloat16 *dx, *dW, *dout, *da;  // da: a = silu(g)*u [R, I] (v6)
   int32_t *dsorted, *drow_expert, *dnum;
   Tile *dtiles, *dptiles;
   int32_t *dpnum;
@@ -634,6 +695,7 @@ static void build_problem(Problem &P, uint32_t seed, const std::vector<int> &emp
   CK(cudaMalloc(&P.dx, (size_t)P.T * P.H * 2));
   CK(cudaMalloc(&P.dW, (size_t)P.E * P.N * P.H * 2));
   CK(cudaMalloc(&P.dout, (size_t)P.R * P.N * 2));
+  CK(cudaMalloc(&P.da, (size_t)P.R * P.I * 2));
   CK(cudaMalloc(&P.dref, (size_t)P.R * P.N * 4));
   CK(cudaMalloc(&P.dsorted, P.R * 4));
   CK(cudaMalloc(&P.drow_expert, P.R * 4));
@@ -655,7 +717,7 @@ static void build_problem(Problem &P, uint32_t seed, const std::vector<int> &emp
 }
 
 static void free_problem(Problem &P) {
-  cudaFree(P.dx); cudaFree(P.dW); cudaFree(P.dout); cudaFree(P.dref); cudaFree(P.dsorted);
+  cudaFree(P.dx); cudaFree(P.dW); cudaFree(P.dout); cudaFree(P.da); cudaFree(P.dref); cudaFree(P.dsorted);
   cudaFree(P.drow_expert); cudaFree(P.dtiles); cudaFree(P.dnum);
   cudaFree(P.dptiles); cudaFree(P.dpnum);
 }
@@ -703,6 +765,7 @@ struct Variant {
   int box_rows, grid;  // TMA box rows of B; grid (0: #SMs)
   size_t smem;
   void (*launch)(const CUtensorMap &, Problem &, int grid, size_t smem, int threads);
+  bool swiglu = false;
 };
 
 template <int BN, int NWG, int MI, int S>
@@ -728,15 +791,15 @@ static Variant mk_ws(int id, const char *name) {
   CK(cudaFuncSetAttribute(gemm1_ws<BN, NC, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   return {id, name, BN, 128 * (NC + 1), BN, 0, smem, launch_ws<BN, NC, S>};
 }
-template <int BN, int NC, int S>
+template <int BN, int NC, int S, bool SW>
 static void launch_ws_mc(const CUtensorMap &m, Problem &P, int grid, size_t smem, int threads) {
-  gemm1_ws_mc<BN, NC, S><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dptiles, P.dpnum,
-                                                  P.dout, P.H, P.N);
+  gemm1_ws_mc<BN, NC, S, SW><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dptiles, P.dpnum,
+                                                      P.dout, P.da, P.H, P.N);
 }
-template <int BN, int NC, int S>
+template <int BN, int NC, int S, bool SW>
 static Variant mk_ws_mc(int id, const char *name, int nsm) {
   size_t smem = 1024 + S * (64 * NC * BK * 2 + BN * BK * 2) + 16 * S;
-  CK(cudaFuncSetAttribute(gemm1_ws_mc<BN, NC, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  CK(cudaFuncSetAttribute(gemm1_ws_mc<BN, NC, S, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(nsm);
   cfg.blockDim = dim3(128 * (NC + 1));
@@ -747,14 +810,14 @@ static Variant mk_ws_mc(int id, const char *name, int nsm) {
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   int ncl = 0;
-  CK(cudaOccupancyMaxActiveClusters(&ncl, gemm1_ws_mc<BN, NC, S>, &cfg));
+  CK(cudaOccupancyMaxActiveClusters(&ncl, gemm1_ws_mc<BN, NC, S, SW>, &cfg));
   printf("%s: max active 2-CTA clusters %d\n", name, ncl);
   if (ncl < 1) ncl = nsm / 2;
-  return {id, name, BN, 128 * (NC + 1), BN / 2, 2 * std::min(ncl, nsm / 2), smem, launch_ws_mc<BN, NC, S>};
+  return {id, name, BN, 128 * (NC + 1), BN / 2, 2 * std::min(ncl, nsm / 2), smem, launch_ws_mc<BN, NC, S, SW>, SW};
 }
 
 int main(int argc, char **argv) {
-  std::string which = argc > 1 ? argv[1] : "1,2,3,4,5";
+  std::string which = argc > 1 ? argv[1] : "1,2,3,4,5,6";
   int reps = argc > 2 ? atoi(argv[2]) : 20;
   std::string case_mask = argc > 3 ? argv[3] : "012";
   int dev = 0;
@@ -767,7 +830,8 @@ int main(int argc, char **argv) {
       mk_simple<128, 2, 1, 6>(2, "v2 2WG m64n128 S6"),
       mk_simple<256, 2, 1, 4>(3, "v3 2WG m64n256 S4"),
       mk_ws<256, 2, 4>(4, "v4 WS 1P+2C m64n256 S4"),
-      mk_ws_mc<256, 2, 4>(5, "v5 v4 + 2-CTA B multicast", prop.multiProcessorCount),
+      mk_ws_mc<256, 2, 4, false>(5, "v5 v4 + 2-CTA B multicast", prop.multiProcessorCount),
+      mk_ws_mc<256, 2, 4, true>(6, "v6 v5 + SwiGLU epilogue", prop.multiProcessorCount),
   };
   std::vector<Variant> vs;
   for (auto &v : all)
@@ -812,6 +876,7 @@ int main(int argc, char **argv) {
       double rel = 0, maxe = 0;
       for (int trial = 0; trial < 2; ++trial) {  // poison (NaN), run, check every element; twice
         CK(cudaMemset(P.dout, 0xFF, (size_t)P.R * P.N * 2));
+        CK(cudaMemset(P.da, 0xFF, (size_t)P.R * P.I * 2));
         v.launch(m, P, grid, v.smem, v.threads);
         CK(cudaGetLastError());
         CK(cudaDeviceSynchronize());
@@ -826,6 +891,20 @@ int main(int argc, char **argv) {
         rel = std::sqrt(h[0] / h[1]);
         maxe = h[2];
         bool pass = bad == 0 && rel < 5e-3;
+        if (v.swiglu) {
+          CK(cudaMemset(dacc, 0, 24));
+          CK(cudaMemset(dbad, 0, 8));
+          check_swiglu_kernel<<<512, 256>>>(P.da, P.dref, P.R, P.I, dacc, dbad);
+          CK(cudaDeviceSynchronize());
+          double ha[3];
+          unsigned long long bada;
+          CK(cudaMemcpy(ha, dacc, 24, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(&bada, dbad, 8, cudaMemcpyDeviceToHost));
+          double rela = std::sqrt(ha[0] / ha[1]);
+          printf("  %-26s trial %d: a=silu(g)*u rel err %.3e, max abs err %.3e, unwritten/NaN %llu\n",
+                 v.name, trial, rela, ha[2], bada);
+          pass = pass && bada == 0 && rela < 5e-3;
+        }
         printf("  %-26s trial %d: rel err %.3e, max abs err %.3e, unwritten/NaN %llu -> %s\n",
                v.name, trial, rel, maxe, bad, pass ? "PASS" : "FAIL");
         ok = ok && pass;
