@@ -251,16 +251,50 @@ __global__ void __launch_bounds__(128 * NWG, 1)
   }
 }
 
+// SW (variant 6): SwiGLU epilogue. The tile's B rows are [n0h, n0h+BN/2) of the gate and the
+// same rows of up (I + n0h...), one half from each CTA's TMA, so each thread holds g in
+// acc[j < BN/16 blocks] and u in the matching acc[j + BN/16]: it writes h = [g;u] (the usual
+// layout) and a[r, n0h + c] = silu(g) * u.
+template <int BN, bool SW>
+__device__ __forceinline__ void store_frag_swiglu(const float (&acc)[BN / 2], __nv_bfloat16 *h,
+                                                  __nv_bfloat16 *a, int I, int row0, int row1,
+                                                  int m0, int n0h, int tid_wg) {
+  const int warp = tid_wg >> 5, lane = tid_wg & 31;
+  const int rbase = row0 + m0 + warp * 16 + (lane >> 2);
+  const int cbase = n0h + (lane & 3) * 2;
+  constexpr int HJ = BN / 16;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = rbase + hh * 8;
+    if (r < row1) {
+      __nv_bfloat16 *o = h + (int64_t)r * 2 * I + cbase;
+      __nv_bfloat16 *oa = a + (int64_t)r * I + cbase;
+#pragma unroll
+      for (int j = 0; j < HJ; ++j) {
+        const float g0 = acc[j * 4 + hh * 2], g1 = acc[j * 4 + hh * 2 + 1];
+        const float u0 = acc[(j + HJ) * 4 + hh * 2], u1 = acc[(j + HJ) * 4 + hh * 2 + 1];
+        *reinterpret_cast<__nv_bfloat162 *>(o + j * 8) = __floats2bfloat162_rn(g0, g1);
+        *reinterpret_cast<__nv_bfloat162 *>(o + I + j * 8) = __floats2bfloat162_rn(u0, u1);
+        const float a0 = g0 / (1.f + __expf(-g0)) * u0, a1 = g1 / (1.f + __expf(-g1)) * u1;
+        *reinterpret_cast<__nv_bfloat162 *>(oa + j * 8) = __floats2bfloat162_rn(a0, a1);
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------------------
 // Variant 4: warp specialisation. Warpgroup 0 produces (each thread: cp.async of its A chunks,
 // then cp.async.mbarrier.arrive.noinc on full[s]; thread 0 also expect_tx + TMA of B), the
 // consumer warpgroups 1..NC wait full[s], run wgmma, and release a stage on empty[s] once the
 // next k-block's MMAs are issued (wait_group<1>). full[s] count = 128 + 1, empty[s] count = NC.
-template <int BN, int NC, int S>
+// SW (variant 7): the SwiGLU epilogue of variant 6 without clusters: the producer issues two
+// TMAs of BN/2 rows (gate rows, then the same up rows).
+template <int BN, int NC, int S, bool SW>
 __global__ void __launch_bounds__(128 * (NC + 1), 1)
     gemm1_ws(const __grid_constant__ CUtensorMap tmapB, const __nv_bfloat16 *__restrict__ x,
              const int32_t *__restrict__ sorted, int a_div, const Tile *__restrict__ tiles,
-             const int32_t *__restrict__ num_tiles, __nv_bfloat16 *__restrict__ out, int H, int N) {
+             const int32_t *__restrict__ num_tiles, __nv_bfloat16 *__restrict__ out,
+             __nv_bfloat16 *__restrict__ aout, int H, int N) {
   constexpr int BM = 64 * NC;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
   constexpr int RPT = BM * 8 / 128;
@@ -308,7 +342,13 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
         cp_async_mbar_arrive(sFull + 8 * st);
         if (tid_wg == 0) {
           mbar_expect_tx(sFull + 8 * st, B_BYTES);
-          tma_load_2d(sB + st * B_BYTES, &tmapB, kb * BK, brow, sFull + 8 * st);
+          if constexpr (SW) {
+            const int g0 = t.expert * N + (w % ntn) * (BN / 2);
+            tma_load_2d(sB + st * B_BYTES, &tmapB, kb * BK, g0, sFull + 8 * st);
+            tma_load_2d(sB + st * B_BYTES + B_BYTES / 2, &tmapB, kb * BK, g0 + N / 2, sFull + 8 * st);
+          } else {
+            tma_load_2d(sB + st * B_BYTES, &tmapB, kb * BK, brow, sFull + 8 * st);
+          }
         }
       }
     }
@@ -340,7 +380,11 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       }
       wgmma_wait<0>();
       if (tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
-      store_frag<BN>(acc, out, N, t.row0, t.row1, c * 64, n0, tid_wg);
+      if constexpr (SW)
+        store_frag_swiglu<BN, SW>(acc, out, aout, N / 2, t.row0, t.row1, c * 64,
+                                  (w % ntn) * (BN / 2), tid_wg);
+      else
+        store_frag<BN>(acc, out, N, t.row0, t.row1, c * 64, n0, tid_wg);
     }
   }
 }
@@ -375,37 +419,6 @@ __device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const CUtensorMap *
       ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
       : "memory");
-}
-
-// SW (variant 6): SwiGLU epilogue. The tile's B rows are [n0h, n0h+BN/2) of the gate and the
-// same rows of up (I + n0h...), one half from each CTA's TMA, so each thread holds g in
-// acc[j < BN/16 blocks] and u in the matching acc[j + BN/16]: it writes h = [g;u] (the usual
-// layout) and a[r, n0h + c] = silu(g) * u.
-template <int BN, bool SW>
-__device__ __forceinline__ void store_frag_swiglu(const float (&acc)[BN / 2], __nv_bfloat16 *h,
-                                                  __nv_bfloat16 *a, int I, int row0, int row1,
-                                                  int m0, int n0h, int tid_wg) {
-  const int warp = tid_wg >> 5, lane = tid_wg & 31;
-  const int rbase = row0 + m0 + warp * 16 + (lane >> 2);
-  const int cbase = n0h + (lane & 3) * 2;
-  constexpr int HJ = BN / 16;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int r = rbase + hh * 8;
-    if (r < row1) {
-      __nv_bfloat16 *o = h + (int64_t)r * 2 * I + cbase;
-      __nv_bfloat16 *oa = a + (int64_t)r * I + cbase;
-#pragma unroll
-      for (int j = 0; j < HJ; ++j) {
-        const float g0 = acc[j * 4 + hh * 2], g1 = acc[j * 4 + hh * 2 + 1];
-        const float u0 = acc[(j + HJ) * 4 + hh * 2], u1 = acc[(j + HJ) * 4 + hh * 2 + 1];
-        *reinterpret_cast<__nv_bfloat162 *>(o + j * 8) = __floats2bfloat162_rn(g0, g1);
-        *reinterpret_cast<__nv_bfloat162 *>(o + I + j * 8) = __floats2bfloat162_rn(u0, u1);
-        const float a0 = g0 / (1.f + __expf(-g0)) * u0, a1 = g1 / (1.f + __expf(-g1)) * u1;
-        *reinterpret_cast<__nv_bfloat162 *>(oa + j * 8) = __floats2bfloat162_rn(a0, a1);
-      }
-    }
-  }
 }
 
 template <int BN, int NC, int S, bool SW>
@@ -773,10 +786,10 @@ static void launch_simple(const CUtensorMap &m, Problem &P, int grid, size_t sme
   gemm1_simple<BN, NWG, MI, S><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dtiles, P.dnum,
                                                         P.dout, P.H, P.N);
 }
-template <int BN, int NC, int S>
+template <int BN, int NC, int S, bool SW>
 static void launch_ws(const CUtensorMap &m, Problem &P, int grid, size_t smem, int threads) {
-  gemm1_ws<BN, NC, S><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dtiles, P.dnum, P.dout,
-                                               P.H, P.N);
+  gemm1_ws<BN, NC, S, SW><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dtiles, P.dnum,
+                                                   P.dout, P.da, P.H, P.N);
 }
 template <int BN, int NWG, int MI, int S>
 static Variant mk_simple(int id, const char *name) {
@@ -785,11 +798,11 @@ static Variant mk_simple(int id, const char *name) {
                           (int)smem));
   return {id, name, BN, 128 * NWG, BN, 0, smem, launch_simple<BN, NWG, MI, S>};
 }
-template <int BN, int NC, int S>
+template <int BN, int NC, int S, bool SW>
 static Variant mk_ws(int id, const char *name) {
   size_t smem = 1024 + S * (64 * NC * BK * 2 + BN * BK * 2) + 16 * S;
-  CK(cudaFuncSetAttribute(gemm1_ws<BN, NC, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  return {id, name, BN, 128 * (NC + 1), BN, 0, smem, launch_ws<BN, NC, S>};
+  CK(cudaFuncSetAttribute(gemm1_ws<BN, NC, S, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  return {id, name, BN, 128 * (NC + 1), SW ? BN / 2 : BN, 0, smem, launch_ws<BN, NC, S, SW>, SW};
 }
 template <int BN, int NC, int S, bool SW>
 static void launch_ws_mc(const CUtensorMap &m, Problem &P, int grid, size_t smem, int threads) {
@@ -817,7 +830,7 @@ static Variant mk_ws_mc(int id, const char *name, int nsm) {
 }
 
 int main(int argc, char **argv) {
-  std::string which = argc > 1 ? argv[1] : "1,2,3,4,5,6";
+  std::string which = argc > 1 ? argv[1] : "1,2,3,4,5,6,7";
   int reps = argc > 2 ? atoi(argv[2]) : 20;
   std::string case_mask = argc > 3 ? argv[3] : "012";
   int dev = 0;
@@ -829,9 +842,10 @@ int main(int argc, char **argv) {
       mk_simple<128, 1, 2, 6>(1, "v1 1WG 2xm64n128 S6"),
       mk_simple<128, 2, 1, 6>(2, "v2 2WG m64n128 S6"),
       mk_simple<256, 2, 1, 4>(3, "v3 2WG m64n256 S4"),
-      mk_ws<256, 2, 4>(4, "v4 WS 1P+2C m64n256 S4"),
+      mk_ws<256, 2, 4, false>(4, "v4 WS 1P+2C m64n256 S4"),
       mk_ws_mc<256, 2, 4, false>(5, "v5 v4 + 2-CTA B multicast", prop.multiProcessorCount),
       mk_ws_mc<256, 2, 4, true>(6, "v6 v5 + SwiGLU epilogue", prop.multiProcessorCount),
+      mk_ws<256, 2, 4, true>(7, "v7 v4 + SwiGLU epilogue"),
   };
   std::vector<Variant> vs;
   for (auto &v : all)
