@@ -282,6 +282,21 @@ __device__ __forceinline__ void store_frag_swiglu(const float (&acc)[BN / 2], __
   }
 }
 
+// Bulk (non-tensor) copy smem -> global, completion tracked by bulk groups of this thread.
+__device__ __forceinline__ void bulk_store(void *gdst, uint32_t ssrc, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gdst), "r"(ssrc),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read0() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void named_bar(int id, int n) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+
 // ----------------------------------------------------------------------------------------
 // Variant 4: warp specialisation. Warpgroup 0 produces (each thread: cp.async of its A chunks,
 // then cp.async.mbarrier.arrive.noinc on full[s]; thread 0 also expect_tx + TMA of B), the
@@ -289,7 +304,13 @@ __device__ __forceinline__ void store_frag_swiglu(const float (&acc)[BN / 2], __
 // next k-block's MMAs are issued (wait_group<1>). full[s] count = 128 + 1, empty[s] count = NC.
 // SW (variant 7): the SwiGLU epilogue of variant 6 without clusters: the producer issues two
 // TMAs of BN/2 rows (gate rows, then the same up rows).
-template <int BN, int NC, int S, bool SW>
+// ST (variants 8, 9): staged epilogue. Each consumer warpgroup writes its 64 x BN fragment
+// to a padded smem tile (row stride BN*2+16 B: conflict-free), then 64 of its threads issue
+// one bulk copy per valid row (cp.async.bulk, 16-B granular, so ragged rows are simply not
+// copied) and the warpgroup goes straight on to the next tile's MMAs while the copy engine
+// drains the tile. With SW, h goes through smem (two 256-B copies per row: g part, u part) and
+// a is stored from registers. Costs one pipeline stage (S=3) for the 66 KB tile.
+template <int BN, int NC, int S, bool SW, bool ST = false>
 __global__ void __launch_bounds__(128 * (NC + 1), 1)
     gemm1_ws(const __grid_constant__ CUtensorMap tmapB, const __nv_bfloat16 *__restrict__ x,
              const int32_t *__restrict__ sorted, int a_div, const Tile *__restrict__ tiles,
@@ -302,6 +323,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
   const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t sA = sbase, sB = sbase + S * A_BYTES, sFull = sB + S * B_BYTES,
                  sEmpty = sFull + 8 * S;
+  constexpr uint32_t CROW = BN * 2 + 16;
+  const uint32_t sC = (sEmpty + 8 * S + 1023) & ~1023u;  // [BM][CROW] staging tile (ST only)
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
@@ -380,11 +403,64 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       }
       wgmma_wait<0>();
       if (tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
-      if constexpr (SW)
+      if constexpr (ST) {
+        const int warp = tid_wg >> 5, lane = tid_wg & 31;
+        if (tid_wg < 64) bulk_wait_read0();  // last tile's copies have read the staging rows
+        named_bar(1 + c, 128);
+        const uint32_t cbase = sC + (c * 64 + warp * 16 + (lane >> 2)) * CROW + (lane & 3) * 4;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int j = 0; j < BN / 8; ++j) {
+            __nv_bfloat162 v = __floats2bfloat162_rn(acc[j * 4 + hh * 2], acc[j * 4 + hh * 2 + 1]);
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(cbase + hh * 8 * CROW + j * 16),
+                         "r"(*reinterpret_cast<uint32_t *>(&v))
+                         : "memory");
+          }
+        fence_proxy_async();
+        named_bar(1 + c, 128);
+        if (tid_wg < 64) {
+          const int r = t.row0 + c * 64 + tid_wg;
+          if (r < t.row1) {
+            const uint32_t srow = sC + (c * 64 + tid_wg) * CROW;
+            if constexpr (SW) {
+              const int I = N / 2, n0h = (w % ntn) * (BN / 2);
+              bulk_store(out + (int64_t)r * N + n0h, srow, BN);
+              bulk_store(out + (int64_t)r * N + I + n0h, srow + BN, BN);
+            } else {
+              bulk_store(out + (int64_t)r * N + n0, srow, BN * 2);
+            }
+          }
+          bulk_commit();
+        }
+        if constexpr (SW) {  // a = silu(g) * u straight from the registers
+          const int I = N / 2, n0h = (w % ntn) * (BN / 2);
+          const int rbase = t.row0 + c * 64 + warp * 16 + (lane >> 2);
+          constexpr int HJ = BN / 16;
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = rbase + hh * 8;
+            if (r < t.row1) {
+              __nv_bfloat16 *oa = aout + (int64_t)r * I + n0h + (lane & 3) * 2;
+#pragma unroll
+              for (int j = 0; j < HJ; ++j) {
+                const float g0 = acc[j * 4 + hh * 2], g1 = acc[j * 4 + hh * 2 + 1];
+                const float u0 = acc[(j + HJ) * 4 + hh * 2], u1 = acc[(j + HJ) * 4 + hh * 2 + 1];
+                const float a0 = g0 / (1.f + __expf(-g0)) * u0, a1 = g1 / (1.f + __expf(-g1)) * u1;
+                *reinterpret_cast<__nv_bfloat162 *>(oa + j * 8) = __floats2bfloat162_rn(a0, a1);
+              }
+            }
+          }
+        }
+      } else if constexpr (SW) {
         store_frag_swiglu<BN, SW>(acc, out, aout, N / 2, t.row0, t.row1, c * 64,
                                   (w % ntn) * (BN / 2), tid_wg);
-      else
+      } else {
         store_frag<BN>(acc, out, N, t.row0, t.row1, c * 64, n0, tid_wg);
+      }
+    }
+    if constexpr (ST) {
+      if (tid_wg < 64) bulk_wait0();
     }
   }
 }
@@ -786,9 +862,9 @@ static void launch_simple(const CUtensorMap &m, Problem &P, int grid, size_t sme
   gemm1_simple<BN, NWG, MI, S><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dtiles, P.dnum,
                                                         P.dout, P.H, P.N);
 }
-template <int BN, int NC, int S, bool SW>
+template <int BN, int NC, int S, bool SW, bool ST>
 static void launch_ws(const CUtensorMap &m, Problem &P, int grid, size_t smem, int threads) {
-  gemm1_ws<BN, NC, S, SW><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dtiles, P.dnum,
+  gemm1_ws<BN, NC, S, SW, ST><<<grid, threads, smem>>>(m, P.dx, P.dsorted, P.k, P.dtiles, P.dnum,
                                                    P.dout, P.da, P.H, P.N);
 }
 template <int BN, int NWG, int MI, int S>
@@ -798,11 +874,12 @@ static Variant mk_simple(int id, const char *name) {
                           (int)smem));
   return {id, name, BN, 128 * NWG, BN, 0, smem, launch_simple<BN, NWG, MI, S>};
 }
-template <int BN, int NC, int S, bool SW>
+template <int BN, int NC, int S, bool SW, bool ST = false>
 static Variant mk_ws(int id, const char *name) {
   size_t smem = 1024 + S * (64 * NC * BK * 2 + BN * BK * 2) + 16 * S;
-  CK(cudaFuncSetAttribute(gemm1_ws<BN, NC, S, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  return {id, name, BN, 128 * (NC + 1), SW ? BN / 2 : BN, 0, smem, launch_ws<BN, NC, S, SW>, SW};
+  if (ST) smem += 1024 + 64 * NC * (BN * 2 + 16);
+  CK(cudaFuncSetAttribute(gemm1_ws<BN, NC, S, SW, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  return {id, name, BN, 128 * (NC + 1), SW ? BN / 2 : BN, 0, smem, launch_ws<BN, NC, S, SW, ST>, SW};
 }
 template <int BN, int NC, int S, bool SW>
 static void launch_ws_mc(const CUtensorMap &m, Problem &P, int grid, size_t smem, int threads) {
@@ -830,7 +907,7 @@ static Variant mk_ws_mc(int id, const char *name, int nsm) {
 }
 
 int main(int argc, char **argv) {
-  std::string which = argc > 1 ? argv[1] : "1,2,3,4,5,6,7";
+  std::string which = argc > 1 ? argv[1] : "1,2,3,4,5,6,7,8,9";
   int reps = argc > 2 ? atoi(argv[2]) : 20;
   std::string case_mask = argc > 3 ? argv[3] : "012";
   int dev = 0;
@@ -846,6 +923,8 @@ int main(int argc, char **argv) {
       mk_ws_mc<256, 2, 4, false>(5, "v5 v4 + 2-CTA B multicast", prop.multiProcessorCount),
       mk_ws_mc<256, 2, 4, true>(6, "v6 v5 + SwiGLU epilogue", prop.multiProcessorCount),
       mk_ws<256, 2, 4, true>(7, "v7 v4 + SwiGLU epilogue"),
+      mk_ws<256, 2, 3, false, true>(8, "v8 v4 S3 + staged bulk store"),
+      mk_ws<256, 2, 3, true, true>(9, "v9 v8 + SwiGLU epilogue"),
   };
   std::vector<Variant> vs;
   for (auto &v : all)
