@@ -11,6 +11,7 @@
 #include "common/errors.h"
 #include "cuda/kernels.h"
 #include "cuda/simt_f32.h"
+#include "cuda/sm90_gemm1.cuh"
 
 namespace moe {
 namespace cuda {
@@ -361,7 +362,11 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g.C2 = L.a;
   g.ldc2 = I;
   g.k = int(k);
-  MOE_CU_TRY(grouped_gemm(g, st));
+  moe_status_t s90 = MOE_OK;  // sm90a (wgmma + TMA) GEMM1 where available, else portable
+  if (sm90_gemm1_swiglu(g, E, ctx.flags, st, &s90))
+    MOE_CU_TRY(s90);
+  else
+    MOE_CU_TRY(grouped_gemm(g, st));
 
   GroupedGemmArgs g2 = g;
   g2.epilogue = EPI_STORE;

@@ -1,0 +1,306 @@
+"""GPU tests of the sm90a (Hopper wgmma + TMA) GEMM1 + SwiGLU path of the experts forward.
+
+Both paths on the same inputs: the portable mma.sync kernel (env MOE_FUSED_PORTABLE=1) and the
+sm90a kernel (env MOE_FUSED_SM90=1, no MOE_FUSED_PORTABLE): the routing plan identical, h within
+one rounding step of each other and of the float64 reference, out (and the gradients, which
+read h) against float64; ragged segments, empty experts, T=1, odd T; CUDA-graph capture;
+determinism; layouts the kernel does not take fall back to the portable one. Skipped unless
+the device is compute capability 9.0. Which kernel ran is read from the profiler.
+
+Timing (not a test): python tests/test_gpu_sm90.py bench   (30B-A3B, T=4096 and 16384)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+
+import pytest
+import torch
+
+if __name__ != "__main__":
+    from test_gpu_ops import TOL, make_experts, ref_experts, rel, run_experts
+
+import moe_fused  # noqa: F401
+from moe_fused import moe_experts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+        reason="needs a compute capability 9.0 GPU (H100/H200)",
+    ),
+]
+
+SM90_KERNEL = "gemm1_swiglu_sm90"
+
+
+@contextlib.contextmanager
+def path(which):
+    """which: 'sm90' or 'portable' (set through the environment, read per call)."""
+    old = {k: os.environ.get(k) for k in ("MOE_FUSED_PORTABLE", "MOE_FUSED_SM90")}
+    os.environ.pop("MOE_FUSED_PORTABLE", None)
+    os.environ.pop("MOE_FUSED_SM90", None)
+    if which == "portable":
+        os.environ["MOE_FUSED_PORTABLE"] = "1"
+    else:
+        os.environ["MOE_FUSED_SM90"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fwd_raw(d, w1=None):
+    """torch.ops.moe_fused.experts_forward: (out, h, offsets, sorted_pairs, pair_rows)."""
+    w1 = d["w1"].cuda() if w1 is None else w1
+    with torch.no_grad():
+        outs = torch.ops.moe_fused.experts_forward(d["x"].cuda(), d["idx"].cuda(), d["s"].cuda(), w1, d["w2"].cuda())
+    torch.cuda.synchronize()
+    return outs
+
+
+def kernels_of(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def h_reference(d, offsets, sorted_pairs):
+    """h in plan order, float64: h[r] = x[sorted[r] // k] @ w1[e(r)]^T."""
+    x = d["x"].cuda().double()
+    w1 = d["w1"].cuda().double()
+    k = d["idx"].shape[1]
+    off = offsets.tolist()
+    h = torch.zeros(sorted_pairs.numel(), w1.shape[1], dtype=torch.float64, device=x.device)
+    for e in range(w1.shape[0]):
+        lo, hi = off[e], off[e + 1]
+        if hi > lo:
+            tok = sorted_pairs[lo:hi].long() // k
+            h[lo:hi] = x[tok] @ w1[e].T
+    return h
+
+
+def check_close_to_rounding(h90, hp, h64, dtype):
+    """Each element of the two paths within two rounding steps of the other (accumulation order
+    differs: wgmma vs mma.sync), and both as close to float64 as a rounded result is."""
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    a, b = h90.double(), hp.double()
+    scale = h64.abs().max().clamp_min(1e-30)
+    tol = 2 * eps * torch.maximum(a.abs(), b.abs()) + 1e-5 * scale
+    bad = ((a - b).abs() > tol).sum().item()
+    assert bad == 0, f"{bad} elements differ by more than two rounding steps"
+    e90, ep = rel(h90, h64), rel(hp, h64)
+    assert e90 < 2 * eps and e90 <= 1.25 * ep + 1e-6, (e90, ep)
+    return (h90 == hp).double().mean().item(), e90, ep
+
+
+# T, k, H, I, E, route (H % 64 == 0 and I % 128 == 0: the sm90a kernel's layouts)
+CASES = [
+    (64, 4, 256, 128, 8, "random"),
+    (1, 2, 256, 128, 4, "random"),  # T = 1
+    (300, 8, 320, 128, 16, "skewed"),  # ragged + many empty experts
+    (37, 3, 128, 256, 7, "random"),  # odd T, 2 column tiles
+    (129, 2, 512, 256, 3, "random"),  # tiles crossing expert boundaries
+    (1000, 8, 1024, 384, 32, "random"),  # many tiles per expert, 3 column tiles
+]
+IDS = ["T{}k{}H{}I{}E{}{}".format(*c) for c in CASES]
+
+
+def test_sm90_kernel_selected():
+    d = make_experts(64, 4, 256, 128, 8, torch.bfloat16, seed=1)
+    with path("sm90"):
+        names = kernels_of(lambda: fwd_raw(d))
+    assert any(SM90_KERNEL in n for n in names), names
+    with path("portable"):
+        names = kernels_of(lambda: fwd_raw(d))
+    assert not any(SM90_KERNEL in n for n in names), names
+    # I % 128 != 0: not a layout of the sm90a kernel -> portable, still correct.
+    d = make_experts(50, 4, 256, 96, 8, torch.bfloat16, seed=2)
+    with path("sm90"):
+        names = kernels_of(lambda: fwd_raw(d))
+    assert not any(SM90_KERNEL in n for n in names), names
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_sm90_vs_portable_vs_float64(case, dtype):
+    T, k, H, I, E, route = case
+    d = make_experts(T, k, H, I, E, dtype, seed=T + E + 7, route=route)
+    with path("sm90"):
+        o90, h90, off90, s90, r90 = fwd_raw(d)
+    with path("portable"):
+        op, hp, offp, sp, rp = fwd_raw(d)
+    assert torch.equal(off90, offp) and torch.equal(s90, sp) and torch.equal(r90, rp)
+    h64 = h_reference(d, offp, sp)
+    same, e90, ep = check_close_to_rounding(h90, hp, h64, dtype)
+    ref = ref_experts(d["x"], d["idx"], d["s"], d["w1"], d["w2"], d["dout"])
+    eo90, eop = rel(o90, ref[0]), rel(op, ref[0])
+    print(case, dtype, f"h bit-equal {same:.4f}, h rel err sm90 {e90:.2e} portable {ep:.2e}, out sm90 {eo90:.2e} portable {eop:.2e}")
+    assert eo90 < TOL[dtype] and eo90 <= 1.5 * eop + 1e-4
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[5]], ids=[IDS[2], IDS[5]])
+def test_gradients_through_sm90_h(case):
+    T, k, H, I, E, route = case
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=3 + T, route=route)
+    ref = ref_experts(d["x"], d["idx"], d["s"], d["w1"], d["w2"], d["dout"])
+    with path("sm90"):
+        got = run_experts(d, "cuda")
+    for n, g, r in zip(["out", "dx", "ds", "dw1", "dw2"], got, ref):
+        assert rel(g, r) < TOL[torch.bfloat16], n
+
+
+def test_weight_layouts():
+    T, k, H, I, E = 200, 4, 256, 128, 8
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=41)
+    with path("portable"):
+        op, hp, offp, sp, _ = fwd_raw(d)
+    h64 = h_reference(d, offp, sp)
+    w1 = d["w1"].cuda()
+    # padded rows (ldb = H + 64, experts still back to back): the sm90a kernel takes it
+    big = torch.zeros(E, 2 * I, H + 64, dtype=w1.dtype, device="cuda")
+    big[:, :, :H] = w1
+    with path("sm90"):
+        names = kernels_of(lambda: fwd_raw(d, big[:, :, :H]))
+        o, h, *_ = fwd_raw(d, big[:, :, :H])
+    assert any(SM90_KERNEL in n for n in names)
+    check_close_to_rounding(h, hp, h64, torch.bfloat16)
+    # gaps between experts: not one 2-D TMA tensor -> portable path, bit-identical to it
+    big2 = torch.zeros(E, 2 * I + 128, H, dtype=w1.dtype, device="cuda")
+    big2[:, : 2 * I] = w1
+    with path("sm90"):
+        names = kernels_of(lambda: fwd_raw(d, big2[:, : 2 * I]))
+        o2, h2, *_ = fwd_raw(d, big2[:, : 2 * I])
+    assert not any(SM90_KERNEL in n for n in names)
+    assert torch.equal(h2, hp) and torch.equal(o2, op)
+
+
+def test_empty_and_degenerate():
+    # every token on one expert (E - 1 empty), and T = 0
+    T, k, H, I, E = 77, 1, 256, 128, 6
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=5)
+    d["idx"] = torch.full((T, k), 4, dtype=torch.int64)
+    with path("sm90"):
+        o90, h90, *_ = fwd_raw(d)
+    with path("portable"):
+        op, hp, off, sp, _ = fwd_raw(d)
+    check_close_to_rounding(h90, hp, h_reference(d, off, sp), torch.bfloat16)
+    d0 = make_experts(0, 2, 256, 128, 4, torch.bfloat16, seed=6)
+    with path("sm90"):
+        o0, h0, *_ = fwd_raw(d0)
+    assert o0.shape == (0, 256) and h0.shape == (0, 256)
+
+
+def test_determinism_sm90():
+    d = make_experts(700, 8, 512, 256, 32, torch.bfloat16, seed=21)
+    with path("sm90"):
+        a = fwd_raw(d)
+        b = fwd_raw(d)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_cuda_graph_capture_sm90():
+    T, k, H, I, E = 256, 4, 256, 128, 16
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=31)
+    x, s, w1, w2, idx = (d[n].cuda() for n in ("x", "s", "w1", "w2", "idx"))
+    with path("sm90"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                moe_experts(x, idx, s, w1, w2)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            out_g = moe_experts(x, idx, s, w1, w2)
+        d2 = make_experts(T, k, H, I, E, torch.bfloat16, seed=32)
+        x.copy_(d2["x"])
+        idx.copy_(d2["idx"])
+        graph.replay()
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            eager = moe_experts(x, idx, s, w1, w2)
+        names = kernels_of(lambda: moe_experts(x, idx, s, w1, w2).sum().item())
+    assert torch.equal(out_g, eager)
+    assert any(SM90_KERNEL in n for n in names), names
+    ref = ref_experts(x, idx, s, w1, w2, torch.zeros_like(x))
+    assert rel(out_g, ref[0]) < 2e-2
+
+
+# ---- timing: python tests/test_gpu_sm90.py bench -----------------------------------------------
+
+
+def _med(fn, n=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def bench(Ts=(4096, 16384)):
+    H, I, E, k = 2048, 768, 128, 8  # Qwen3-30B-A3B experts
+    print(torch.cuda.get_device_name(), "30B-A3B bf16 experts forward (median of 10, CUDA events)")
+    for T in Ts:
+        torch.manual_seed(0)
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(T, E, device="cuda")
+        s, idx = torch.topk(logits.softmax(-1), k)
+        s = (s / s.sum(-1, keepdim=True)).bfloat16()
+        w1 = (torch.randn(E, 2 * I, H, device="cuda") * H**-0.5).bfloat16()
+        w2 = (torch.randn(E, H, I, device="cuda") * I**-0.5).bfloat16()
+        xg, sg, w1g, w2g = (t.clone().requires_grad_() for t in (x, s, w1, w2))
+        dout = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+
+        def fwd():
+            with torch.no_grad():
+                return moe_experts(x, idx, s, w1, w2)
+
+        def fb():
+            for t in (xg, sg, w1g, w2g):
+                t.grad = None
+            moe_experts(xg, idx, sg, w1g, w2g).backward(dout)
+
+        res = {}
+        for which in ("portable", "sm90", "portable", "sm90"):  # interleaved, last pair kept
+            with path(which):
+                t_f, t_fb = _med(fwd), _med(fb)
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fwd()
+                    torch.cuda.synchronize()
+                g1 = [e for e in prof.key_averages() if SM90_KERNEL in e.key or "grouped_gemm_kernel<__nv_bfloat16, 1" in e.key]
+                g1_ms = sum(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) for e in g1) / 1e3
+                res[which] = (t_f, t_fb, g1_ms)
+        gf = 2 * T * k * 2 * I * H / 1e9
+        for which, (t_f, t_fb, g1_ms) in res.items():
+            print(f"T={T} {which:9s} forward {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms  GEMM1+SwiGLU kernel {g1_ms:.3f} ms ({gf / max(g1_ms, 1e-9):.0f} TF/s)")
+        with path("sm90"):
+            o90 = fwd()
+        with path("portable"):
+            op = fwd()
+        print(f"T={T} out rel diff sm90 vs portable {((o90.double() - op.double()).norm() / op.double().norm()).item():.2e}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "bench":
+        bench()
