@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os as _os
 
-# libmoe_fused uses the system libgomp; PyTorch's CPU wheels bundle their own. Two OpenMP
-# runtimes whose idle threads spin steal each other's cores: measured 5-50x slower CPU
-# training steps on 2 cores (every op, torch's too). Passive waiting fixes it; it only takes
-# effect when set before torch is imported (as with the `moe-fused` command). [hf engineer]
+# OpenMP threads that spin while idle (libgomp's default) starve the working threads when
+# the cores are shared with other processes: measured 5-50x slower CPU steps on a busy
+# 2-core machine, not seen on an idle one. Passive waiting avoids it. It only takes effect
+# if set before the OpenMP runtime starts (before torch is imported, as the `moe-fused`
+# command does); otherwise set OMP_WAIT_POLICY=PASSIVE in the environment.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._lib import LibraryLoadError, has_cuda, is_available, library_path
