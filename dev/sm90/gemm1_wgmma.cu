@@ -37,6 +37,10 @@
 #include <vector>
 
 #include "wgmma_ops.cuh"
+// mbarrier / TMA / cp.async / bulk-store / wgmma-fence primitives and the smem descriptor,
+// shared with the library kernel (csrc/cuda/sm90_gemm1.cu).
+#include "../../csrc/cuda/sm90_ptx.cuh"
+using namespace moe::cuda::sm90;
 
 #define CK(x)                                                                              \
   do {                                                                                     \
@@ -58,79 +62,10 @@ struct Tile {
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t ok;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(ok)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!ok);
-}
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1,
-                                            uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-// Arrive on bar when all of this thread's earlier cp.async have landed (count pre-set at init).
-__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-template <int R>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));
-}
-template <int R>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
-}
-
-// wgmma shared-memory matrix descriptor, K-major operand in the 128-byte swizzle:
-// rows of 64 bf16 (128 B), 8-row groups 1024 B apart (stride byte offset), leading byte
-// offset unused for this layout (1), layout type 1 = SWIZZLE_128B in bits 62-63.
-// The tile base must be 1024-byte aligned; the k16 sub-steps advance the start by 32 B.
-__device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
-  uint64_t d = 0;
-  d |= (uint64_t)((saddr & 0x3FFFF) >> 4);
-  d |= (uint64_t)1 << 16;
-  d |= (uint64_t)(1024 >> 4) << 32;
-  d |= (uint64_t)1 << 62;
-  return d;
 }
 
 template <int N>
@@ -216,7 +151,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
 #pragma unroll
       for (int j = 0; j < RPT; ++j) {
         const int row = trow + j * RSTEP;
-        cp_async16(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
+        cp_async16_u(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
       }
       if (tid == 0) {
         mbar_expect_tx(sBar + 8 * st, B_BYTES);
@@ -289,20 +224,6 @@ __device__ __forceinline__ void store_frag_swiglu(const float (&acc)[BN / 2], __
   }
 }
 
-// Bulk (non-tensor) copy smem -> global, completion tracked by bulk groups of this thread.
-__device__ __forceinline__ void bulk_store(void *gdst, uint32_t ssrc, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gdst), "r"(ssrc),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read0() {
-  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-}
-__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-__device__ __forceinline__ void named_bar(int id, int n) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
-}
 
 // ----------------------------------------------------------------------------------------
 // Variant 4: warp specialisation. Warpgroup 0 produces (each thread: cp.async of its A chunks,
@@ -367,7 +288,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
 #pragma unroll
         for (int j = 0; j < RPT; ++j) {
           const int row = trow + j * 16;
-          cp_async16(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
+          cp_async16_u(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
         }
         cp_async_mbar_arrive(sFull + 8 * st);
         if (tid_wg == 0) {
@@ -557,7 +478,7 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NC + 1), 1)
 #pragma unroll
           for (int j = 0; j < RPT; ++j) {
             const int row = trow + j * 16;
-            cp_async16(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
+            cp_async16_u(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
           }
         }
         cp_async_mbar_arrive(sFull + 8 * st);
