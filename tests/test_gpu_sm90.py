@@ -1,11 +1,14 @@
-"""GPU tests of the sm90a (Hopper wgmma + TMA) GEMM1 + SwiGLU path of the experts forward.
+"""GPU tests of the sm90a (Hopper wgmma + TMA) kernels: the row-grouped GEMMs (GEMM1 + SwiGLU,
+GEMM2, dA' + dSwiGLU, dX, moe_fused_linear forward and dX) and the weight-gradient GEMMs (dW1,
+dW2, linear dW).
 
-Both paths on the same inputs: the portable mma.sync kernel (env MOE_FUSED_PORTABLE=1) and the
-sm90a kernel (env MOE_FUSED_SM90=1, no MOE_FUSED_PORTABLE): the routing plan identical, h within
-one rounding step of each other and of the float64 reference, out (and the gradients, which
-read h) against float64; ragged segments, empty experts, T=1, odd T; CUDA-graph capture;
-determinism; layouts the kernel does not take fall back to the portable one. Skipped unless
-the device is compute capability 9.0. Which kernel ran is read from the profiler.
+Both paths on the same inputs: the portable mma.sync kernels (env MOE_FUSED_PORTABLE=1) and the
+sm90a kernels (env MOE_FUSED_SM90=1, no MOE_FUSED_PORTABLE): the routing plan identical, h within
+one rounding step of each other and of the float64 reference, the output and every gradient
+as close to float64 as the portable path's; ragged segments, empty experts, T=1, odd T, shapes
+where only some GEMMs fit the sm90a kernels (the rest fall back); CUDA-graph capture of forward
+and backward; determinism; layouts the kernels do not take fall back to the portable ones.
+Skipped unless the device is compute capability 9.0. Which kernels ran is read from the profiler.
 
 Timing (not a test): python tests/test_gpu_sm90.py bench   (30B-A3B, T=4096 and 16384)
 """
@@ -21,10 +24,10 @@ import pytest
 import torch
 
 if __name__ != "__main__":
-    from test_gpu_ops import TOL, make_experts, ref_experts, rel, run_experts
+    from test_gpu_ops import TOL, make_experts, ref_experts, ref_linear, rel, run_experts
 
 import moe_fused  # noqa: F401
-from moe_fused import moe_experts
+from moe_fused import moe_experts, moe_fused_linear
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,7 +37,9 @@ pytestmark = [
     ),
 ]
 
-SM90_KERNEL = "gemm1_swiglu_sm90"
+SM90_KERNEL = "row_gemm_sm90"  # every sm90a row-grouped GEMM (GEMM1 among them)
+SM90_WGRAD = "wgrad_sm90"
+PORTABLE_KERNELS = ("grouped_gemm_kernel", "wgrad_kernel")
 
 
 @contextlib.contextmanager
@@ -238,6 +243,133 @@ def test_cuda_graph_capture_sm90():
     assert rel(out_g, ref[0]) < 2e-2
 
 
+# ---- backward and moe_fused_linear -------------------------------------------------------------
+
+# T, k, H, I, E, route: H % 256 == 0 and I % 256 == 0 put every GEMM on an sm90a kernel.
+BWD_CASES = CASES + [
+    (64, 4, 256, 256, 8, "random"),
+    (1, 2, 256, 256, 4, "random"),  # T = 1
+    (300, 8, 512, 256, 16, "skewed"),  # ragged + many empty experts
+    (37, 3, 256, 512, 7, "random"),  # odd T, 2 column tiles of a
+    (1000, 8, 1024, 512, 32, "random"),  # many tiles and k-blocks per expert
+    (3000, 2, 256, 256, 2, "random"),  # long segments: ~3000 rows per expert
+]
+BWD_IDS = ["T{}k{}H{}I{}E{}{}".format(*c) for c in BWD_CASES]
+GRADS = ["out", "dx", "ds", "dw1", "dw2"]
+
+
+def test_sm90_backward_kernels_selected():
+    d = make_experts(200, 4, 512, 256, 8, torch.bfloat16, seed=3)
+    with path("sm90"):
+        names = kernels_of(lambda: run_experts(d, "cuda"))
+    assert sum(SM90_KERNEL in n for n in names) == 4, names  # GEMM1, GEMM2, dA', dX
+    assert sum(SM90_WGRAD in n for n in names) == 2, names  # dW2, dW1
+    assert not any(any(p in n for p in PORTABLE_KERNELS) for n in names), names
+    with path("portable"):
+        names = kernels_of(lambda: run_experts(d, "cuda"))
+    assert not any(SM90_KERNEL in n or SM90_WGRAD in n for n in names), names
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", BWD_CASES, ids=BWD_IDS)
+def test_fwd_bwd_sm90_vs_portable_vs_float64(case, dtype):
+    T, k, H, I, E, route = case
+    d = make_experts(T, k, H, I, E, dtype, seed=T + 3 * E + 1, route=route)
+    ref = ref_experts(d["x"], d["idx"], d["s"], d["w1"], d["w2"], d["dout"])
+    with path("sm90"):
+        g90 = run_experts(d, "cuda")
+    with path("portable"):
+        gp = run_experts(d, "cuda")
+    errs = []
+    for n, a, b, r in zip(GRADS, g90, gp, ref):
+        e90, ep = rel(a, r), rel(b, r)
+        errs.append(f"{n} {e90:.2e}/{ep:.2e}")
+        assert torch.isfinite(a).all(), n
+        assert e90 < TOL[dtype] and e90 <= 1.5 * ep + 1e-4, (n, e90, ep)
+    print(case, dtype, "rel err sm90/portable:", ", ".join(errs))
+
+
+LIN_CASES = [
+    # N, E, in, out: in % 64 == 0 and out % 256 == 0 (forward), in % 256 == 0 (dX), both (dW)
+    (300, 8, 256, 512),
+    (1, 4, 256, 256),
+    (777, 16, 512, 256),
+    (129, 3, 768, 1024),
+    (200, 8, 64, 256),  # forward only on sm90a (in % 256 != 0: dX and dW portable)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", LIN_CASES, ids=lambda c: "N{}E{}in{}out{}".format(*c))
+def test_linear_sm90_vs_portable_vs_float64(case, dtype):
+    N, E, fi, fo = case
+    g = torch.Generator().manual_seed(N + fi + fo)
+    x = torch.randn(N, fi, generator=g).to(dtype)
+    w = (torch.randn(E, fo, fi, generator=g) * fi**-0.5).to(dtype)
+    sel = torch.randint(0, max(1, E // 2), (N,), generator=g)  # leaves experts empty
+    dy = torch.randn(N, fo, generator=g).to(dtype)
+    res = {}
+    for which in ("sm90", "portable"):
+        with path(which):
+            xd, wd = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+            y = moe_fused_linear(xd, wd, sel.cuda())
+            y.backward(dy.cuda())
+            res[which] = (y.detach(), xd.grad, wd.grad)
+    ref = ref_linear(x, w, sel, dy)
+    for n, a, b, r in zip(["y", "dx", "dw"], res["sm90"], res["portable"], ref):
+        e90, ep = rel(a, r), rel(b, r)
+        assert e90 < TOL[dtype] and e90 <= 1.5 * ep + 1e-4, (n, e90, ep)
+    with path("sm90"):
+        xd, wd = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+        names = kernels_of(lambda: moe_fused_linear(xd, wd, sel.cuda()).backward(dy.cuda()))
+    assert any(SM90_KERNEL in n for n in names), names
+    if fi % 256 == 0:
+        assert any(SM90_WGRAD in n for n in names), names
+
+
+def test_determinism_sm90_backward():
+    d = make_experts(700, 8, 512, 256, 32, torch.bfloat16, seed=22)
+    with path("sm90"):
+        a = run_experts(d, "cuda")
+        b = run_experts(d, "cuda")
+    for n, x, y in zip(GRADS, a, b):
+        assert torch.equal(x, y), n
+
+
+def test_cuda_graph_capture_sm90_backward():
+    T, k, H, I, E = 256, 4, 512, 256, 16
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=33)
+    x, s, w1, w2, idx, dout = (d[n].cuda() for n in ("x", "s", "w1", "w2", "idx", "dout"))
+    ops = torch.ops.moe_fused
+
+    def step():
+        out, h, off, srt, rows = ops.experts_forward(x, idx, s, w1, w2)
+        return (out,) + tuple(ops.experts_backward(dout, x, s, w1, w2, off, srt, rows, h, True, True, True, True))
+
+    with path("sm90"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            got = step()
+        d2 = make_experts(T, k, H, I, E, torch.bfloat16, seed=34)
+        for t, n in ((x, "x"), (idx, "idx"), (dout, "dout")):
+            t.copy_(d2[n])
+        graph.replay()
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            eager = step()
+    for n, a, b in zip(GRADS, got, eager):
+        assert torch.equal(a, b), n
+    ref = ref_experts(x, idx, s, w1, w2, dout)
+    for n, a, r in zip(GRADS, got, ref):
+        assert rel(a, r) < TOL[torch.bfloat16], n
+
+
 # ---- timing: python tests/test_gpu_sm90.py bench -----------------------------------------------
 
 
@@ -279,21 +411,25 @@ def bench(Ts=(4096, 16384)):
                 t.grad = None
             moe_experts(xg, idx, sg, w1g, w2g).backward(dout)
 
-        res = {}
+        res, kern = {}, {}
         for which in ("portable", "sm90", "portable", "sm90"):  # interleaved, last pair kept
             with path(which):
-                t_f, t_fb = _med(fwd), _med(fb)
+                res[which] = (_med(fwd), _med(fb))
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    fwd()
+                    fb()
                     torch.cuda.synchronize()
-                g1 = [e for e in prof.key_averages() if SM90_KERNEL in e.key or "grouped_gemm_kernel<__nv_bfloat16, 1" in e.key]
-                g1_ms = sum(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) for e in g1) / 1e3
-                res[which] = (t_f, t_fb, g1_ms)
-        gf = 2 * T * k * 2 * I * H / 1e9
-        for which, (t_f, t_fb, g1_ms) in res.items():
-            print(f"T={T} {which:9s} forward {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms  GEMM1+SwiGLU kernel {g1_ms:.3f} ms ({gf / max(g1_ms, 1e-9):.0f} TF/s)")
+                kern[which] = sorted(
+                    ((getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)) / 1e3, e.count, e.key)
+                    for e in prof.key_averages()
+                    if (getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)) > 0
+                )[::-1]
+        for which, (t_f, t_fb) in res.items():
+            fl = 18 * T * k * H * I / 1e9
+            print(f"T={T} {which:9s} forward {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms ({fl / t_fb:.0f} effective TF/s)")
+            for ms, cnt, key in kern[which][:10]:
+                print(f"    {ms:7.3f} ms  x{cnt}  {key[:110]}")
         with path("sm90"):
             o90 = fwd()
         with path("portable"):

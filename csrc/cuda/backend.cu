@@ -11,10 +11,24 @@
 #include "common/errors.h"
 #include "cuda/kernels.h"
 #include "cuda/simt_f32.h"
-#include "cuda/sm90_gemm1.cuh"
+#include "cuda/sm90.h"
 
 namespace moe {
 namespace cuda {
+
+// The sm90a kernel where it applies (sm90.h), else the portable one. *sm90 tells which ran.
+static moe_status_t row_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t flags,
+                             cudaStream_t st, bool *sm90 = nullptr) {
+  moe_status_t s = MOE_OK;
+  const bool fast = sm90_grouped_gemm(g, num_experts, flags, st, &s);
+  if (sm90) *sm90 = fast;
+  return fast ? s : grouped_gemm(g, st);
+}
+static moe_status_t weight_grad(const WgradArgs &w, uint64_t flags, cudaStream_t st) {
+  moe_status_t s = MOE_OK;
+  return sm90_wgrad(w, flags, st, &s) ? s : wgrad_gemm(w, st);
+}
+
 namespace {
 
 constexpr int BMT = kGemmBM;
@@ -223,7 +237,7 @@ moe_status_t linear_forward(const moe_context_t &ctx, const LinearProblem &p,
   if (p.in_features == 0) {
     // Empty reduction: out = 0 (the GEMM below still writes zeros: K = 0 -> acc = 0).
   }
-  return grouped_gemm(g, stream_of(ctx));
+  return row_gemm(g, p.num_experts, ctx.flags, stream_of(ctx));
 }
 
 moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
@@ -269,7 +283,7 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
     g.ldc = grad_input->strides[0];
     g.c_scatter = true;
     g.k = 1;
-    MOE_CU_TRY(grouped_gemm(g, st));
+    MOE_CU_TRY(row_gemm(g, p.num_experts, ctx.flags, st));
   }
   if (grad_weight) {
     WgradArgs w{};
@@ -289,7 +303,7 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
     w.C = grad_weight->data;
     w.ldc = grad_weight->strides[1];
     w.strideCE = grad_weight->strides[0];
-    MOE_CU_TRY(wgrad_gemm(w, st));
+    MOE_CU_TRY(weight_grad(w, ctx.flags, st));
   }
   return MOE_OK;
 }
@@ -362,11 +376,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g.C2 = L.a;
   g.ldc2 = I;
   g.k = int(k);
-  moe_status_t s90 = MOE_OK;  // sm90a (wgmma + TMA) GEMM1 where available, else portable
-  if (sm90_gemm1_swiglu(g, E, ctx.flags, st, &s90))
-    MOE_CU_TRY(s90);
-  else
-    MOE_CU_TRY(grouped_gemm(g, st));
+  MOE_CU_TRY(row_gemm(g, E, ctx.flags, st));
 
   GroupedGemmArgs g2 = g;
   g2.epilogue = EPI_STORE;
@@ -382,7 +392,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g2.ldc = H;
   g2.C2 = nullptr;
   g2.c_scatter = false;
-  MOE_CU_TRY(grouped_gemm(g2, st));
+  MOE_CU_TRY(row_gemm(g2, E, ctx.flags, st));
 
   return combine_rows(hidden_states.dtype, L.y, H, rows, top_k_weights.data, top_k_weights.dtype,
                       top_k_weights.strides[0], top_k_weights.strides[1], T, int(k), H, out.data,
@@ -462,10 +472,12 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   g.sw_s0 = top_k_weights.strides[0];
   g.sw_s1 = top_k_weights.strides[1];
   g.k = int(k);
-  MOE_CU_TRY(grouped_gemm(g, st));
+  bool ds_sm90 = false;  // the sm90a kernel writes fewer (wider) ds_part column tiles
+  MOE_CU_TRY(row_gemm(g, E, ctx.flags, st, &ds_sm90));
+  const int ds_cols = ds_sm90 ? sm90_col_tiles(EPI_DSWIGLU, int(I)) : L.ds_ld;
 
   if (grad_top_k_weights)
-    MOE_CU_TRY(reduce_ds(L.ds_part, L.ds_ld, L.ds_ld, rows, T, int(k), grad_top_k_weights->data,
+    MOE_CU_TRY(reduce_ds(L.ds_part, L.ds_ld, ds_cols, rows, T, int(k), grad_top_k_weights->data,
                          grad_top_k_weights->dtype, grad_top_k_weights->strides[0],
                          grad_top_k_weights->strides[1], st));
   if (grad_down_proj) {
@@ -486,7 +498,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     w.C = grad_down_proj->data;
     w.ldc = grad_down_proj->strides[1];
     w.strideCE = grad_down_proj->strides[0];
-    MOE_CU_TRY(wgrad_gemm(w, st));
+    MOE_CU_TRY(weight_grad(w, ctx.flags, st));
   }
   if (grad_gate_up_proj) {
     WgradArgs w{};
@@ -506,7 +518,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     w.C = grad_gate_up_proj->data;
     w.ldc = grad_gate_up_proj->strides[1];
     w.strideCE = grad_gate_up_proj->strides[0];
-    MOE_CU_TRY(wgrad_gemm(w, st));
+    MOE_CU_TRY(weight_grad(w, ctx.flags, st));
   }
   if (grad_hidden_states) {
     // dx rows = dh W1[e] per plan row, in row windows (s*a, now dead, holds the window),
@@ -536,7 +548,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
       const int64_t lo = w * L.win_rows, hi = std::min<int64_t>(n, lo + L.win_rows);
       d.c_row0 = lo;
       if (L.nwin > 1) build_tiles_window(off, int(E), n, lo, hi, BMT, L.tiles, L.num_tiles, st);
-      MOE_CU_TRY(grouped_gemm(d, st));
+      MOE_CU_TRY(row_gemm(d, E, ctx.flags, st));
       if (L.nwin == 1)
         MOE_CU_TRY(combine_rows(hidden_states.dtype, L.sa, H, rows, nullptr, MOE_DTYPE_F32, 0, 0,
                                 T, int(k), H, grad_hidden_states->data,

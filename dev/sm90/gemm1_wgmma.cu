@@ -38,7 +38,7 @@
 
 #include "wgmma_ops.cuh"
 // mbarrier / TMA / cp.async / bulk-store / wgmma-fence primitives and the smem descriptor,
-// shared with the library kernel (csrc/cuda/sm90_gemm1.cu).
+// shared with the library kernel (csrc/cuda/sm90_rowgemm.cu).
 #include "../../csrc/cuda/sm90_ptx.cuh"
 using namespace moe::cuda::sm90;
 

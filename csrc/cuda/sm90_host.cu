@@ -1,0 +1,100 @@
+// Host side of the sm90a path: selection and TMA descriptors (see sm90.h, sm90_host.h).
+#include "cuda/sm90_host.h"
+
+#include <cudaTypedefs.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda/sm90.h"
+
+namespace moe {
+namespace cuda {
+namespace sm90 {
+namespace {
+
+PFN_cuTensorMapEncodeTiled_v12000 get_encode() {
+  static std::atomic<int> state{0};  // 0 unknown, 1 ok, 2 unavailable
+  static std::atomic<void *> fn_ptr{nullptr};
+  const int s = state.load(std::memory_order_acquire);
+  if (s == 1) return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn_ptr.load());
+  if (s == 2) return nullptr;
+  void *fn = nullptr;
+  cudaDriverEntryPointQueryResult q{};
+  cudaError_t e =
+      cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
+  if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !fn) {
+    cudaGetLastError();
+    state.store(2, std::memory_order_release);
+    return nullptr;
+  }
+  fn_ptr.store(fn);
+  state.store(1, std::memory_order_release);
+  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+}
+
+std::atomic<int> g_sms[64];
+
+bool env_is(const char *name, const char *val) {
+  const char *v = std::getenv(name);
+  return v && std::strcmp(v, val) == 0;
+}
+
+}  // namespace
+
+bool kernel_usable(const void *kernel, size_t smem, KernelGate &gate, int *sms) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (dev < 0 || dev >= 64) return false;
+  int s = gate.state[dev].load(std::memory_order_acquire);
+  if (s == 0) {
+    int major = 0, minor = 0, n = 0;
+    bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+              cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+              cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess;
+    ok = ok && major == 9 && minor == 0 && n > 0 && get_encode() != nullptr;
+    if (ok) {
+      cudaFuncAttributes fa{};
+      ok = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.sharedSizeBytes > 0 &&
+           fa.binaryVersion >= 90;
+    }
+    ok = ok && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(smem)) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+    g_sms[dev].store(n);
+    s = ok ? 1 : 2;
+    gate.state[dev].store(s, std::memory_order_release);
+  }
+  *sms = g_sms[dev].load();
+  return s == 1;
+}
+
+bool encode_2d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
+               uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc = get_encode();
+  if (!enc) return false;
+  std::memset(map, 0, sizeof(*map));
+  cuuint64_t dims[2] = {cuuint64_t(inner), cuuint64_t(outer)};
+  cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  cuuint32_t box[2] = {box_inner, box_outer};
+  cuuint32_t es[2] = {1, 1};
+  return enc(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+             const_cast<void *>(ptr), dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace sm90
+
+bool sm90_enabled(uint64_t flags) {
+  if (flags & MOE_FLAG_FORCE_PORTABLE) return false;
+  if (sm90::env_is("MOE_FUSED_PORTABLE", "1")) return false;
+  if (kSm90Default) return !sm90::env_is("MOE_FUSED_SM90", "0");
+  return sm90::env_is("MOE_FUSED_SM90", "1");
+}
+
+}  // namespace cuda
+}  // namespace moe

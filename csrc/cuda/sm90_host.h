@@ -1,0 +1,37 @@
+// Host-side helpers of the sm90a kernels (sm90_host.cu): path selection, the per-device
+// check that a kernel can run, and 2-D TMA descriptors.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace moe {
+namespace cuda {
+namespace sm90 {
+
+// One kernel's readiness on each device: 0 unknown, 1 usable, 2 not usable.
+struct KernelGate {
+  std::atomic<int> state[64];
+};
+
+// Whether `kernel` (a __global__ function of an sm90a .cu file) runs on the current device:
+// compute capability 9.0, the library's image for it is the real sm_90a kernel (the real
+// kernels declare static shared memory, the stubs compiled for other archs do not), and its
+// dynamic shared memory limit raised to `smem` bytes. Checked once per device; *sms is the
+// device's SM count.
+bool kernel_usable(const void *kernel, size_t smem, KernelGate &gate, int *sms);
+
+// 2-D tensor map of a bf16/f16 matrix [outer][inner] (row pitch row_bytes), box
+// {box_inner, box_outer}, 128-byte swizzle. False when the driver entry point is missing or
+// the TMA refuses the layout.
+bool encode_2d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
+               uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer);
+
+inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace moe

@@ -1,0 +1,398 @@
+// sm90a row-grouped GEMMs of the experts layer (issue 5; notes/hopper.md): each work item is
+// one BM = 128-row tile of one expert's plan-row segment (plan.cu's device-side tile list)
+// times one column tile,
+//   C[r, n] = sum_k A[arow(r), k] * B_e(k, n),   arow(r) = a_div ? sorted[r] / a_div : r,
+// with the portable kernels' epilogues and rounding (grouped_gemm.cu):
+//   EPI_SWIGLU   GEMM1: B rows = 128 gate rows + the same 128 up rows; h = [g; u] staged in
+//                smem and written by bulk copies, a = silu(g) * u from the rounded g, u
+//   EPI_STORE    GEMM2, dX, linear: C row r - c_row0 (or sorted[r]), staged + bulk copies
+//   EPI_DSWIGLU  dA': reloads h, writes dh = dSwiGLU(s dA'), s*a, and the tile's partial of
+//                ds = <dA', a> in ds_part[r, column tile]
+// B_e is [N][K] (K-major, TMA box {64, 128}) or, B_MN, [K][N] (N-major, four TMA boxes
+// {64 N, 64 K} per k-block, read by wgmma transposed).
+//
+// Kernel (variant v9 of dev/sm90/gemm1_wgmma.cu, generalised): persistent grid, one CTA per
+// SM; warp-specialised: a producer warpgroup (16-byte cp.async of the gathered A rows into the
+// 128-byte swizzle; TMA of B) and two consumer warpgroups (wgmma m64n256k16, fp32
+// accumulators); 3-stage full/empty mbarrier pipeline flowing across work items, so the
+// producer loads the next item while the consumers run the epilogue.
+// Device code only where the arch has the sm_90a features; elsewhere an empty stub.
+#include <algorithm>
+
+#include "cuda/sm90.h"
+#include "cuda/sm90_host.h"
+#include "cuda/sm90_ptx.cuh"
+#include "cuda/sm90_wgmma.cuh"
+
+namespace moe {
+namespace cuda {
+namespace sm90 {
+namespace {
+
+constexpr int BM = 128, BN = kSm90BN, BK = 64, S = 3, NC = 2, THREADS = 128 * (NC + 1);
+constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+constexpr int CROW = BN * 2 + 16;  // staging row stride (bytes), conflict-free
+constexpr size_t kSmem = 1024 + size_t(S) * (A_BYTES + B_BYTES) + 1024 + size_t(BM) * CROW;
+
+struct RowParams {
+  const void *a;
+  int64_t lda;
+  int a_div;
+  const int32_t *sorted;
+  int32_t n_rows;
+  const Tile *tiles;
+  const int32_t *num_tiles;
+  int N, K;       // output columns (EPI_SWIGLU: I, the columns of a), reduction
+  int b_rows;     // rows of one expert in the TMA tensor of B ([N][K]: N or 2I; [K][N]: K)
+  void *c;
+  int64_t ldc;
+  bool c_scatter;
+  int64_t c_row0;
+  void *c2;
+  int64_t ldc2;
+  const void *hin;
+  int64_t ldh;
+  float *ds_part;
+  int ds_ld;
+  const void *sw;
+  int sw_dtype;
+  int64_t sw_s0, sw_s1;
+  int k;
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Two floats -> two rounded elements packed in 32 bits (the rounding of DT<T>::from_f).
+template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = DT<T>::from_f(lo), b = DT<T>::from_f(hi);
+  return uint32_t(reinterpret_cast<const uint16_t &>(a)) |
+         (uint32_t(reinterpret_cast<const uint16_t &>(b)) << 16);
+}
+template <class T> __device__ __forceinline__ void unpack2(uint32_t v, float &lo, float &hi) {
+  const uint16_t l = uint16_t(v & 0xFFFF), h = uint16_t(v >> 16);
+  lo = DT<T>::to_f(reinterpret_cast<const T &>(l));
+  hi = DT<T>::to_f(reinterpret_cast<const T &>(h));
+}
+template <class T> __device__ __forceinline__ float rnd(float v) {
+  return DT<T>::to_f(DT<T>::from_f(v));
+}
+__device__ __forceinline__ int64_t clamp_row(int32_t v, int32_t n) {
+  return v < 0 ? 0 : (v >= n ? n - 1 : v);
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <class T, int EPI, bool B_MN>
+__global__ void __launch_bounds__(THREADS, 1)
+    row_gemm_sm90(const __grid_constant__ CUtensorMap tmapB, const RowParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // Static shared memory only in the real kernel: the host tells it from the stub by it.
+  __shared__ __align__(8) uint64_t s_bars[2 * S];
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t sA = sbase, sB = sbase + S * A_BYTES;
+  const uint32_t sFull = smem_u32(s_bars), sEmpty = sFull + 8 * S;
+  const uint32_t sC = (sB + S * B_BYTES + 1023) & ~1023u;  // [BM][CROW] staging tile
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(sFull + 8 * s, 128 + 1);
+      mbar_init(sEmpty + 8 * s, NC);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int wg = tid / 128, tid_wg = tid % 128;
+  const int KB = p.K / BK;
+  const int ntn = EPI == EPI_SWIGLU ? p.N / (BN / 2) : p.N / BN;
+  const int total = *p.num_tiles * ntn;
+
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<40>();
+    constexpr int RPT = BM * 8 / 128;
+    const T *A = static_cast<const T *>(p.a);
+    const int chunk = tid_wg & 7, trow = tid_wg >> 3;
+    uint32_t it = 0;
+    for (int w = blockIdx.x; w < total; w += gridDim.x) {
+      const Tile t = p.tiles[w / ntn];
+      const int nt = w % ntn;
+      const T *src[RPT];
+#pragma unroll
+      for (int j = 0; j < RPT; ++j) {
+        const int r = min(t.row0 + trow + j * 16, t.row1 - 1);  // rows past the end: never stored
+        const int64_t ar = p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r;
+        src[j] = A + ar * p.lda + chunk * 8;
+      }
+      // B rows (K-major) or columns (N-major) of this item in the TMA tensor.
+      int b0, b1;
+      if (EPI == EPI_SWIGLU) {
+        b0 = t.expert * p.b_rows + nt * (BN / 2);
+        b1 = b0 + p.N;  // the same columns of the up half
+      } else {
+        b0 = B_MN ? nt * BN : t.expert * p.b_rows + nt * BN;
+        b1 = b0 + BN / 2;
+      }
+      for (int kb = 0; kb < KB; ++kb, ++it) {
+        const uint32_t st = it % S, ph = (it / S) & 1;
+        mbar_wait(sEmpty + 8 * st, ph ^ 1);
+        const uint32_t a = sA + st * A_BYTES;
+#pragma unroll
+        for (int j = 0; j < RPT; ++j) {
+          const int row = trow + j * 16;
+          cp_async16_u(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
+        }
+        cp_async_mbar_arrive(sFull + 8 * st);
+        if (tid_wg == 0) {
+          const uint32_t bar = sFull + 8 * st, b = sB + st * B_BYTES;
+          mbar_expect_tx(bar, B_BYTES);
+          if (B_MN) {
+            const int krow = t.expert * p.b_rows + kb * BK;
+#pragma unroll
+            for (int q = 0; q < BN / 64; ++q) tma_load_2d(b + q * (BK * 128), &tmapB, b0 + q * 64, krow, bar);
+          } else {
+            tma_load_2d(b, &tmapB, kb * BK, b0, bar);
+            tma_load_2d(b + B_BYTES / 2, &tmapB, kb * BK, b1, bar);
+          }
+        }
+      }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+  } else {  // consumers
+    setmaxnreg_inc<232>();
+    const int c = wg - 1;
+    const int warp = tid_wg >> 5, lane = tid_wg & 31;
+    uint32_t it = 0;
+    float acc[BN / 2];
+    for (int w = blockIdx.x; w < total; w += gridDim.x) {
+      const Tile t = p.tiles[w / ntn];
+      const int nt = w % ntn;
+      uint32_t prev = 0;
+      for (int kb = 0; kb < KB; ++kb, ++it) {
+        const uint32_t st = it % S, ph = (it / S) & 1;
+        mbar_wait(sFull + 8 * st, ph);
+        fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < BK / 16; ++k) {
+          const uint64_t db = B_MN ? make_desc_mn(sB + st * B_BYTES + k * 2048, BK * 128)
+                                   : make_desc(sB + st * B_BYTES + k * 32);
+          const uint64_t da = make_desc(sA + st * A_BYTES + c * 64 * 128 + k * 32);
+          Wgmma<T>::template m64n256<0, B_MN ? 1 : 0>(acc, da, db, (kb > 0 || k > 0) ? 1 : 0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (kb > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
+        prev = st;
+      }
+      wgmma_wait<0>();
+      if (KB > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
+      if (KB == 0) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+      }
+      // Fragment of a thread: rows rfrag + 8 hh, columns 8 j + 2 (lane & 3) + {0, 1}, held in
+      // acc[4 j + 2 hh + {0, 1}].
+      const int rfrag = c * 64 + warp * 16 + (lane >> 2);
+
+      if (EPI == EPI_SWIGLU || EPI == EPI_STORE) {
+        // fragment -> smem staging tile -> one bulk copy per valid row (SwiGLU: per half)
+        if (tid_wg < 64) bulk_wait_read0();  // the previous item's copies have read the rows
+        named_bar(1 + c, 128);
+        const uint32_t cbase = sC + rfrag * CROW + (lane & 3) * 4;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int j = 0; j < BN / 8; ++j) {
+            const uint32_t v = pack2<T>(acc[j * 4 + hh * 2], acc[j * 4 + hh * 2 + 1]);
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(cbase + hh * 8 * CROW + j * 16), "r"(v)
+                         : "memory");
+          }
+        fence_proxy_async();
+        named_bar(1 + c, 128);
+        if (tid_wg < 64) {
+          const int r = t.row0 + c * 64 + tid_wg;
+          if (r < t.row1) {
+            const uint32_t srow = sC + (c * 64 + tid_wg) * CROW;
+            T *C = static_cast<T *>(p.c);
+            if (EPI == EPI_SWIGLU) {
+              T *hr = C + int64_t(r) * p.ldc + nt * (BN / 2);
+              bulk_store(hr, srow, BN);
+              bulk_store(hr + p.N, srow + BN, BN);
+            } else {
+              const int64_t orow = p.c_scatter ? clamp_row(p.sorted[r], p.n_rows) : r - p.c_row0;
+              bulk_store(C + orow * p.ldc + nt * BN, srow, BN * 2);
+            }
+          }
+          bulk_commit();
+        }
+      }
+      if (EPI == EPI_SWIGLU) {
+        // a = silu(g) * u from the rounded g and u (as the portable epilogue), from registers.
+        constexpr int HJ = BN / 16;
+        T *aout = static_cast<T *>(p.c2);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = t.row0 + rfrag + hh * 8;
+          if (r < t.row1) {
+            T *oa = aout + int64_t(r) * p.ldc2 + nt * (BN / 2) + (lane & 3) * 2;
+#pragma unroll
+            for (int j = 0; j < HJ; ++j) {
+              const float g0 = rnd<T>(acc[j * 4 + hh * 2]), g1 = rnd<T>(acc[j * 4 + hh * 2 + 1]);
+              const float u0 = rnd<T>(acc[(j + HJ) * 4 + hh * 2]),
+                          u1 = rnd<T>(acc[(j + HJ) * 4 + hh * 2 + 1]);
+              *reinterpret_cast<uint32_t *>(oa + j * 8) =
+                  pack2<T>(silu_f(g0) * u0, silu_f(g1) * u1);
+            }
+          }
+        }
+      }
+      if (EPI == EPI_DSWIGLU) {
+        // acc = dA' for columns n of a; with g, u from h (as the portable epilogue):
+        // dg = s dA' u silu'(g), du = s dA' silu(g), s*a, ds partial = sum_n dA' silu(g) u.
+        const T *Hin = static_cast<const T *>(p.hin);
+        T *dH = static_cast<T *>(p.c);
+        T *SA = static_cast<T *>(p.c2);
+        const int n0 = nt * BN + (lane & 3) * 2;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = t.row0 + rfrag + hh * 8;
+          float dot = 0.f;
+          if (r < t.row1) {
+            const int64_t pr = clamp_row(p.sorted[r], p.n_rows);
+            const float s = load_weight(p.sw, p.sw_dtype, (pr / p.k) * p.sw_s0 + (pr % p.k) * p.sw_s1);
+            const T *hr = Hin + int64_t(r) * p.ldh + n0;
+            T *dr = dH + int64_t(r) * p.ldc + n0;
+            T *sar = SA + int64_t(r) * p.ldc2 + n0;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+              float g[2], u[2], dg[2], du[2], sa[2];
+              unpack2<T>(*reinterpret_cast<const uint32_t *>(hr + j * 8), g[0], g[1]);
+              unpack2<T>(*reinterpret_cast<const uint32_t *>(hr + p.N + j * 8), u[0], u[1]);
+#pragma unroll
+              for (int i = 0; i < 2; ++i) {
+                float d = acc[j * 4 + hh * 2 + i];
+                const float sg = 1.f / (1.f + __expf(-g[i]));
+                const float sil = g[i] * sg;
+                const float dsil = sg + sil * (1.f - sg);
+                dot += d * sil * u[i];
+                d *= s;
+                dg[i] = d * u[i] * dsil;
+                du[i] = d * sil;
+                sa[i] = s * sil * u[i];
+              }
+              *reinterpret_cast<uint32_t *>(dr + j * 8) = pack2<T>(dg[0], dg[1]);
+              *reinterpret_cast<uint32_t *>(dr + p.N + j * 8) = pack2<T>(du[0], du[1]);
+              *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
+            }
+          }
+          dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+          dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+          if ((lane & 3) == 0 && r < t.row1) p.ds_part[int64_t(r) * p.ds_ld + nt] = dot;
+        }
+      }
+    }
+    if (tid_wg < 64) bulk_wait0();
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <class T, int EPI, bool B_MN> KernelGate &gate() {
+  static KernelGate g;
+  return g;
+}
+
+template <class T, int EPI, bool B_MN>
+bool launch(const CUtensorMap &map, const RowParams &p, int64_t max_items, cudaStream_t stream,
+            moe_status_t *status) {
+  auto kern = row_gemm_sm90<T, EPI, B_MN>;
+  int sms = 0;
+  if (!kernel_usable(reinterpret_cast<const void *>(kern), kSmem, gate<T, EPI, B_MN>(), &sms))
+    return false;
+  const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, max_items)));
+  kern<<<grid, THREADS, kSmem, stream>>>(map, p);
+  *status = launch_status("sm90 row GEMM");
+  return true;
+}
+
+template <class T>
+bool dispatch(const GroupedGemmArgs &g, const CUtensorMap &map, const RowParams &p,
+              int64_t max_items, cudaStream_t st, moe_status_t *status) {
+  switch (g.epilogue) {
+    case EPI_SWIGLU:
+      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, p, max_items, st, status);
+    case EPI_DSWIGLU:
+      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, p, max_items, st, status);
+    case EPI_STORE:
+      return g.b_kn ? launch<T, EPI_STORE, true>(map, p, max_items, st, status)
+                    : launch<T, EPI_STORE, false>(map, p, max_items, st, status);
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+}  // namespace sm90
+
+bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t flags,
+                       cudaStream_t stream, moe_status_t *status) {
+  using namespace sm90;
+  *status = MOE_OK;
+  if (!sm90_enabled(flags)) return false;
+  if (g.dtype != MOE_DTYPE_BF16 && g.dtype != MOE_DTYPE_F16) return false;
+  const bool swiglu = g.epilogue == EPI_SWIGLU;
+  const int64_t N = g.N, K = g.K, E = num_experts;
+  if (N <= 0 || K <= 0 || E <= 0 || K % BK != 0) return false;
+  if (swiglu ? N % (BN / 2) != 0 : N % BN != 0) return false;
+  if (g.n_rows <= 0 || g.n_rows >= (int64_t(1) << 31) || g.a_div < 0) return false;
+  // A rows and every written row 16-byte aligned (cp.async, bulk copies, 4-byte pair stores).
+  if (!aligned16(g.A) || g.lda % 8 != 0) return false;
+  const int64_t c_cols = swiglu ? 2 * N : N;
+  if (!aligned16(g.C) || g.ldc % 8 != 0 || g.ldc < c_cols) return false;
+  if (g.epilogue != EPI_STORE && (!aligned16(g.C2) || g.ldc2 % 8 != 0 || g.ldc2 < N)) return false;
+  if (g.epilogue == EPI_DSWIGLU && (!aligned16(g.Hin) || g.ldh % 8 != 0 || g.ldh < 2 * N))
+    return false;
+  if (g.epilogue == EPI_DSWIGLU && g.ds_ld < N / BN) return false;
+  // B: the experts back to back as one 2-D tensor, [E * rows][cols] with row pitch ldb.
+  const int64_t b_rows = g.b_kn ? K : (swiglu ? 2 * N : N), b_cols = g.b_kn ? N : K;
+  if (!aligned16(g.B) || g.ldb % 8 != 0 || g.ldb < b_cols || g.strideBE != b_rows * g.ldb)
+    return false;
+  if (E * b_rows >= (int64_t(1) << 31)) return false;
+  const bool bf16 = g.dtype == MOE_DTYPE_BF16;
+  CUtensorMap map;
+  const bool ok = g.b_kn ? encode_2d(&map, bf16, g.B, uint64_t(N), uint64_t(E * b_rows),
+                                     uint64_t(g.ldb) * 2, 64, BK)
+                         : encode_2d(&map, bf16, g.B, uint64_t(K), uint64_t(E * b_rows),
+                                     uint64_t(g.ldb) * 2, BK, BN / 2);
+  if (!ok) return false;
+
+  RowParams p{};
+  p.a = g.A;
+  p.lda = g.lda;
+  p.a_div = g.a_div;
+  p.sorted = g.sorted;
+  p.n_rows = int32_t(g.n_rows);
+  p.tiles = g.tiles;
+  p.num_tiles = g.num_tiles;
+  p.N = int(N);
+  p.K = int(K);
+  p.b_rows = int(b_rows);
+  p.c = g.C;
+  p.ldc = g.ldc;
+  p.c_scatter = g.c_scatter;
+  p.c_row0 = g.c_row0;
+  p.c2 = g.C2;
+  p.ldc2 = g.ldc2;
+  p.hin = g.Hin;
+  p.ldh = g.ldh;
+  p.ds_part = g.ds_part;
+  p.ds_ld = g.ds_ld;
+  p.sw = g.sw;
+  p.sw_dtype = g.sw_dtype;
+  p.sw_s0 = g.sw_s0;
+  p.sw_s1 = g.sw_s1;
+  p.k = g.k > 0 ? g.k : 1;
+  const int64_t max_items = g.max_tiles * sm90_col_tiles(g.epilogue, int(N));
+  return bf16 ? dispatch<__nv_bfloat16>(g, map, p, max_items, stream, status)
+              : dispatch<__half>(g, map, p, max_items, stream, status);
+}
+
+}  // namespace cuda
+}  // namespace moe
