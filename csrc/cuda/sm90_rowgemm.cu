@@ -261,26 +261,40 @@ __global__ void __launch_bounds__(THREADS, 1)
             const T *hr = Hin + int64_t(r) * p.ldh + n0;
             T *dr = dH + int64_t(r) * p.ldc + n0;
             T *sar = SA + int64_t(r) * p.ldc2 + n0;
+            // h of JC column groups is loaded before any store of the chunk: the stores may
+            // alias h as far as the compiler knows, so loads interleaved with them would each
+            // wait a full global-memory round trip.
+            constexpr int JC = 16;
 #pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-              float g[2], u[2], dg[2], du[2], sa[2];
-              unpack2<T>(*reinterpret_cast<const uint32_t *>(hr + j * 8), g[0], g[1]);
-              unpack2<T>(*reinterpret_cast<const uint32_t *>(hr + p.N + j * 8), u[0], u[1]);
+            for (int j0 = 0; j0 < BN / 8; j0 += JC) {
+              uint32_t gv[JC], uv[JC];
 #pragma unroll
-              for (int i = 0; i < 2; ++i) {
-                float d = acc[j * 4 + hh * 2 + i];
-                const float sg = 1.f / (1.f + __expf(-g[i]));
-                const float sil = g[i] * sg;
-                const float dsil = sg + sil * (1.f - sg);
-                dot += d * sil * u[i];
-                d *= s;
-                dg[i] = d * u[i] * dsil;
-                du[i] = d * sil;
-                sa[i] = s * sil * u[i];
+              for (int j = 0; j < JC; ++j) {
+                gv[j] = __ldg(reinterpret_cast<const unsigned int *>(hr + (j0 + j) * 8));
+                uv[j] = __ldg(reinterpret_cast<const unsigned int *>(hr + p.N + (j0 + j) * 8));
               }
-              *reinterpret_cast<uint32_t *>(dr + j * 8) = pack2<T>(dg[0], dg[1]);
-              *reinterpret_cast<uint32_t *>(dr + p.N + j * 8) = pack2<T>(du[0], du[1]);
-              *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
+#pragma unroll
+              for (int jj = 0; jj < JC; ++jj) {
+                const int j = j0 + jj;
+                float g[2], u[2], dg[2], du[2], sa[2];
+                unpack2<T>(gv[jj], g[0], g[1]);
+                unpack2<T>(uv[jj], u[0], u[1]);
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                  float d = acc[j * 4 + hh * 2 + i];
+                  const float sg = 1.f / (1.f + __expf(-g[i]));
+                  const float sil = g[i] * sg;
+                  const float dsil = sg + sil * (1.f - sg);
+                  dot += d * sil * u[i];
+                  d *= s;
+                  dg[i] = d * u[i] * dsil;
+                  du[i] = d * sil;
+                  sa[i] = s * sil * u[i];
+                }
+                *reinterpret_cast<uint32_t *>(dr + j * 8) = pack2<T>(dg[0], dg[1]);
+                *reinterpret_cast<uint32_t *>(dr + p.N + j * 8) = pack2<T>(du[0], du[1]);
+                *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
+              }
             }
           }
           dot += __shfl_xor_sync(0xffffffffu, dot, 1);

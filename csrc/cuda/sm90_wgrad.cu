@@ -23,12 +23,15 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, S = 3, NC = 2, THREADS = 128 * (NC + 1);
+// BK = 32 rows a k-block with 6 stages (not 64 with 3): the same smem, but the stage a consumer
+// holds until its next k-block's wgmma is issued is half as large, so twice the bytes are in
+// flight: the gathered row loads are latency-bound (L2 round trips), not bandwidth-bound.
+constexpr int BM = 128, BN = 256, BK = 32, S = 6, NC = 2, THREADS = 128 * (NC + 1);
 [[maybe_unused]] constexpr int ATOM = BK * 128;  // bytes of one 64-column atom of a k-block
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
 constexpr int CROW = BN * 2 + 16;
 constexpr size_t kSmem = 1024 + size_t(S) * (A_BYTES + B_BYTES) + 1024 + size_t(BM) * CROW;
-[[maybe_unused]] constexpr int RPT = 4;  // k rows a producer thread loads per k-block: trow + 16 i
+[[maybe_unused]] constexpr int RPT = BK / 16;  // k rows a producer thread loads per k-block: trow + 16 i
 
 struct WgParams {
   const void *a;
