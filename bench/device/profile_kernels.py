@@ -4,7 +4,9 @@
 Prints, per T: fwd and fwd+bwd median ms (CUDA events), effective TFLOP/s, and the
 CUDA kernels with their time per fwd+bwd step and share; JSON to --json if given."""
 import argparse
+import importlib.util
 import json
+import pathlib
 import statistics
 
 import torch
@@ -13,6 +15,18 @@ import moe_fused  # noqa: F401
 from moe_fused import moe_experts
 
 SHAPES = {"30b-a3b": (2048, 768, 128, 8), "235b-a22b": (4096, 1536, 128, 8)}
+
+# kernel name -> (GEMM label, path) from bench/bench_gemms.py (wgrad: dW2 / dW1 by launch order)
+_spec = importlib.util.spec_from_file_location("bench_gemms", pathlib.Path(__file__).resolve().parents[1] / "bench_gemms.py")
+_bg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bg)
+
+
+def _label(name):
+    label, path = _bg.classify_kernel(name)
+    if label == "wgrad":
+        label = "dW2+dW1"
+    return f"{label or ('?' if path else '')}{'/' + path if path else ''}"
 
 
 def med(fn, n=10):
@@ -73,8 +87,9 @@ def main():
         print(f"== {args.shape} T={T}: fwd {t_f:.3f} ms ({fl / t_f / 1e9:.0f} TF/s)  fwd+bwd {t_fb:.3f} ms "
               f"({3 * fl / t_fb / 1e9:.0f} TF/s); kernels sum {tot:.3f} ms/step")
         for name, ms, cnt in rows[:16]:
-            print(f"  {ms:8.3f} ms {100 * ms / tot:5.1f}%  x{cnt}  {name[:110]}")
-        res.append(dict(shape=args.shape, T=T, fwd_ms=t_f, fwdbwd_ms=t_fb, kernels=rows[:30]))
+            print(f"  {ms:8.3f} ms {100 * ms / tot:5.1f}%  x{cnt}  {_label(name):16s} {name[:110]}")
+        res.append(dict(shape=args.shape, T=T, fwd_ms=t_f, fwdbwd_ms=t_fb, kernels=rows[:30],
+                        labels={r[0]: _label(r[0]) for r in rows[:30]}))
     if args.json:
         json.dump(res, open(args.json, "w"), indent=1)
 

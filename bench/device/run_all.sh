@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA library, run the GPU tests, the sanitizer, the
 # per-kernel profile and the layer benchmark. Output files go to $OUT (or /tmp/moe_out).
-#   bench/device/run_all.sh [build] [test] [testall] [sanitize] [ncu] [profile] [variants] [bench] [benchfull]
+#   bench/device/run_all.sh [build] [sonic] [test] [testall] [sanitize] [ncu] [profile] [variants] [gemms] [bench] [benchfull]
 # (no argument = build test sanitize profile bench). ARCHS (default 90) picks the arch.
+# Steps run in the order above, whatever the order of the arguments; each is time-bounded.
+#   sonic   installs SonicMoE from ./.sonic-wheels (made by ../shared/tools/sonicmoe-wheels.sh;
+#           pass carry [".sonic-wheels"], 55 MB); then bench / benchfull also time SonicMoE at
+#           SONIC_SHAPES (default 30b-a3b) / SONIC_SHAPES_FULL (default all), JIT warm-up reported.
+#   gemms   bench/bench_gemms.py: each GEMM of the layer alone vs torch._grouped_mm, both paths
+#           (GEMMS_ARGS adds arguments, e.g. "--shapes 30b-a3b -T 4096"); gemms.json / gemms.log.
+# e.g. one call: bash bench/device/run_all.sh build sonic gemms bench
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"
@@ -17,6 +24,23 @@ if has build; then
     -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 && cmake --build $B -j16 >> "$OUT/build.log" 2>&1
   r=$?; echo "build: exit $r in $(( $(date +%s) - t0 )) s"; grep -i "spill\|error" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20
   [ $r -ne 0 ] && tail -40 "$OUT/build.log" && exit 1
+fi
+SONIC_OK=0
+if has sonic; then
+  if [ -d .sonic-wheels ] && ls .sonic-wheels/*.whl >/dev/null 2>&1; then
+    t0=$(date +%s)
+    S=$(python3 -c "import site;print(site.getsitepackages()[0])")
+    timeout 240 tar -C "$S" -xJf .sonic-wheels/cu13.tar.xz \
+      && timeout 120 python3 -m pip install -q --no-index --no-deps .sonic-wheels/*.whl > "$OUT/sonic_install.log" 2>&1
+    r=$?
+    if [ $r -eq 0 ] && timeout 120 python3 -c "import sonicmoe, sonicmoe.enums; print('sonicmoe', sonicmoe.__version__)" >> "$OUT/sonic_install.log" 2>&1; then
+      SONIC_OK=1; echo "sonic: installed in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/sonic_install.log")"
+    else
+      echo "sonic: install or import FAILED (exit $r); SonicMoE not benchmarked"; tail -15 "$OUT/sonic_install.log"
+    fi
+  else
+    echo "sonic: no .sonic-wheels here (make it with ../shared/tools/sonicmoe-wheels.sh and carry it); SonicMoE not benchmarked"
+  fi
 fi
 export MOE_FUSED_LIBRARY="$PWD/$B/libmoe_fused.so"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,13 +71,22 @@ if has variants; then  # the same profile with other compile-time GEMM configs
     MOE_FUSED_LIBRARY="$PWD/$VB/libmoe_fused.so" timeout 200 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 2>&1 | grep -v Warn | grep -v _warn_once
   done
 fi
-if has bench; then
-  timeout 400 python3 bench/bench_layer.py --device cuda --shapes 30b-a3b --tokens 4096 16384 \
-    --impls hf-grouped_mm moe_fused --iters 10 --max-seconds 5 --out "$OUT" --name layer_cuda_quick --no-plot > "$OUT/bench.log" 2>&1
-  echo "bench: exit $?"; tail -30 "$OUT/bench.log"
+if has gemms; then
+  timeout ${GEMMS_TIMEOUT:-300} python3 bench/bench_gemms.py --out "$OUT" --name gemms ${GEMMS_ARGS:-} 2>&1 \
+    | grep -v Warn | grep -v _warn_once > "$OUT/gemms.log"
+  echo "gemms: exit ${PIPESTATUS[0]}"; grep -v "^      " "$OUT/gemms.log" | tail -60
 fi
+SONIC_ARGS=(); [ $SONIC_OK -eq 1 ] && SONIC_ARGS=(--sonic-shapes ${SONIC_SHAPES:-30b-a3b})
+if has bench; then
+  timeout $([ $SONIC_OK -eq 1 ] && echo 500 || echo 400) python3 bench/bench_layer.py --device cuda --shapes 30b-a3b --tokens 4096 16384 \
+    --impls hf-grouped_mm moe_fused moe_fused-portable --iters 10 --max-seconds 5 ${SONIC_ARGS[@]+"${SONIC_ARGS[@]}"} \
+    --out "$OUT" --name layer_cuda_quick --no-plot > "$OUT/bench.log" 2>&1
+  echo "bench: exit $?"; tail -40 "$OUT/bench.log"
+fi
+[ $SONIC_OK -eq 1 ] && SONIC_ARGS=(--sonic-shapes ${SONIC_SHAPES_FULL:-all})
 if has benchfull; then
-  timeout 560 python3 bench/bench_layer.py --device cuda --iters 10 --max-seconds 4 --eager-max-tokens ${EAGER_MAX:-4096} --out "$OUT" > "$OUT/bench_full.log" 2>&1
-  echo "benchfull: exit $?"; tail -40 "$OUT/bench_full.log"
+  timeout 560 python3 bench/bench_layer.py --device cuda --iters 10 --max-seconds 4 --eager-max-tokens ${EAGER_MAX:-4096} \
+    ${SONIC_ARGS[@]+"${SONIC_ARGS[@]}"} --out "$OUT" > "$OUT/bench_full.log" 2>&1
+  echo "benchfull: exit $?"; tail -50 "$OUT/bench_full.log"
 fi
 exit $rc

@@ -8,9 +8,14 @@ One process, identical weights, inputs and routing for every implementation: the
 module of a real Transformers ``Qwen3MoeSparseMoeBlock`` (random weights), its router
 producing (top_k_index, top_k_weights) from the hidden states, then
 
-    hf-eager       the module with experts_implementation="eager" (per-expert loop)
-    hf-grouped_mm  the module with experts_implementation="grouped_mm"
-    moe_fused      moe_fused.moe_experts on the module's own gate_up_proj / down_proj
+    hf-eager            the module with experts_implementation="eager" (per-expert loop)
+    hf-grouped_mm       the module with experts_implementation="grouped_mm"
+    moe_fused           moe_fused.moe_experts on the module's own gate_up_proj / down_proj
+    moe_fused-portable  the same call with the Hopper (sm90a) kernels off: MOE_FUSED_PORTABLE=1
+                        around its calls only (CUDA only; on by default there)
+    sonicmoe            SonicMoE (CuTe-DSL Hopper kernels), when `import sonicmoe` works and
+                        --sonic-shapes (or --impls sonicmoe) asks for it: its first call per
+                        shape JIT-compiles, so that first call is timed apart and reported
 
 each timed forward and forward+backward (gradients for hidden states, routing weights and
 both expert weights), round-robin (one run of each in turn, so background load hits all
@@ -18,13 +23,17 @@ alike). Reported: median ms, effective TFLOP/s (forward 6*T*k*H*I flops,
 forward+backward 18*T*k*H*I), on CUDA the peak extra memory of one forward+backward over
 the baseline (with and without the weight gradients, which every implementation allocates
 alike) and the memory the forward keeps for backward (beyond its output), and the ratios
-of moe_fused against each HF path.
+of moe_fused (and of moe_fused-portable and sonicmoe) against each other path, plus the
+wall time of each implementation's first forward+backward at each shape and T.
 A table is printed; JSON and a PNG plot are saved to --out (bench/results by default).
+
+    moe-fused bench --device cuda --sonic-shapes 30b-a3b:16384     # + SonicMoE at one point
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -47,7 +56,74 @@ DEFAULTS = {
     "cpu": dict(shapes=["30b-a3b-cpu"], tokens=[256, 1024, 4096], dtype="float32"),
     "cuda": dict(shapes=["30b-a3b", "235b-a22b"], tokens=[512, 4096, 16384], dtype="bfloat16"),
 }
-IMPLS = ["hf-eager", "hf-grouped_mm", "moe_fused"]
+IMPLS = ["hf-eager", "hf-grouped_mm", "moe_fused"]  # the default set on every device
+EXTRA_IMPLS = ["moe_fused-portable", "sonicmoe"]  # CUDA only (portable: default there)
+ALL_IMPLS = IMPLS + EXTRA_IMPLS
+OURS = ("moe_fused", "moe_fused-portable")
+PORTABLE_ENV = "MOE_FUSED_PORTABLE"  # read by libmoe_fused at every call
+
+
+@contextlib.contextmanager
+def portable_env():
+    """MOE_FUSED_PORTABLE=1 inside (libmoe_fused then runs its portable kernels, not the
+    sm90a ones); the previous value, or its absence, is restored on the way out, exceptions
+    included. Wrap forward AND backward: the backward op reads it too."""
+    old = os.environ.get(PORTABLE_ENV)
+    os.environ[PORTABLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PORTABLE_ENV, None)
+        else:
+            os.environ[PORTABLE_ENV] = old
+
+
+def impl_env(impl):
+    """The environment an implementation's calls (forward and backward) run in."""
+    return portable_env() if impl == "moe_fused-portable" else contextlib.nullcontext()
+
+
+def sonic_selected(spec, shape, T):
+    """Whether --sonic-shapes `spec` (None = everywhere; entries "all", "SHAPE" or
+    "SHAPE:T") selects SonicMoE at (shape, T)."""
+    if spec is None:
+        return True
+    for s in spec:
+        if s == "all":
+            return True
+        name, _, t = s.partition(":")
+        if name == shape and (not t or int(t) == T):
+            return True
+    return False
+
+
+def _load_sonicmoe(log):
+    try:
+        import sonicmoe
+        import sonicmoe.enums  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CuTe-DSL / CUDA library install
+        log(f"sonicmoe: SKIPPED, `import sonicmoe` failed ({type(exc).__name__}: {str(exc)[:200]}); "
+            "bench/device/run_all.sh step `sonic` installs it from .sonic-wheels")
+        return None
+    return sonicmoe
+
+
+def _sonic_call(sonicmoe, x, idx, w, gate_up, down, token_idx):
+    """SonicMoE's moe_general_routing_inputs as Transformers' own "sonicmoe" experts
+    implementation calls it: pairs flattened token-major (pair t*k + j), token_idx = the
+    token of each pair (int32, ascending, as SonicMoE requires), weights permuted to
+    (2I, H, E) / (H, I, E), concat_layout=True = gate rows then up rows, like HF's gate_up_proj."""
+    out, _ = sonicmoe.moe_general_routing_inputs(
+        x, w.reshape(-1).to(x.dtype), token_idx, idx.reshape(-1).int(),
+        gate_up.permute(1, 2, 0), None, down.permute(1, 2, 0), None,
+        E=gate_up.shape[0], stream_id=torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0,
+        activation_type=sonicmoe.enums.ActivationType.SWIGLU,
+        is_inference_mode_enabled=not torch.is_grad_enabled(), concat_layout=True,
+    )
+    return out
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -159,7 +235,7 @@ def _rel_err(a, b):
     return num / max(den, 1e-30)
 
 
-def run_shape(name, tokens, args, device, dtype, log):
+def run_shape(name, tokens, args, device, dtype, log, sonicmoe=None):
     """All token counts of one shape, on one block (weights built once)."""
     from moe_fused import moe_experts
 
@@ -170,14 +246,18 @@ def run_shape(name, tokens, args, device, dtype, log):
     results = []
     for T in tokens:
         log(f"\n{name} (H={H}, I={I}, E={E}, k={k}), T={T}:")
-        results += _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, device, dtype, log)
+        results += _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, device, dtype, log,
+                               sonicmoe)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del block, experts, params
     return results
 
 
-def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, device, dtype, log):
+_ERR_NAMES = ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")
+
+
+def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, device, dtype, log, sonicmoe=None):
     experts = block.experts
     g = torch.Generator(device="cpu").manual_seed(args.seed + T)
     hidden = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
@@ -188,10 +268,14 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
     x_leaf = hidden.detach().clone().requires_grad_(True)
     w_leaf = top_k_weights.detach().clone().requires_grad_(True)
     shape = dict(shape=name, T=T, H=H, I=I, E=E, k=k)
+    # SonicMoE: the token of each (token, slot) pair, pairs token-major like top_k_index.reshape(-1)
+    token_idx = torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(k)
 
     def call(impl, x, w):
-        if impl == "moe_fused":
+        if impl in OURS:  # moe_fused-portable: the caller holds impl_env(impl)
             return moe_experts(x, top_k_index, w, experts.gate_up_proj, experts.down_proj)
+        if impl == "sonicmoe":
+            return _sonic_call(sonicmoe, x, top_k_index, w, experts.gate_up_proj, experts.down_proj, token_idx)
         cfg._experts_implementation = impl[len("hf-"):]
         return experts(x, top_k_index, w)
 
@@ -204,29 +288,59 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
 
     results = []
     reference = None  # (impl, [out, d_hidden, d_weights, d_gate_up, d_down]) of the first HF path
-    errors = {}
+    fused_values = None  # moe_fused's, kept only to check sonicmoe against it
+    errors = {}  # impl -> {"vs": reference impl, name: max rel err}
+    errors_vs_fused = {}  # sonicmoe -> {...} against moe_fused
+    first_ms = {}  # impl -> (first fwd+bwd ms, first no-grad fwd ms or None) at this shape and T
     running = []
     for impl in args.impls:
+        skip = None
         if impl == "hf-eager" and args.eager_max_tokens and T > args.eager_max_tokens:
-            msg = f"hf-eager at T={T} SKIPPED (--eager-max-tokens={args.eager_max_tokens}; pass 0 to run it)"
-            log(f"  {msg}")
+            skip = f"hf-eager at T={T} SKIPPED (--eager-max-tokens={args.eager_max_tokens}; pass 0 to run it)"
+        elif impl == "sonicmoe" and not sonic_selected(args.sonic_shapes, name, T):
+            skip = f"sonicmoe at {name} T={T} SKIPPED (not in --sonic-shapes {' '.join(args.sonic_shapes)})"
+        if skip:
+            log(f"  {skip}")
             for mode in ("fwd", "fwd+bwd"):
-                results.append(dict(shape, impl=impl, mode=mode, skipped=msg))
+                results.append(dict(shape, impl=impl, mode=mode, skipped=skip))
             continue
         try:
-            # values and gradients once: the reference (first HF path) or compared with it
+            # values and gradients once: the reference (first HF path) or compared with it.
+            # This is also the first call at this shape and T: its wall time is reported
+            # (SonicMoE JIT-compiles here; its no-grad forward is another kernel, timed too).
             clear()
-            out = call(impl, x_leaf, w_leaf)
-            out.backward(grad_out)
+            _sync(device)
+            t0 = time.perf_counter()
+            with impl_env(impl):
+                out = call(impl, x_leaf, w_leaf)
+                out.backward(grad_out)
+            _sync(device)
+            t_first = (time.perf_counter() - t0) * 1e3
+            t_first_fwd = None
+            if impl == "sonicmoe":
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    call(impl, hidden, top_k_weights)
+                _sync(device)
+                t_first_fwd = (time.perf_counter() - t0) * 1e3
+                log(f"  sonicmoe first call at this shape and T (JIT compile included): fwd+bwd "
+                    f"{t_first / 1e3:.2f} s, then no-grad fwd {t_first_fwd / 1e3:.2f} s")
+            first_ms[impl] = (t_first, t_first_fwd)
             values = [out.detach()] + grads()
             del out
-            if reference is None and impl != "moe_fused":
+            if reference is None and impl.startswith("hf-"):
                 reference = (impl, values)
-            elif impl == "moe_fused" and reference is not None:
-                names = ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")
-                errors = {"vs": reference[0], **{n: _rel_err(a, b) for n, a, b in zip(names, values, reference[1])}}
-                log(f"  max |moe_fused - {reference[0]}| / max|{reference[0]}|: "
-                    + ", ".join(f"{n} {errors[n]:.2e}" for n in names))
+            elif not impl.startswith("hf-"):
+                if reference is not None:
+                    errors[impl] = {"vs": reference[0], **{n: _rel_err(a, b) for n, a, b in zip(_ERR_NAMES, values, reference[1])}}
+                    log(f"  max |{impl} - {reference[0]}| / max|{reference[0]}|: "
+                        + ", ".join(f"{n} {errors[impl][n]:.2e}" for n in _ERR_NAMES))
+                if impl == "sonicmoe" and fused_values is not None:
+                    errors_vs_fused[impl] = {"vs": "moe_fused", **{n: _rel_err(a, b) for n, a, b in zip(_ERR_NAMES, values, fused_values)}}
+                    log("  max |sonicmoe - moe_fused| / max|moe_fused|: "
+                        + ", ".join(f"{n} {errors_vs_fused[impl][n]:.2e}" for n in _ERR_NAMES))
+                if impl == "moe_fused" and "sonicmoe" in args.impls and sonic_selected(args.sonic_shapes, name, T):
+                    fused_values = values
             del values
             running.append(impl)
         except Exception as exc:  # one failing implementation must not hide the others
@@ -235,11 +349,11 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
             for mode in ("fwd", "fwd+bwd"):
                 results.append(dict(shape, impl=impl, mode=mode, error=msg))
         clear()
-    del reference
+    del reference, fused_values
 
     def fwd(impl):
         def run():
-            with torch.no_grad():
+            with impl_env(impl), torch.no_grad():
                 return call(impl, hidden, top_k_weights)
 
         return run
@@ -247,7 +361,8 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
     def fwd_bwd(impl):
         def run():
             clear()
-            call(impl, x_leaf, w_leaf).backward(grad_out)
+            with impl_env(impl):
+                call(impl, x_leaf, w_leaf).backward(grad_out)
 
         return run
 
@@ -265,9 +380,15 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
             ms, n = timed[impl]
             rec = dict(shape, impl=impl, mode=mode, ms=ms, runs=n,
                        tflops=_flops(mode, T, H, I, k) / (ms * 1e-3) / 1e12)
+            t_first, t_first_fwd = first_ms.get(impl, (None, None))
+            if mode == "fwd+bwd" and t_first is not None:
+                rec["first_call_ms"] = t_first
+            if mode == "fwd" and t_first_fwd is not None:
+                rec["first_call_ms"] = t_first_fwd
             mem = ""
             if mode == "fwd+bwd" and device.type == "cuda":
-                peak, kept = _memory(forward_for_memory(impl), device)
+                with impl_env(impl):
+                    peak, kept = _memory(forward_for_memory(impl), device)
                 clear()
                 wg = sum(p.numel() * p.element_size() for p in params)
                 rec.update(peak_extra_bytes=peak, saved_bytes=kept, weight_grad_bytes=wg,
@@ -275,23 +396,27 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
                 mem = (f"  peak +{peak / 2**20:9.1f} MiB (without the weight grads "
                        f"+{(peak - wg) / 2**20:9.1f})  saved {kept / 2**20:9.1f} MiB")
             results.append(rec)
-            log(f"  {impl:14s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
+            log(f"  {impl:18s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
 
-    # ratios: time of each HF path / time of moe_fused (> 1 means moe_fused is faster)
-    ours = {r["mode"]: r for r in results if r["impl"] == "moe_fused" and "ms" in r}
-    for r in results:
-        if r["impl"] != "moe_fused" and "ms" in r and r["mode"] in ours:
-            o = ours[r["mode"]]
-            o[f"speedup_vs_{r['impl']}"] = r["ms"] / o["ms"]
-            for key, label in (("peak_extra_bytes", "peak_mem_ratio"),
-                               ("peak_extra_without_weight_grads_bytes", "peak_mem_without_weight_grads_ratio")):
-                if r.get(key) and o.get(key) is not None:
-                    o[f"{label}_vs_{r['impl']}"] = o[key] / r[key]
-            if r.get("saved_bytes") and o.get("saved_bytes") is not None:
-                o[f"saved_ratio_vs_{r['impl']}"] = o["saved_bytes"] / r["saved_bytes"]
-    for o in ours.values():
-        if errors:
-            o["max_rel_err"] = errors
+    # ratios: time of each other path / time of this one (> 1 means this one is faster),
+    # for moe_fused (keys as before), moe_fused-portable and sonicmoe
+    for impl in OURS + ("sonicmoe",):
+        ours = {r["mode"]: r for r in results if r["impl"] == impl and "ms" in r}
+        for r in results:
+            if r["impl"] != impl and "ms" in r and r["mode"] in ours:
+                o = ours[r["mode"]]
+                o[f"speedup_vs_{r['impl']}"] = r["ms"] / o["ms"]
+                for key, label in (("peak_extra_bytes", "peak_mem_ratio"),
+                                   ("peak_extra_without_weight_grads_bytes", "peak_mem_without_weight_grads_ratio")):
+                    if r.get(key) and o.get(key) is not None:
+                        o[f"{label}_vs_{r['impl']}"] = o[key] / r[key]
+                if r.get("saved_bytes") and o.get("saved_bytes") is not None:
+                    o[f"saved_ratio_vs_{r['impl']}"] = o["saved_bytes"] / r["saved_bytes"]
+        for o in ours.values():
+            if impl in errors:
+                o["max_rel_err"] = errors[impl]
+            if impl in errors_vs_fused:
+                o["max_rel_err_vs_moe_fused"] = errors_vs_fused[impl]
     log(f"  routing: tokens per expert min {int(counts.min())} max {int(counts.max())}, "
         f"{int((counts == 0).sum())} experts with none")
     return results
@@ -305,34 +430,68 @@ def _parse_shape(s):
         raise SystemExit(f"unknown shape {s!r}: use one of {', '.join(SHAPES)} or HxIxExk (e.g. 1024x384x64x8)")
 
 
+def _present(results):
+    """The implementations in `results`, in ALL_IMPLS order."""
+    have = {r["impl"] for r in results}
+    return [i for i in ALL_IMPLS if i in have]
+
+
 def _table(results):
+    impls = _present(results) or IMPLS
     lines = []
-    hdr = f"{'shape':12s} {'T':>6s} {'mode':8s} " + " ".join(f"{i + ' ms':>17s}" for i in IMPLS) + "   moe_fused speedup vs eager / grouped_mm"
+    widths = {i: max(17, len(i) + 3) for i in impls}
+    # speedup columns: (label, impl whose row holds the key, key)
+    sp_cols = [("moe_fused speedup vs eager / grouped_mm", "moe_fused", ("speedup_vs_hf-eager", "speedup_vs_hf-grouped_mm"))]
+    if "moe_fused-portable" in impls:
+        sp_cols.append(("portable vs grouped_mm", "moe_fused-portable", ("speedup_vs_hf-grouped_mm",)))
+    if "sonicmoe" in impls:
+        sp_cols.append(("sonicmoe vs grouped_mm", "sonicmoe", ("speedup_vs_hf-grouped_mm",)))
+        sp_cols.append(("moe_fused vs sonicmoe", "moe_fused", ("speedup_vs_sonicmoe",)))
+    hdr = (f"{'shape':12s} {'T':>6s} {'mode':8s} " + " ".join(f"{i + ' ms':>{widths[i]}s}" for i in impls)
+           + "   " + " | ".join(label for label, _, _ in sp_cols))
     lines.append(hdr)
     lines.append("-" * len(hdr))
     keys = sorted({(r["shape"], r["T"], r["mode"]) for r in results}, key=lambda x: (x[0], x[1], x[2] != "fwd"))
     for shape, T, mode in keys:
         row = {r["impl"]: r for r in results if (r["shape"], r["T"], r["mode"]) == (shape, T, mode)}
         cells = []
-        for impl in IMPLS:
+        for impl in impls:
             r = row.get(impl)
-            cells.append(f"{r['ms']:17.3f}" if r and "ms" in r else f"{('skipped' if r and 'skipped' in r else 'failed' if r and 'error' in r else '-'):>17s}")
-        o = row.get("moe_fused", {})
-        sp = " / ".join(f"{o[key]:.2f}x" if key in o else "-" for key in ("speedup_vs_hf-eager", "speedup_vs_hf-grouped_mm"))
-        lines.append(f"{shape:12s} {T:6d} {mode:8s} " + " ".join(cells) + f"   {sp}")
+            w = widths[impl]
+            cells.append(f"{r['ms']:{w}.3f}" if r and "ms" in r else f"{('skipped' if r and 'skipped' in r else 'failed' if r and 'error' in r else '-'):>{w}s}")
+        sps = []
+        for label, impl, sp_keys in sp_cols:
+            o = row.get(impl, {})
+            sps.append(f"{' / '.join(f'{o[key]:.2f}x' if key in o else '-' for key in sp_keys):>{len(label)}s}")
+        lines.append(f"{shape:12s} {T:6d} {mode:8s} " + " ".join(cells) + "   " + " | ".join(sps))
     mem = [r for r in results if r.get("peak_extra_bytes") is not None]
     if mem:
         lines.append("")
+        mem_impls = [i for i in impls if any(r["impl"] == i for r in mem)]
         hdr = (f"{'shape':12s} {'T':>6s} fwd+bwd peak extra MiB (without weight grads) / saved for backward MiB: "
-               + ", ".join(IMPLS))
+               + ", ".join(mem_impls))
         lines.append(hdr)
         lines.append("-" * len(hdr))
         for shape, T in sorted({(r["shape"], r["T"]) for r in mem}):
             cells = []
-            for impl in IMPLS:
+            for impl in mem_impls:
                 r = [r for r in mem if (r["shape"], r["T"], r["impl"]) == (shape, T, impl)]
                 cells.append(f"{r[0]['peak_extra_without_weight_grads_bytes'] / 2**20:9.1f} / {r[0]['saved_bytes'] / 2**20:9.1f}"
                              if r else f"{'-':>21s}")
+            lines.append(f"{shape:12s} {T:6d} " + "   ".join(cells))
+    first = [r for r in results if r.get("first_call_ms") is not None and r["mode"] == "fwd+bwd"]
+    if first:
+        lines.append("")
+        first_impls = [i for i in impls if any(r["impl"] == i for r in first)]
+        hdr = (f"{'shape':12s} {'T':>6s} first fwd+bwd at this shape and T, in this process, ms "
+               "(sonicmoe: JIT compile included; steady-state time in brackets): " + ", ".join(first_impls))
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        for shape, T in sorted({(r["shape"], r["T"]) for r in first}):
+            cells = []
+            for impl in first_impls:
+                r = [r for r in first if (r["shape"], r["T"], r["impl"]) == (shape, T, impl)]
+                cells.append(f"{r[0]['first_call_ms']:10.1f} ({r[0]['ms']:8.3f})" if r else f"{'-':>21s}")
             lines.append(f"{shape:12s} {T:6d} " + "   ".join(cells))
     return "\n".join(lines)
 
@@ -345,17 +504,18 @@ def _plot(results, path, title):
         import matplotlib.pyplot as plt
     except Exception as exc:
         return f"no plot ({exc})"
+    impls = _present(results) or IMPLS
     modes = ["fwd", "fwd+bwd"]
     groups = sorted({(r["shape"], r["T"]) for r in results})
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(groups) + 3), 4.5))
-    width = 0.8 / len(IMPLS)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, (0.75 * len(impls) + 0.7) * len(groups) + 3), 4.5))
+    width = 0.8 / len(impls)
     for ax, mode in zip(axes, modes):
-        for i, impl in enumerate(IMPLS):
+        for i, impl in enumerate(impls):
             ys = []
             for shape, T in groups:
                 r = [r for r in results if (r["shape"], r["T"], r["mode"], r["impl"]) == (shape, T, mode, impl)]
                 ys.append(r[0].get("tflops", 0.0) if r else 0.0)
-            ax.bar([j + (i - 1) * width for j in range(len(groups))], ys, width, label=impl)
+            ax.bar([j + (i - (len(impls) - 1) / 2) * width for j in range(len(groups))], ys, width, label=impl)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{s}\nT={T}" for s, T in groups], fontsize=8)
         ax.set_ylabel("effective TFLOP/s")
@@ -379,7 +539,12 @@ def parse_args(argv=None):
                    "(default: 30b-a3b-cpu on cpu; 30b-a3b 235b-a22b on cuda)")
     p.add_argument("--tokens", "-T", nargs="+", type=int, help="token counts (default: 256 1024 4096 on cpu; 512 4096 16384 on cuda)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
+    p.add_argument("--impls", nargs="+", choices=ALL_IMPLS,
+                   help=f"default: {' '.join(IMPLS)} (cuda: + moe_fused-portable; + sonicmoe with --sonic-shapes)")
+    p.add_argument("--sonic-shapes", nargs="+", metavar="SHAPE[:T]",
+                   help="run SonicMoE (CUDA, if importable) at these points only: 'all', a shape (every T) "
+                   "or shape:T, e.g. 30b-a3b:16384. Its first call per shape JIT-compiles (10-90 s), "
+                   "timed apart and reported. Default: SonicMoE off, unless --impls names it (then everywhere)")
     p.add_argument("--warmup", type=int, help="default: 1 on cpu, 3 on cuda")
     p.add_argument("--iters", type=int, help="timed runs per measurement (default: 5 on cpu, 20 on cuda)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="stop a measurement after this many seconds (>= 3 runs)")
@@ -393,6 +558,14 @@ def parse_args(argv=None):
     p.add_argument("--name", help="file stem (default layer_<device>_<dtype>)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    for spec in args.sonic_shapes or []:
+        t = spec.partition(":")[2]
+        if t and not t.isdigit():
+            p.error(f"--sonic-shapes {spec!r}: T must be an integer (SHAPE:T)")
+    impls = args.impls or (IMPLS + ["moe_fused-portable"] if args.device == "cuda" else list(IMPLS))
+    if args.sonic_shapes and "sonicmoe" not in impls:
+        impls = impls + ["sonicmoe"]
+    args.impls = [i for i in ALL_IMPLS if i in impls]  # HF paths first (the reference), then moe_fused, ...
     d = DEFAULTS[args.device]
     args.shapes = args.shapes or d["shapes"]
     args.tokens = args.tokens or d["tokens"]
@@ -422,7 +595,38 @@ def main(argv=None) -> int:
         return 2
     from moe_fused import _lib
 
-    if "moe_fused" in args.impls:
+    lines = []
+
+    def log(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    sonicmoe = None
+    if device.type != "cuda":
+        dropped = [i for i in EXTRA_IMPLS if i in args.impls]
+        if dropped:
+            log(f"note: {', '.join(dropped)} SKIPPED: CUDA only (this run is on {device.type})")
+        args.impls = [i for i in args.impls if i not in EXTRA_IMPLS]
+    elif "sonicmoe" in args.impls:
+        if dtype not in (torch.bfloat16, torch.float16):
+            log(f"sonicmoe: SKIPPED, it takes bfloat16 / float16, not {args.dtype}")
+        else:
+            sonicmoe = _load_sonicmoe(log)
+        if sonicmoe is None:
+            args.impls.remove("sonicmoe")
+    if "sonicmoe" in args.impls:
+        for spec in args.sonic_shapes or []:
+            if spec != "all" and spec.partition(":")[0] not in args.shapes:
+                log(f"WARNING: --sonic-shapes {spec}: shape not among --shapes {' '.join(args.shapes)}")
+    if "moe_fused-portable" in args.impls:
+        cc = torch.cuda.get_device_capability(device)
+        if cc != (9, 0):
+            log(f"note: compute capability {cc[0]}.{cc[1]} is not 9.0: moe_fused and moe_fused-portable "
+                "run the same (portable) kernels here")
+    for var, val in ((PORTABLE_ENV, "1"), ("MOE_FUSED_SM90", "0")):
+        if os.environ.get(var) == val and any(i == "moe_fused" for i in args.impls):
+            log(f"WARNING: {var}={val} is set in the environment: the moe_fused rows run the portable kernels too")
+    if any(i in OURS for i in args.impls):
         try:
             _lib.lib()  # a missing library is reported here, once
         except _lib.LibraryLoadError as exc:
@@ -434,15 +638,13 @@ def main(argv=None) -> int:
         dtype=args.dtype, threads=torch.get_num_threads(), library=_lib.library_path(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    lines = []
-
-    def log(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
+    if sonicmoe is not None:
+        env["sonicmoe"] = getattr(sonicmoe, "__version__", "?")
     log(f"moe-fused bench: experts layer, {args.dtype}, {env['device']}, torch {env['torch']}, "
-        f"transformers {env['transformers']}, {env['threads']} threads")
+        f"transformers {env['transformers']}, {env['threads']} threads"
+        + (f", sonicmoe {env['sonicmoe']}" if "sonicmoe" in env else ""))
     log("flops: fwd 6*T*k*H*I, fwd+bwd 18*T*k*H*I; times are medians; speedup = HF time / moe_fused time")
+    log("implementations: " + ", ".join(args.impls))
     if device.type == "cuda" and not args.index_check:
         # Like HF's paths, which validate no index: the check's host sync would also stall
         # the launch queue inside the timed region. (--index-check turns it back on.)
@@ -455,7 +657,7 @@ def main(argv=None) -> int:
     results = []
     t_start = time.perf_counter()
     for shape in args.shapes:
-        results += run_shape(shape, args.tokens, args, device, dtype, log)
+        results += run_shape(shape, args.tokens, args, device, dtype, log, sonicmoe)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     log("\n" + _table(results))
@@ -470,7 +672,7 @@ def main(argv=None) -> int:
     if not args.no_plot:
         saved.append(_plot(results, out_dir / f"{stem}.png", f"moe-fused experts layer, {args.dtype}, {env['device']}"))
     print("saved: " + ", ".join(saved))
-    failed = [r for r in results if "error" in r and r["impl"] == "moe_fused"]
+    failed = [r for r in results if "error" in r and r["impl"] in OURS]
     return 1 if failed else 0
 
 
