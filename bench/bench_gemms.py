@@ -150,6 +150,21 @@ def classify_kernel(name: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def wgrad_hint(name: str) -> str | None:
+    """dW1 / dW2 from the template arguments of wgrad_sm90<T, GP, TR> (TR: the output written
+    transposed, as for dW1 = (x^T dh)^T; dW2 has TR false), or None when they are absent or
+    unreadable (the portable wgrad_kernel<T>). Used only to cross-check the launch order."""
+    n = normalize_kernel_name(name)
+    m = re.search(r"\bwgrad_sm90\b", n)
+    if m:
+        args = _template_args(n, m.end())
+        tr = _int_arg(args[2]) if args and len(args) >= 3 else None
+    else:
+        m = re.search(r"wgrad_sm90I.*?Lb([01])ELb([01])E", name)
+        tr = int(m.group(2)) if m else None
+    return None if tr not in (0, 1) else ("dW1" if tr else "dW2")
+
+
 def _row_label(epi, b):
     if epi == 1:
         return "GEMM1"
@@ -187,6 +202,10 @@ def attribute_step(events) -> dict:
             if label is None:
                 add(unattributed, normalize_kernel_name(name), name, dur, why=f"wgrad launch #{n_wgrad} (expected 2)")
                 continue
+            hint = wgrad_hint(name)
+            if hint is not None and hint != label:
+                warnings.append(f"wgrad launch #{n_wgrad} is {label} by launch order, but its template arguments "
+                                f"say {hint}: {normalize_kernel_name(name)[:120]}")
         if label is not None:
             e = add(gemms, label, normalize_kernel_name(name), dur, paths=[], kernels=[])
             if path not in e["paths"]:

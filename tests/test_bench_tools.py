@@ -39,6 +39,9 @@ S = ("void moe::cuda::sm90::(anonymous namespace)::row_gemm_sm90<__nv_bfloat16, 
 WG_P = "void moe::cuda::(anonymous namespace)::wgrad_kernel<__nv_bfloat16>(moe::cuda::WgradArgs)"
 WG_S = ("void moe::cuda::sm90::(anonymous namespace)::wgrad_sm90<__nv_bfloat16>(CUtensorMap_st, CUtensorMap_st, "
         "moe::cuda::sm90::(anonymous namespace)::WgradParams)")
+# the current sm90 wgrad: template <T, bool GP (P gathered), bool TR (output transposed: dW1)>
+WG_S2 = ("void moe::cuda::sm90::(anonymous namespace)::wgrad_sm90<__nv_bfloat16, {gp}, {tr}>(CUtensorMap_st, "
+         "moe::cuda::sm90::(anonymous namespace)::WgParams)")
 OLD_GEMM1 = ("void moe::cuda::(anonymous namespace)::gemm1_swiglu_sm90<__nv_bfloat16>(CUtensorMap_st, "
              "moe::cuda::(anonymous namespace)::Params)")
 COMBINE = ("void moe::cuda::(anonymous namespace)::combine_kernel<__nv_bfloat16>(__nv_bfloat16 const*, long, "
@@ -404,3 +407,16 @@ def test_fill_ours_and_table_with_fake_attribution():
     rec2 = dict(rec, paths={}, gemms={k: dict(v) for k, v in rec["gemms"].items()})
     lines = bg.fill_ours(rec2, "moe_fused", dict(p2), port, expect_sm90=True)
     assert any("portable kernel ran for GEMM1, dA', dX, dW1, dW2" in s for s in lines)
+
+
+def test_wgrad_template_args_cross_check_launch_order():
+    dw2, dw1 = WG_S2.format(gp="true", tr="false"), WG_S2.format(gp="true", tr="true")
+    assert bg.classify_kernel(dw1) == ("wgrad", "sm90")
+    assert bg.wgrad_hint(dw1) == "dW1" and bg.wgrad_hint(dw2) == "dW2"
+    assert bg.wgrad_hint(WG_S) is None and bg.wgrad_hint(WG_P) is None
+    assert bg.wgrad_hint("_ZN3moe4cuda4sm9012_GLOBAL__N_110wgrad_sm90I13__nv_bfloat16Lb1ELb1EEEv14CUtensorMap_stNS2_8WgParamsE") == "dW1"
+    att = bg.attribute_step([(dw2, 0.0, 600.0), (dw1, 1000.0, 1100.0)])
+    assert att["warnings"] == [] or all("no kernel found" in w for w in att["warnings"])
+    assert att["gemms"]["dW2"]["ms"] == pytest.approx(0.6)
+    att = bg.attribute_step([(dw1, 0.0, 1100.0), (dw2, 2000.0, 600.0)])  # launched the other way round
+    assert sum("by launch order, but its template arguments say" in w for w in att["warnings"]) == 2
