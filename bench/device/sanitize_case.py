@@ -1,12 +1,14 @@
 """A small case for compute-sanitizer (memcheck / racecheck): every CUDA kernel of
-moe-fused once, aligned (16-byte) and odd (scalar) paths, ragged and empty experts."""
+moe-fused once, aligned (16-byte) and odd (scalar) paths, ragged and empty experts; on an
+sm90 device the third experts shape and the third linear shape run the sm90a kernels (the
+first two fall back to the portable ones)."""
 import torch
 
 import moe_fused  # noqa: F401
 from moe_fused import moe_experts, moe_fused_linear
 
 torch.manual_seed(0)
-for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5)]:
+for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5), (70, 4, 256, 256, 8)]:
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     idx = torch.randint(0, E // 2 + 1, (T, k), device="cuda")
     s = torch.rand(T, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -14,7 +16,7 @@ for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5)]:
     w2 = (torch.randn(E, H, I, device="cuda") * 0.05).bfloat16().requires_grad_()
     out = moe_experts(x, idx, s, w1, w2)
     out.backward(torch.randn_like(out))
-for (N, E, fi, fo) in [(33, 5, 64, 16), (7, 3, 17, 13)]:
+for (N, E, fi, fo) in [(33, 5, 64, 16), (7, 3, 17, 13), (33, 5, 256, 256)]:
     x = torch.randn(N, fi, device="cuda", dtype=torch.float16, requires_grad=True)
     w = torch.randn(E, fo, fi, device="cuda", dtype=torch.float16, requires_grad=True)
     sel = torch.randint(0, E, (N,), device="cuda")

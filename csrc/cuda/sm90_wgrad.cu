@@ -4,14 +4,20 @@
 // linear dW. Experts without rows get zeros. Deterministic: one CTA owns each output tile and
 // walks the expert's rows in order.
 //
-// Both operands have the reduction (rows) as their outer dimension, so they reach wgmma
-// M- / N-major (transposed): the producer warpgroup cp.async's 64 rows per k-block into
-// 128-byte-swizzled atoms of 64 columns x 8 rows (zero-filled past the expert's last row),
-// prefetching the gathered row indices one k-block ahead; two consumer warpgroups run
-// wgmma m64n256k16 (tile 128 x 256); the result is staged in smem and written by bulk copies
-// while the next tile's loads are already in flight. Persistent grid over
+// The kernel computes D[m][n] = sum_r P[prow(r)][m] Q[r][n] over 128 x 256 tiles, P the
+// operand that may be gathered (128 columns a tile, 16-byte cp.async by the producer
+// warpgroup, zero-filled past the expert's last row), Q a plan-order operand (256 columns a
+// tile, TMA: the bulk of the bytes travels without occupying the load/store unit). Both have
+// the reduction (rows) outer, so they reach wgmma M- / N-major (transposed), stored as
+// 128-byte-swizzled atoms of 64 columns x 8 rows. dW2: P = dout, Q = s*a, D = C. dW1: P = x,
+// Q = dh, D = C^T (written transposed through the staging tile). Q rows past the segment
+// (the next expert's) meet P's zero rows, so they add exact zeros (finite data).
+// Two consumer warpgroups run wgmma m64n256k16; the tile is staged in smem and written by
+// bulk copies while the next tile's loads are in flight. Persistent grid over
 // (expert, m-tile, n-tile), n fastest so that concurrent CTAs share the expert's rows in L2.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/sm90.h"
 #include "cuda/sm90_host.h"
@@ -23,36 +29,61 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
-// BK = 32 rows a k-block with 6 stages (not 64 with 3): the same smem, but the stage a consumer
-// holds until its next k-block's wgmma is issued is half as large, so twice the bytes are in
-// flight: the gathered row loads are latency-bound (L2 round trips), not bandwidth-bound.
-constexpr int BM = 128, BN = 256, BK = 32, S = 6, NC = 2, THREADS = 128 * (NC + 1);
-[[maybe_unused]] constexpr int ATOM = BK * 128;  // bytes of one 64-column atom of a k-block
-constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
-constexpr int CROW = BN * 2 + 16;
-constexpr size_t kSmem = 1024 + size_t(S) * (A_BYTES + B_BYTES) + 1024 + size_t(BM) * CROW;
-[[maybe_unused]] constexpr int RPT = BK / 16;  // k rows a producer thread loads per k-block: trow + 16 i
+constexpr int BM = 128, BN = 256, NC = 2, THREADS = 128 * (NC + 1);
+constexpr int CROW = BN * 2 + 16;   // staging row pitch, D as is: BM rows of BN
+constexpr int CROWT = BM * 2 + 16;  // staging row pitch, D transposed: BN rows of BM
+constexpr size_t kStage = std::max(size_t(BM) * CROW, size_t(BN) * CROWT);
+// Pipeline shapes, same smem: BK = 32 rows a k-block x 6 stages (default) or 64 x 3 (env
+// MOE_FUSED_WGRAD_BK=64). A consumer holds a stage until its next k-block's wgmma is issued,
+// so smaller stages keep more of the smem in flight; larger ones halve the barrier rounds.
+template <int BK_> struct Cfg {
+  static constexpr int BK = BK_, S = BK_ == 32 ? 6 : 3;
+  static constexpr int ATOM = BK * 128;  // bytes of one 64-column atom of a k-block
+  static constexpr int P_BYTES = BM * BK * 2, Q_BYTES = BN * BK * 2;
+  static constexpr int RPT = BK / 16;  // P rows a producer thread loads: trow + 16 i
+  static constexpr size_t kSmem = 1024 + size_t(S) * (P_BYTES + Q_BYTES) + 1024 + kStage;
+};
+[[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
 
 struct WgParams {
-  const void *a;
-  int64_t lda;
-  int a_div;
-  const void *b;
-  int64_t ldb;
-  int b_div;
+  const void *p;  // P: [.., ldp], row of plan row r = p_div ? sorted[r] / p_div : r
+  int64_t ldp;
+  int p_div;
   int32_t n_rows;
-  int M, N, E;
+  int Mp, Nq, E;  // columns of P and Q (D is Mp x Nq)
   const int32_t *offsets;
   const int32_t *sorted;
-  void *c;
+  void *c;  // C: D (or D^T) of expert e at c + e * strideCE, row pitch ldc
   int64_t ldc, strideCE;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <class T> __device__ __forceinline__ uint32_t pack2w(float lo, float hi) {
-  const T a = DT<T>::from_f(lo), b = DT<T>::from_f(hi);
-  return uint32_t(reinterpret_cast<const uint16_t &>(a)) |
-         (uint32_t(reinterpret_cast<const uint16_t &>(b)) << 16);
+__device__ __forceinline__ uint16_t bits16(float v, __nv_bfloat16 *) {
+  const __nv_bfloat16 h = __float2bfloat16(v);
+  return reinterpret_cast<const uint16_t &>(h);
+}
+__device__ __forceinline__ uint16_t bits16(float v, __half *) {
+  const __half h = __float2half(v);
+  return reinterpret_cast<const uint16_t &>(h);
+}
+// v = *ptr when pred, else v = fallback, as one predicated load that nothing consumes: a
+// select on the loaded value would make the thread wait for the load right here.
+__device__ __forceinline__ int32_t ld_if(bool pred, const int32_t *ptr, int32_t fallback) {
+  int32_t v = fallback;
+  asm volatile(
+      "{\n.reg .pred q;\n"
+      "setp.ne.b32 q, %1, 0;\n"
+      "@q ld.global.nc.b32 %0, [%2];\n}\n"
+      : "+r"(v)
+      : "r"(int(pred)), "l"(ptr));
+  return v;
+}
+// The expert's plan-row segment [r0, r1) from raw offsets a, b: clamped to [0, n], monotone.
+__device__ __forceinline__ void clamp_segment(const WgParams &p, int a, int b, int &r0, int &r1) {
+  a = a < 0 ? 0 : (a > p.n_rows ? p.n_rows : a);
+  b = b < a ? a : (b > p.n_rows ? p.n_rows : b);
+  r0 = a;
+  r1 = b;
 }
 // The expert's plan-row segment [r0, r1), clamped to [0, n] and monotone.
 __device__ __forceinline__ void segment(const WgParams &p, int e, int &r0, int &r1) {
@@ -64,99 +95,124 @@ __device__ __forceinline__ void segment(const WgParams &p, int e, int &r0, int &
 }
 #endif
 
-template <class T, bool GA, bool GB>
+template <class T, bool GP, bool TR, int BKT>
 __global__ void __launch_bounds__(THREADS, 1)
-    wgrad_sm90(const WgParams p) {
+    wgrad_sm90(const __grid_constant__ CUtensorMap tmapQ, const WgParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<BKT>;
+  constexpr int BK = C::BK, S = C::S, ATOM = C::ATOM, P_BYTES = C::P_BYTES, Q_BYTES = C::Q_BYTES,
+                RPT = C::RPT;
   __shared__ __align__(8) uint64_t s_bars[2 * S];
   extern __shared__ __align__(128) uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
-  const uint32_t sA = sbase, sB = sbase + S * A_BYTES;
+  const uint32_t sP = sbase, sQ = sbase + S * P_BYTES;
   const uint32_t sFull = smem_u32(s_bars), sEmpty = sFull + 8 * S;
-  const uint32_t sC = (sB + S * B_BYTES + 1023) & ~1023u;
+  const uint32_t sC = (sQ + S * Q_BYTES + 1023) & ~1023u;
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(sFull + 8 * s, 128);
+      mbar_init(sFull + 8 * s, 128 + 1);
       mbar_init(sEmpty + 8 * s, NC);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
   const int wg = tid / 128, tid_wg = tid % 128;
-  const int mt = p.M / BM, ntn = p.N / BN, per_e = mt * ntn;
+  const int mt = p.Mp / BM, ntn = p.Nq / BN, per_e = mt * ntn;
   const int total = p.E * per_e;
 
   if (wg == 0) {  // producer
     setmaxnreg_dec<56>();
-    const T *A = static_cast<const T *>(p.a);
-    const T *B = static_cast<const T *>(p.b);
+    const T *P = static_cast<const T *>(p.p);
     const int piece = tid_wg & 7, trow = tid_wg >> 3;
-    // Source rows of this thread's k rows of one k-block (-1: past the segment, zero-filled).
-    auto fetch = [&](int r0, int r1, int kb, int32_t (&ia)[RPT], int32_t (&ib)[RPT]) {
+    // A position in the stream of k-blocks: work item w (with rows [r0, r1)), k-block kb.
+    struct Cursor {
+      int w, kb, r0, r1;
+    };
+    // Skip to the next work item (from w on, stride gridDim.x) with at least one row.
+    auto settle = [&](Cursor &c) {
+      for (; c.w < total; c.w += gridDim.x) {
+        segment(p, c.w / per_e, c.r0, c.r1);
+        if (c.r1 > c.r0) return;
+      }
+    };
+    auto advance = [&](Cursor &c) {
+      if (++c.kb * BK >= c.r1 - c.r0) {
+        c.kb = 0;
+        c.w += gridDim.x;
+        settle(c);
+      }
+    };
+    // This thread's k rows of a k-block: the raw sorted[] entries (GP) or the plan rows, kNone
+    // past the segment (zero-filled). Nothing here may consume a loaded value: the load
+    // must stay in flight until the slot is used DIST k-blocks later.
+    constexpr int32_t kNone = INT32_MIN;
+    auto fetch = [&](const Cursor &c, int32_t (&ip)[RPT]) {
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
-        const int r = r0 + kb * BK + trow + 16 * i;
-        int32_t pr = r;
-        if ((GA || GB) && r < r1) {
-          pr = p.sorted[r];
-          pr = pr < 0 ? 0 : (pr >= p.n_rows ? p.n_rows - 1 : pr);
-        }
-        ia[i] = r < r1 ? (GA ? pr / p.a_div : r) : -1;
-        ib[i] = r < r1 ? (GB ? pr / p.b_div : r) : -1;
+        const int r = c.r0 + c.kb * BK + trow + 16 * i;
+        if (GP)
+          ip[i] = ld_if(r < c.r1, p.sorted + r, kNone);
+        else
+          ip[i] = r < c.r1 ? r : kNone;
       }
     };
-    // The next work item (from w on, stride gridDim.x) with at least one row.
-    auto next_item = [&](int w, int &r0, int &r1) {
-      for (; w < total; w += gridDim.x) {
-        segment(p, w / per_e, r0, r1);
-        if (r1 > r0) break;
-      }
-      return w;
+    // Source row of a slot entry (clamped like the portable kernels), or -1.
+    auto src_row = [&](int32_t v) -> int32_t {
+      if (v == kNone) return -1;
+      if (!GP) return v;
+      return (v < 0 ? 0 : (v >= p.n_rows ? p.n_rows - 1 : v)) / p.p_div;
     };
-    int r0 = 0, r1 = 0;
-    int w = next_item(blockIdx.x, r0, r1), kb = 0;
-    int32_t ia[RPT], ib[RPT];
-    if (w < total) fetch(r0, r1, 0, ia, ib);
+    // The gathered row indices are read DIST k-blocks ahead of their use (the loop is
+    // unrolled by DIST so each slot stays in its registers): one dependent global load per
+    // k-block would otherwise cost a full L2 round trip each time.
+    Cursor u{int(blockIdx.x), 0, 0, 0};
+    settle(u);
+    Cursor f = u;
+    int32_t idx[DIST][RPT];
+#pragma unroll
+    for (int d = 0; d < DIST; ++d) {
+      if (f.w < total) {
+        fetch(f, idx[d]);
+        advance(f);
+      }
+    }
     uint32_t it = 0;
-    while (w < total) {
-      int32_t ca[RPT], cb[RPT];
+    while (u.w < total) {
 #pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        ca[i] = ia[i];
-        cb[i] = ib[i];
+      for (int d = 0; d < DIST; ++d) {
+        if (u.w >= total) break;
+        const int rem = u.w % per_e;
+        const int m0 = (rem / ntn) * BM, n0 = (rem % ntn) * BN;
+        const int qrow = u.r0 + u.kb * BK;
+        const uint32_t st = it % S, ph = (it / S) & 1;
+        mbar_wait(sEmpty + 8 * st, ph ^ 1);
+        const uint32_t a = sP + st * P_BYTES;
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+          const int kr = trow + 16 * i;
+          const uint32_t off = kr * 128 + ((piece ^ (kr & 7)) << 4);
+          const int32_t row = src_row(idx[d][i]);
+          const bool ok = row >= 0;
+          const T *src = ok ? P + int64_t(row) * p.ldp + m0 + piece * 8 : P;
+#pragma unroll
+          for (int q = 0; q < BM / 64; ++q)
+            cp_async16_zfill(a + q * ATOM + off, src + (ok ? q * 64 : 0), ok ? 16 : 0);
+        }
+        cp_async_mbar_arrive(sFull + 8 * st);
+        if (tid_wg == 0) {
+          const uint32_t bar = sFull + 8 * st, b = sQ + st * Q_BYTES;
+          mbar_expect_tx(bar, Q_BYTES);
+#pragma unroll
+          for (int q = 0; q < BN / 64; ++q) tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow, bar);
+        }
+        ++it;
+        if (f.w < total) {  // refill this slot, DIST k-blocks ahead
+          fetch(f, idx[d]);
+          advance(f);
+        }
+        advance(u);
       }
-      const int rem = w % per_e;
-      const int m0 = (rem / ntn) * BM, n0 = (rem % ntn) * BN;
-      // Prefetch the next k-block's row indices before waiting for a free stage.
-      int nw = w, nkb = kb + 1, nr0 = r0, nr1 = r1;
-      if (nkb * BK >= r1 - r0) {
-        nkb = 0;
-        nw = next_item(w + gridDim.x, nr0, nr1);
-      }
-      if (nw < total) fetch(nr0, nr1, nkb, ia, ib);
-
-      const uint32_t st = it % S, ph = (it / S) & 1;
-      mbar_wait(sEmpty + 8 * st, ph ^ 1);
-      const uint32_t a = sA + st * A_BYTES, b = sB + st * B_BYTES;
-#pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        const int kr = trow + 16 * i;
-        const uint32_t off = kr * 128 + ((piece ^ (kr & 7)) << 4);
-        const bool ok = ca[i] >= 0;
-        const T *pa = ok ? A + int64_t(ca[i]) * p.lda + m0 + piece * 8 : A;
-        const T *pb = ok ? B + int64_t(cb[i]) * p.ldb + n0 + piece * 8 : B;
-#pragma unroll
-        for (int q = 0; q < BM / 64; ++q) cp_async16_zfill(a + q * ATOM + off, pa + (ok ? q * 64 : 0), ok ? 16 : 0);
-#pragma unroll
-        for (int q = 0; q < BN / 64; ++q) cp_async16_zfill(b + q * ATOM + off, pb + (ok ? q * 64 : 0), ok ? 16 : 0);
-      }
-      cp_async_mbar_arrive(sFull + 8 * st);
-      ++it;
-      w = nw;
-      kb = nkb;
-      r0 = nr0;
-      r1 = nr1;
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
   } else {  // consumers
@@ -166,11 +222,20 @@ __global__ void __launch_bounds__(THREADS, 1)
     T *C = static_cast<T *>(p.c);
     uint32_t it = 0;
     float acc[BN / 2];
+    // The next item's raw offsets are loaded one item ahead (consumed at its start).
+    int oa = 0, ob = 0;
+    if (blockIdx.x < total) {
+      oa = p.offsets[blockIdx.x / per_e];
+      ob = p.offsets[blockIdx.x / per_e + 1];
+    }
     for (int w = blockIdx.x; w < total; w += gridDim.x) {
       const int e = w / per_e, rem = w % per_e;
       const int m0 = (rem / ntn) * BM, n0 = (rem % ntn) * BN;
       int r0, r1;
-      segment(p, e, r0, r1);
+      clamp_segment(p, oa, ob, r0, r1);
+      const int wn = w + gridDim.x;
+      oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
+      ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
       const int KB = (r1 - r0 + BK - 1) / BK;
       uint32_t prev = 0;
       for (int kb = 0; kb < KB; ++kb, ++it) {
@@ -180,8 +245,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < BK / 16; ++k) {
-          const uint64_t da = make_desc_mn(sA + st * A_BYTES + c * ATOM + k * 2048, ATOM);
-          const uint64_t db = make_desc_mn(sB + st * B_BYTES + k * 2048, ATOM);
+          const uint64_t da = make_desc_mn(sP + st * P_BYTES + c * ATOM + k * 2048, ATOM);
+          const uint64_t db = make_desc_mn(sQ + st * Q_BYTES + k * 2048, ATOM);
           Wgmma<T>::template m64n256<1, 1>(acc, da, db, (kb > 0 || k > 0) ? 1 : 0);
         }
         wgmma_commit();
@@ -195,25 +260,53 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
       }
-      // fragment -> smem staging -> one 512-byte bulk copy per output row
-      if (tid_wg < 64) bulk_wait_read0();
+      // Fragment: D rows m = mf + 8 hh, columns n = 8 j + 2 (lane & 3) + b in acc[4 j + 2 hh + b].
+      const int mf = c * 64 + warp * 16 + (lane >> 2);
+      T *Ce = C + int64_t(e) * p.strideCE;
+      if (tid_wg < 64) bulk_wait_read0();  // the previous tile's copies have read the staging
       named_bar(1 + c, 128);
-      const uint32_t cbase = sC + (c * 64 + warp * 16 + (lane >> 2)) * CROW + (lane & 3) * 4;
+      if (!TR) {
+        const uint32_t cbase = sC + mf * CROW + (lane & 3) * 4;
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
+        for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          const uint32_t v = pack2w<T>(acc[j * 4 + hh * 2], acc[j * 4 + hh * 2 + 1]);
-          asm volatile("st.shared.b32 [%0], %1;" ::"r"(cbase + hh * 8 * CROW + j * 16), "r"(v)
-                       : "memory");
+          for (int j = 0; j < BN / 8; ++j) {
+            const uint32_t v = uint32_t(bits16(acc[j * 4 + hh * 2], (T *)nullptr)) |
+                               (uint32_t(bits16(acc[j * 4 + hh * 2 + 1], (T *)nullptr)) << 16);
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(cbase + hh * 8 * CROW + j * 16), "r"(v)
+                         : "memory");
+          }
+        fence_proxy_async();
+        named_bar(1 + c, 128);
+        if (tid_wg < 64) {
+          const int row = c * 64 + tid_wg;
+          bulk_store(Ce + int64_t(m0 + row) * p.ldc + n0, sC + row * CROW, BN * 2);
+          bulk_commit();
         }
-      fence_proxy_async();
-      named_bar(1 + c, 128);
-      if (tid_wg < 64) {
-        const int row = c * 64 + tid_wg;
-        bulk_store(C + int64_t(e) * p.strideCE + int64_t(m0 + row) * p.ldc + n0,
-                   sC + row * CROW, BN * 2);
-        bulk_commit();
+      } else {
+        // D^T: staging row n holds D[., n]; this warpgroup owns its 64 columns m of each row.
+        const uint32_t cbase = sC + (lane & 3) * 2 * CROWT + mf * 2;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+              const uint32_t addr = cbase + (j * 8 + b) * CROWT + hh * 16;
+              asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
+                           "h"(bits16(acc[j * 4 + hh * 2 + b], (T *)nullptr))
+                           : "memory");
+            }
+        fence_proxy_async();
+        named_bar(1 + c, 128);
+        if (tid_wg < 64) {
+#pragma unroll
+          for (int i = 0; i < BN / 64; ++i) {
+            const int n = tid_wg + 64 * i;
+            bulk_store(Ce + int64_t(n0 + n) * p.ldc + m0 + c * 64, sC + n * CROWT + c * 128, 128);
+          }
+          bulk_commit();
+        }
       }
     }
     if (tid_wg < 64) bulk_wait0();
@@ -221,30 +314,41 @@ __global__ void __launch_bounds__(THREADS, 1)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-template <class T, bool GA, bool GB> KernelGate &gate() {
+template <class T, bool GP, bool TR, int BKT> KernelGate &gate() {
   static KernelGate g;
   return g;
 }
 
-template <class T, bool GA, bool GB>
-bool launch(const WgParams &p, cudaStream_t stream, moe_status_t *status) {
-  auto kern = wgrad_sm90<T, GA, GB>;
+template <class T, bool GP, bool TR, int BKT>
+bool launch(const CUtensorMap &map, const WgParams &p, cudaStream_t stream, moe_status_t *status) {
+  using C = Cfg<BKT>;
+  static_assert(C::ATOM % 1024 == 0 && C::RPT * 16 == C::BK, "atoms of whole 8-row groups");
+  auto kern = wgrad_sm90<T, GP, TR, BKT>;
   int sms = 0;
-  if (!kernel_usable(reinterpret_cast<const void *>(kern), kSmem, gate<T, GA, GB>(), &sms))
+  if (!kernel_usable(reinterpret_cast<const void *>(kern), Cfg<BKT>::kSmem, gate<T, GP, TR, BKT>(),
+                     &sms))
     return false;
-  const int64_t items = int64_t(p.E) * (p.M / BM) * (p.N / BN);
+  const int64_t items = int64_t(p.E) * (p.Mp / BM) * (p.Nq / BN);
   const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
-  kern<<<grid, THREADS, kSmem, stream>>>(p);
+  kern<<<grid, THREADS, Cfg<BKT>::kSmem, stream>>>(map, p);
   *status = launch_status("sm90 wgrad");
   return true;
 }
 
-template <class T> bool dispatch(const WgParams &p, cudaStream_t st, moe_status_t *status) {
-  const bool ga = p.a_div > 0, gb = p.b_div > 0;
-  if (ga && gb) return launch<T, true, true>(p, st, status);
-  if (ga) return launch<T, true, false>(p, st, status);
-  if (gb) return launch<T, false, true>(p, st, status);
-  return launch<T, false, false>(p, st, status);
+template <class T, int BKT>
+bool dispatch(const CUtensorMap &map, const WgParams &p, bool tr, cudaStream_t st,
+              moe_status_t *status) {
+  const bool gp = p.p_div > 0;
+  if (tr)
+    return gp ? launch<T, true, true, BKT>(map, p, st, status)
+              : launch<T, false, true, BKT>(map, p, st, status);
+  return gp ? launch<T, true, false, BKT>(map, p, st, status)
+            : launch<T, false, false, BKT>(map, p, st, status);
+}
+
+int wgrad_bk() {
+  const char *v = std::getenv("MOE_FUSED_WGRAD_BK");
+  return v && std::strcmp(v, "64") == 0 ? 64 : 32;
 }
 
 }  // namespace
@@ -255,28 +359,42 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   *status = MOE_OK;
   if (!sm90_enabled(flags)) return false;
   if (w.dtype != MOE_DTYPE_BF16 && w.dtype != MOE_DTYPE_F16) return false;
-  if (w.M <= 0 || w.N <= 0 || w.E <= 0 || w.M % BM != 0 || w.N % BN != 0) return false;
-  if (w.n_rows < 0 || w.n_rows >= (int64_t(1) << 31) || w.a_div < 0 || w.b_div < 0) return false;
-  if (!aligned16(w.A) || w.lda % 8 != 0 || !aligned16(w.B) || w.ldb % 8 != 0) return false;
+  if (w.n_rows <= 0 || w.n_rows >= (int64_t(1) << 31) || w.a_div < 0 || w.b_div < 0) return false;
+  if (w.E <= 0 || w.M <= 0 || w.N <= 0) return false;
+  // Q (256 columns a tile, TMA) must be in plan order: B unless B is gathered, then A
+  // (D = C^T). P (128 columns a tile) may be gathered.
+  const bool tr = w.b_div > 0;
+  if (tr && w.a_div > 0) return false;
+  const void *P = tr ? w.B : w.A, *Q = tr ? w.A : w.B;
+  const int64_t ldp = tr ? w.ldb : w.lda, ldq = tr ? w.lda : w.ldb;
+  const int Mp = tr ? w.N : w.M, Nq = tr ? w.M : w.N;
+  if (Mp % BM != 0 || Nq % BN != 0) return false;
+  if (int64_t(w.E) * (Mp / BM) * (Nq / BN) >= (int64_t(1) << 31)) return false;
+  if (!aligned16(P) || ldp % 8 != 0 || !aligned16(Q) || ldq % 8 != 0 || ldq < Nq) return false;
   if (!aligned16(w.C) || w.ldc % 8 != 0 || w.strideCE % 8 != 0) return false;
+  const bool bf16 = w.dtype == MOE_DTYPE_BF16;
+  CUtensorMap map;
+  const int bk = wgrad_bk();
+  if (!encode_2d(&map, bf16, Q, uint64_t(Nq), uint64_t(w.n_rows), uint64_t(ldq) * 2, 64, bk))
+    return false;
   WgParams p{};
-  p.a = w.A;
-  p.lda = w.lda;
-  p.a_div = w.a_div;
-  p.b = w.B;
-  p.ldb = w.ldb;
-  p.b_div = w.b_div;
+  p.p = P;
+  p.ldp = ldp;
+  p.p_div = tr ? w.b_div : w.a_div;
   p.n_rows = int32_t(w.n_rows);
-  p.M = w.M;
-  p.N = w.N;
+  p.Mp = Mp;
+  p.Nq = Nq;
   p.E = w.E;
   p.offsets = w.offsets;
   p.sorted = w.sorted;
   p.c = w.C;
   p.ldc = w.ldc;
   p.strideCE = w.strideCE;
-  return w.dtype == MOE_DTYPE_BF16 ? dispatch<__nv_bfloat16>(p, stream, status)
-                                   : dispatch<__half>(p, stream, status);
+  if (bk == 64)
+    return bf16 ? dispatch<__nv_bfloat16, 64>(map, p, tr, stream, status)
+                : dispatch<__half, 64>(map, p, tr, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16, 32>(map, p, tr, stream, status)
+              : dispatch<__half, 32>(map, p, tr, stream, status);
 }
 
 }  // namespace cuda
