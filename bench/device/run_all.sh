@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA library, run the GPU tests, the sanitizer, the
 # per-kernel profile and the layer benchmark. Output files go to $OUT (or /tmp/moe_out).
-#   bench/device/run_all.sh [build] [sonic] [test] [testall] [sanitize] [ncu] [profile] [variants] [gemms] [bench] [benchfull]
-# (no argument = build test sanitize profile bench). ARCHS (default 90) picks the arch.
+#   bench/device/run_all.sh [build] [sonic] [test] [sm90] [testall] [sanitize] [ncu] [profile] [variants] [gemms] [bench] [benchfull]
+# (no argument = build test sanitize profile bench). ARCHS (default 90a: the sm90a kernels
+# are real only in an sm_90a image; 90 builds their stubs) picks the arch.
 # Steps run in the order above, whatever the order of the arguments; each is time-bounded.
 #   sonic   installs SonicMoE from ./.sonic-wheels (made by ../shared/tools/sonicmoe-wheels.sh;
 #           pass carry [".sonic-wheels"], 55 MB); then bench / benchfull also time SonicMoE at
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,no
 B=build/device
 if has build; then
   t0=$(date +%s)
-  cmake -S . -B $B -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90}" \
+  cmake -S . -B $B -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90a}" \
     -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 && cmake --build $B -j16 >> "$OUT/build.log" 2>&1
   r=$?; echo "build: exit $r in $(( $(date +%s) - t0 )) s"; grep -i "spill\|error" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20
   [ $r -ne 0 ] && tail -40 "$OUT/build.log" && exit 1
@@ -49,6 +50,11 @@ if has test; then
   timeout 300 python3 -m pytest -q -rs -x --timeout 240 -p no:cacheprovider tests/test_gpu_ops.py ${TESTS_EXTRA:-} > "$OUT/tests.log" 2>&1
   r=$?; echo "gpu tests: exit $r"; tail -25 "$OUT/tests.log" | grep -v "^$"; [ $r -ne 0 ] && rc=1
 fi
+if has sm90; then  # the sm90a kernels: their tests, then both paths' per-kernel times (~70 s)
+  (cd tests && timeout 200 python3 -m pytest -q -x --timeout 60 -p no:cacheprovider test_gpu_sm90.py > "$OUT/tests_sm90.log" 2>&1)
+  r=$?; echo "sm90 tests: exit $r"; tail -3 "$OUT/tests_sm90.log"; [ $r -ne 0 ] && rc=1
+  timeout 150 python3 tests/test_gpu_sm90.py bench 2>&1 | tee "$OUT/sm90_bench.log" | grep -A8 "sm90 "
+fi
 if has testall; then
   timeout 300 python3 -m pytest -q -rs --timeout 240 -p no:cacheprovider tests/ > "$OUT/tests_all.log" 2>&1
   echo "all tests: exit $?"; tail -8 "$OUT/tests_all.log"
@@ -65,7 +71,7 @@ fi
 if has variants; then  # the same profile with other compile-time GEMM configs
   for V in ${VARIANTS:-BN=256}; do
     VB=build/device-$V
-    cmake -S . -B $VB -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90}" -DCMAKE_BUILD_TYPE=Release \
+    cmake -S . -B $VB -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90a}" -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_CUDA_FLAGS="-DMOE_GEMM_$V" > "$OUT/build_$V.log" 2>&1 && cmake --build $VB -j16 >> "$OUT/build_$V.log" 2>&1 || { echo "variant $V build failed"; continue; }
     echo "== variant MOE_GEMM_$V"
     MOE_FUSED_LIBRARY="$PWD/$VB/libmoe_fused.so" timeout 200 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 2>&1 | grep -v Warn | grep -v _warn_once
