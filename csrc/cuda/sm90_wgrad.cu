@@ -1,7 +1,8 @@
 // sm90a weight-gradient GEMMs (K-grouped): per expert e,
 //   C[e][m][n] = sum over the plan rows r in [off[e], off[e+1]) of A[arow(r)][m] * B[brow(r)][n],
-// arow(r) = a_div ? sorted[r] / a_div : r (same for B): dW1 = dh^T x, dW2 = dout^T (s a),
-// linear dW. Experts without rows get zeros. Deterministic: one CTA owns each output tile and
+// arow(r) = a_div ? sorted[r] / a_div : r (same for B): dW1 = dh^T x, dW2 = dout^T (s a).
+// (Linear dW, whose operands are both gathered, stays portable: Q must be in plan order.)
+// Experts without rows get zeros. Deterministic: one CTA owns each output tile and
 // walks the expert's rows in order.
 //
 // The kernel computes D[m][n] = sum_r P[prow(r)][m] Q[r][n] over 128 x 256 tiles, P the
