@@ -1,7 +1,7 @@
 // sm90a (Hopper: wgmma + TMA) kernels of the experts layer and moe_fused_linear, chosen at
 // run time in front of the portable kernels (notes/hopper.md has designs and measurements):
 //   sm90_rowgemm.cu  row-grouped GEMMs: GEMM1 + SwiGLU, GEMM2, dA' + dSwiGLU, dX, linear
-//   sm90_wgrad.cu    K-grouped weight-gradient GEMMs (dW1, dW2, linear dW)
+//   sm90_wgrad.cu    K-grouped weight-gradient GEMMs (dW1, dW2)
 //   sm90_host.cu     selection (device, image, environment) and TMA descriptors
 // Each entry point returns false, having enqueued nothing, when its kernel does not apply
 // (path off, not a cc 9.0 device, no sm_90a image in the library, dtype or layout the kernel
@@ -41,8 +41,9 @@ inline int sm90_col_tiles(int epilogue, int N) {
 bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t flags,
                        cudaStream_t stream, moe_status_t *status);
 
-// The weight gradient `w` on the sm90a kernel. Layouts taken: bf16/f16, M % 128 == 0,
-// N % 256 == 0, 16-byte aligned rows of A, B and C.
+// The weight gradient `w` on the sm90a kernel. Layouts taken: bf16/f16; at most one of A, B
+// gathered; with B gathered, N % 128 == 0 and M % 256 == 0 (C is then written transposed),
+// else M % 128 == 0 and N % 256 == 0; 16-byte aligned rows of A, B and C; n_rows > 0.
 bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_status_t *status);
 
 }  // namespace cuda
