@@ -390,24 +390,9 @@ def problem_str(gemm, H, I):
 
 def time_ms(fn, device, warmup, iters):
     """Median ms of fn(): CUDA events around each call on CUDA, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    from moe_fused.bench import median_ms
+
+    return median_ms(fn, device, warmup, iters)
 
 
 def path_env(path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import sys
 
 import pytest
@@ -378,18 +377,9 @@ def test_cuda_graph_capture_sm90_backward():
 
 
 def _med(fn, n=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    from moe_fused.bench import median_ms
+
+    return median_ms(fn, torch.device("cuda"), 3, n)
 
 
 def bench(Ts=(4096, 16384)):

@@ -7,11 +7,11 @@ import argparse
 import importlib.util
 import json
 import pathlib
-import statistics
 
 import torch
 
 import moe_fused  # noqa: F401
+from moe_fused.bench import median_ms
 from moe_fused import moe_experts
 
 SHAPES = {"30b-a3b": (2048, 768, 128, 8), "235b-a22b": (4096, 1536, 128, 8)}
@@ -30,18 +30,7 @@ def _label(name):
 
 
 def med(fn, n=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return median_ms(fn, torch.device("cuda"), 3, n)
 
 
 def main():

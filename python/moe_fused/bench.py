@@ -180,6 +180,15 @@ def _run_once(fn, device):
     return (time.perf_counter() - t0) * 1e3
 
 
+def median_ms(fn, device, warmup=3, iters=10):
+    """Median milliseconds of fn() over `iters` calls after `warmup` untimed ones (CUDA events
+    around each call on CUDA, perf_counter on the CPU). Shared by the bench scripts."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    return statistics.median(_run_once(fn, device) for _ in range(iters))
+
+
 def _time_interleaved(fns, device, warmup, iters, max_seconds):
     """{name: (median ms, runs)} of each fn, timed round-robin (one run of each in turn),
     so that a change of background load hits every implementation alike. Each gets up to
