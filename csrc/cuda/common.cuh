@@ -174,6 +174,9 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
 }
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.f + __expf(-g)); }
+// sigmoid for the backward's dSwiGLU: the approximate division has no slow path (an IEEE
+// 1/x branches around a subnormal fix-up), and 1 / inf = 0 keeps the g -> -inf limit.
+__device__ __forceinline__ float sigmoid_f(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
 
 // Eight consecutive elements <-> floats (16-byte vector when `vec`).
 template <class T>

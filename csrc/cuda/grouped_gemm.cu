@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             d[i] = Cs[row * CS_ST + col + i];
-            const float sg = 1.f / (1.f + __expf(-g[i]));
+            const float sg = sigmoid_f(g[i]);
             g[i] *= sg;                      // g <- silu(g)
             const float dsil = sg + g[i] * (1.f - sg);  // silu'(g) = sg (1 + g (1 - sg))
             dot += d[i] * g[i] * u[i];

@@ -29,6 +29,7 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
+// S = 3 stages; dA' (no staging tile, so room for a 4th) measured 9% slower with 4 on the H100.
 constexpr int BM = 128, BN = kSm90BN, BK = 64, S = 3, NC = 2, THREADS = 128 * (NC + 1);
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
 constexpr int CROW = BN * 2 + 16;  // staging row stride (bytes), conflict-free
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
                   float d = acc[j * 4 + hh * 2 + i];
-                  const float sg = 1.f / (1.f + __expf(-g[i]));
+                  const float sg = sigmoid_f(g[i]);
                   const float sil = g[i] * sg;
                   const float dsil = sg + sil * (1.f - sg);
                   dot += d * sil * u[i];

@@ -50,6 +50,7 @@ struct WgParams {
   const void *p;  // P: [.., ldp], row of plan row r = p_div ? sorted[r] / p_div : r
   int64_t ldp;
   int p_div;
+  uint64_t p_magic;  // ceil(2^64 / p_div) when p_div > 1: row = umulhi(p_magic, sorted[r])
   int32_t n_rows;
   int Mp, Nq, E;  // columns of P and Q (D is Mp x Nq)
   const int32_t *offsets;
@@ -86,14 +87,6 @@ __device__ __forceinline__ void clamp_segment(const WgParams &p, int a, int b, i
   r0 = a;
   r1 = b;
 }
-// The expert's plan-row segment [r0, r1), clamped to [0, n] and monotone.
-__device__ __forceinline__ void segment(const WgParams &p, int e, int &r0, int &r1) {
-  int a = p.offsets[e], b = p.offsets[e + 1];
-  a = a < 0 ? 0 : (a > p.n_rows ? p.n_rows : a);
-  b = b < a ? a : (b > p.n_rows ? p.n_rows : b);
-  r0 = a;
-  r1 = b;
-}
 #endif
 
 template <class T, bool GP, bool TR, int BKT>
@@ -123,69 +116,79 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int total = p.E * per_e;
 
   if (wg == 0) {  // producer
+    // The register split must stay within the launch's 168 x 384: 56 x 128 + 224 x 256, or
+    // the consumers' setmaxnreg.inc waits forever.
     setmaxnreg_dec<56>();
     const T *P = static_cast<const T *>(p.p);
     const int piece = tid_wg & 7, trow = tid_wg >> 3;
-    // A position in the stream of k-blocks: work item w (with rows [r0, r1)), k-block kb.
+    // The stream of k-blocks this CTA loads: item w (rows [r0, r1), tile mi, ni), k-block kb.
+    // A k-block is a few adds; an item change divides and takes the item's offsets, loaded
+    // one item ahead (oa, ob: raw offsets of item w + gridDim.x), so that only an empty
+    // expert costs a dependent load.
     struct Cursor {
-      int w, kb, r0, r1;
+      int w, kb, r0, r1, mi, ni, oa, ob;
     };
-    // Skip to the next work item (from w on, stride gridDim.x) with at least one row.
-    auto settle = [&](Cursor &c) {
-      for (; c.w < total; c.w += gridDim.x) {
-        segment(p, c.w / per_e, c.r0, c.r1);
-        if (c.r1 > c.r0) return;
-      }
-    };
-    auto advance = [&](Cursor &c) {
-      if (++c.kb * BK >= c.r1 - c.r0) {
-        c.kb = 0;
+    auto settle = [&](Cursor &c, int a, int b) {  // a, b: raw offsets of item c.w's expert
+      for (;;) {
+        if (c.w >= total) return;
+        clamp_segment(p, a, b, c.r0, c.r1);
+        if (c.r1 > c.r0) break;
         c.w += gridDim.x;
-        settle(c);
+        if (c.w < total) {
+          a = p.offsets[c.w / per_e];
+          b = p.offsets[c.w / per_e + 1];
+        }
       }
+      const int e = c.w / per_e, rem = c.w - e * per_e;
+      c.mi = rem / ntn;
+      c.ni = rem - c.mi * ntn;
+      const int wn = c.w + gridDim.x;
+      c.oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
+      c.ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
     };
-    // This thread's k rows of a k-block: the raw sorted[] entries (GP) or the plan rows, kNone
-    // past the segment (zero-filled). Nothing here may consume a loaded value: the load
-    // must stay in flight until the slot is used DIST k-blocks later.
+    // A ring of DIST k-blocks, filled DIST k-blocks ahead of their loads: this thread's rows'
+    // raw sorted[] entries (GP) or plan rows, kNone past the segment (zero-filled), and the
+    // block's Q row and tile (qrow < 0: the stream has ended). Nothing may consume a loaded
+    // index before its slot is used, or the thread would wait for the load right there.
     constexpr int32_t kNone = INT32_MIN;
-    auto fetch = [&](const Cursor &c, int32_t (&ip)[RPT]) {
+    int32_t idx[DIST][RPT];
+    int qrow[DIST], tile[DIST];
+    Cursor f{int(blockIdx.x), 0, 0, 0, 0, 0, 0, 0};
+    if (f.w < total) settle(f, p.offsets[f.w / per_e], p.offsets[f.w / per_e + 1]);
+    auto fetch = [&](int d) {
+      if (f.w >= total) {
+        qrow[d] = -1;
+        return;
+      }
+      qrow[d] = f.r0 + f.kb * BK;
+      tile[d] = (f.mi << 16) | f.ni;
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
-        const int r = c.r0 + c.kb * BK + trow + 16 * i;
+        const int r = qrow[d] + trow + 16 * i;
         if (GP)
-          ip[i] = ld_if(r < c.r1, p.sorted + r, kNone);
+          idx[d][i] = ld_if(r < f.r1, p.sorted + r, kNone);
         else
-          ip[i] = r < c.r1 ? r : kNone;
+          idx[d][i] = r < f.r1 ? r : kNone;
+      }
+      if (++f.kb * BK >= f.r1 - f.r0) {
+        f.kb = 0;
+        f.w += gridDim.x;
+        settle(f, f.oa, f.ob);
       }
     };
-    // Source row of a slot entry (clamped like the portable kernels), or -1.
-    auto src_row = [&](int32_t v) -> int32_t {
-      if (v == kNone) return -1;
-      if (!GP) return v;
-      return (v < 0 ? 0 : (v >= p.n_rows ? p.n_rows - 1 : v)) / p.p_div;
-    };
-    // The gathered row indices are read DIST k-blocks ahead of their use (the loop is
-    // unrolled by DIST so each slot stays in its registers): one dependent global load per
-    // k-block would otherwise cost a full L2 round trip each time.
-    Cursor u{int(blockIdx.x), 0, 0, 0};
-    settle(u);
-    Cursor f = u;
-    int32_t idx[DIST][RPT];
 #pragma unroll
-    for (int d = 0; d < DIST; ++d) {
-      if (f.w < total) {
-        fetch(f, idx[d]);
-        advance(f);
-      }
-    }
+    for (int d = 0; d < DIST; ++d) fetch(d);
     uint32_t it = 0;
-    while (u.w < total) {
+    bool more = true;
+    while (more) {
 #pragma unroll
       for (int d = 0; d < DIST; ++d) {
-        if (u.w >= total) break;
-        const int rem = u.w % per_e;
-        const int m0 = (rem / ntn) * BM, n0 = (rem % ntn) * BN;
-        const int qrow = u.r0 + u.kb * BK;
+        if (qrow[d] < 0) {
+          more = false;
+          break;
+        }
+        const int m0 = (tile[d] >> 16) * BM, n0 = (tile[d] & 0xFFFF) * BN;
+        const T *Pm = P + m0 + piece * 8;
         const uint32_t st = it % S, ph = (it / S) & 1;
         mbar_wait(sEmpty + 8 * st, ph ^ 1);
         const uint32_t a = sP + st * P_BYTES;
@@ -193,9 +196,14 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int i = 0; i < RPT; ++i) {
           const int kr = trow + 16 * i;
           const uint32_t off = kr * 128 + ((piece ^ (kr & 7)) << 4);
-          const int32_t row = src_row(idx[d][i]);
-          const bool ok = row >= 0;
-          const T *src = ok ? P + int64_t(row) * p.ldp + m0 + piece * 8 : P;
+          const int32_t v = idx[d][i];
+          const bool ok = v != kNone;
+          // Clamped like the portable kernels; sorted / p_div by Lemire's multiply-high
+          // (exact for 32-bit operands): a division would be a ~20-instruction chain a row.
+          const uint32_t cv = uint32_t(v < 0 ? 0 : (v >= p.n_rows ? p.n_rows - 1 : v));
+          const uint32_t row =
+              !GP ? uint32_t(v) : (p.p_div == 1 ? cv : uint32_t(__umul64hi(p.p_magic, cv)));
+          const T *src = ok ? Pm + int64_t(row) * p.ldp : P;
 #pragma unroll
           for (int q = 0; q < BM / 64; ++q)
             cp_async16_zfill(a + q * ATOM + off, src + (ok ? q * 64 : 0), ok ? 16 : 0);
@@ -205,14 +213,11 @@ __global__ void __launch_bounds__(THREADS, 1)
           const uint32_t bar = sFull + 8 * st, b = sQ + st * Q_BYTES;
           mbar_expect_tx(bar, Q_BYTES);
 #pragma unroll
-          for (int q = 0; q < BN / 64; ++q) tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow, bar);
+          for (int q = 0; q < BN / 64; ++q)
+            tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar);
         }
         ++it;
-        if (f.w < total) {  // refill this slot, DIST k-blocks ahead
-          fetch(f, idx[d]);
-          advance(f);
-        }
-        advance(u);
+        fetch(d);  // refill this slot, DIST k-blocks ahead
       }
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -372,6 +377,7 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   const int64_t ldp = tr ? w.ldb : w.lda, ldq = tr ? w.lda : w.ldb;
   const int Mp = tr ? w.N : w.M, Nq = tr ? w.M : w.N;
   if (Mp % BM != 0 || Nq % BN != 0) return false;
+  if (Mp / BM >= (1 << 15) || Nq / BN >= (1 << 16)) return false;  // the producer's packed tile
   if (int64_t(w.E) * (Mp / BM) * (Nq / BN) >= (int64_t(1) << 31)) return false;
   if (!aligned16(P) || ldp % 8 != 0 || !aligned16(Q) || ldq % 8 != 0 || ldq < Nq) return false;
   if (!aligned16(w.C) || w.ldc % 8 != 0 || w.strideCE % 8 != 0) return false;
@@ -384,6 +390,7 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   p.p = P;
   p.ldp = ldp;
   p.p_div = tr ? w.b_div : w.a_div;
+  p.p_magic = p.p_div > 1 ? ~uint64_t(0) / uint64_t(p.p_div) + 1 : 0;
   p.n_rows = int32_t(w.n_rows);
   p.Mp = Mp;
   p.Nq = Nq;
