@@ -2,8 +2,10 @@
 # A/B of build-time kernel knobs on one GPU: builds one library per variant and times each
 # fwd+bwd with bench/device/profile_kernels.py, alternating A B A B (the second round is the
 # one to read; the first warms the GPU). Variants are NAME=FLAGS, FLAGS a quoted list of -D
-# options; "base" (no flags) is always first. ARCHS as run_all.sh (default 90a).
-#   bash bench/device/ab.sh "s3=-DMOE_SM90_DSWIGLU_STAGES=3" "nopf=-DMOE_SM90_H_PREFETCH=0"
+# options, or NAME=+DIR: a copy of the tree with the files under DIR (same relative paths,
+# e.g. an older csrc/cuda/x.cu) laid over it. "base" (the tree, no flags) is always first.
+# ARCHS as run_all.sh (default 90a).
+#   bash bench/device/ab.sh "s3=-DMOE_SM90_DSWIGLU_STAGES=3" "old=+dev/ab/old"
 # T values: AB_T (default "4096 16384").
 set -u
 cd "$(dirname "$0")/../.."
@@ -12,9 +14,13 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 names=(base); flags=("")
 for v in "$@"; do names+=("${v%%=*}"); flags+=("${v#*=}"); done
 for i in "${!names[@]}"; do
-  d=build/ab-${names[$i]}
-  cmake -S . -B $d -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90a}" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_FLAGS="${flags[$i]}" > "$OUT/ab_build_${names[$i]}.log" 2>&1 \
+  d=$PWD/build/ab-${names[$i]}; src=.; f=${flags[$i]}
+  if [ "${f:0:1}" = "+" ]; then  # overlay variant: a copy of the tree with DIR's files on top
+    src=/tmp/ab-src-${names[$i]}; rm -rf "$src"; mkdir -p "$src"
+    cp -r CMakeLists.txt csrc python "$src"/ 2>/dev/null; cp -r "${f:1}"/. "$src"/; f=""
+  fi
+  cmake -S "$src" -B $d -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90a}" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_FLAGS="$f" > "$OUT/ab_build_${names[$i]}.log" 2>&1 \
     && cmake --build $d -j16 >> "$OUT/ab_build_${names[$i]}.log" 2>&1 || { echo "build ${names[$i]} FAILED"; tail -20 "$OUT/ab_build_${names[$i]}.log"; exit 1; }
 done
 for round in 1 2; do

@@ -33,6 +33,8 @@ namespace {
 constexpr int BM = 128, BN = kSm90BN, BK = 64, S = 3, NC = 2, THREADS = 128 * (NC + 1);
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
 constexpr int CROW = BN * 2 + 16;  // staging row stride (bytes), conflict-free
+constexpr uint32_t kHChunk = 2 * 64 * 128;  // dA': 64 rows x 64 columns of g and of u, bytes
+static_assert(2 * 2 * kHChunk <= BM * CROW, "dA' h buffers fit in the staging tile's smem");
 constexpr size_t kSmem = 1024 + size_t(S) * (A_BYTES + B_BYTES) + 1024 + size_t(BM) * CROW;
 
 struct RowParams {
@@ -79,25 +81,45 @@ template <class T> __device__ __forceinline__ float rnd(float v) {
 __device__ __forceinline__ int64_t clamp_row(int32_t v, int32_t n) {
   return v < 0 ? 0 : (v >= n ? n - 1 : v);
 }
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+// dA': TMA of h chunk q (64 columns of g and the same of u) of item (t, nt), warpgroup c's
+// 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
+__device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowParams &p, uint32_t buf,
+                                             uint32_t bar, const Tile &t, int c, int nt, int q) {
+  const int col = nt * BN + q * 64, row = t.row0 + c * 64;
+  mbar_expect_tx(bar, kHChunk);
+  tma_load_2d(buf, map, col, row, bar);
+  tma_load_2d(buf + kHChunk / 2, map, p.N + col, row, bar);
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <class T, int EPI, bool B_MN>
 __global__ void __launch_bounds__(THREADS, 1)
-    row_gemm_sm90(const __grid_constant__ CUtensorMap tmapB, const RowParams p) {
+    row_gemm_sm90(const __grid_constant__ CUtensorMap tmapB, const __grid_constant__ CUtensorMap tmapH,
+                  const RowParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Static shared memory only in the real kernel: the host tells it from the stub by it.
   __shared__ __align__(8) uint64_t s_bars[2 * S];
+  __shared__ __align__(8) uint64_t s_hbars[NC * 2];  // EPI_DSWIGLU: an h chunk buffer is full
   extern __shared__ __align__(128) uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t sA = sbase, sB = sbase + S * A_BYTES;
   const uint32_t sFull = smem_u32(s_bars), sEmpty = sFull + 8 * S;
   const uint32_t sC = (sB + S * B_BYTES + 1023) & ~1023u;  // [BM][CROW] staging tile
+  // EPI_DSWIGLU has no staging tile; its smem holds warpgroup c's two h chunk buffers.
+  auto sHbuf = [&](int c, int b) { return sC + uint32_t(c * 2 + b) * kHChunk; };
+  auto hbar = [&](int c, int b) { return smem_u32(s_hbars) + uint32_t(c * 2 + b) * 8; };
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(sFull + 8 * s, 128 + 1);
       mbar_init(sEmpty + 8 * s, NC);
     }
+    for (int b = 0; b < NC * 2; ++b) mbar_init(smem_u32(s_hbars) + 8 * b, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -165,9 +187,34 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int w = blockIdx.x; w < total; w += gridDim.x) {
       const Tile t = p.tiles[w / ntn];
       const int nt = w % ntn;
+      const int rfrag = c * 64 + warp * 16 + (lane >> 2);
+      // EPI_DSWIGLU: this thread's two rows' sorted[] entries now, their routing weights two
+      // k-blocks before the end: the epilogue then waits on neither dependent load.
+      int32_t pr[2] = {0, 0};
+      float sw[2] = {0.f, 0.f};
+      if (EPI == EPI_DSWIGLU) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = t.row0 + rfrag + hh * 8;
+          pr[hh] = r < t.row1 ? p.sorted[r] : 0;
+        }
+      }
       uint32_t prev = 0;
       for (int kb = 0; kb < KB; ++kb, ++it) {
         const uint32_t st = it % S, ph = (it / S) & 1;
+        if (EPI == EPI_DSWIGLU && kb == (KB > 2 ? KB - 2 : 0)) {
+          // h chunks 0 and 1 of this warpgroup's rows into its two buffers (free: the previous
+          // item's epilogue ended with a proxy fence and a warpgroup barrier).
+          if (tid_wg == 0) {
+            load_h_chunk(&tmapH, p, sHbuf(c, 0), hbar(c, 0), t, c, nt, 0);
+            load_h_chunk(&tmapH, p, sHbuf(c, 1), hbar(c, 1), t, c, nt, 1);
+          }
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int64_t v = clamp_row(pr[hh], p.n_rows);
+            sw[hh] = load_weight(p.sw, p.sw_dtype, (v / p.k) * p.sw_s0 + (v % p.k) * p.sw_s1);
+          }
+        }
         mbar_wait(sFull + 8 * st, ph);
         fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
         wgmma_fence();
@@ -191,7 +238,6 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       // Fragment of a thread: rows rfrag + 8 hh, columns 8 j + 2 (lane & 3) + {0, 1}, held in
       // acc[4 j + 2 hh + {0, 1}].
-      const int rfrag = c * 64 + warp * 16 + (lane >> 2);
 
       if (EPI == EPI_SWIGLU || EPI == EPI_STORE) {
         // fragment -> smem staging tile -> one bulk copy per valid row (SwiGLU: per half)
@@ -248,45 +294,38 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (EPI == EPI_DSWIGLU) {
         // acc = dA' for columns n of a; with g, u from h (as the portable epilogue):
         // dg = s dA' u silu'(g), du = s dA' silu(g), s*a, ds partial = sum_n dA' silu(g) u.
-        const T *Hin = static_cast<const T *>(p.hin);
+        // h comes by TMA in four chunks of 64 columns (g and u, this warpgroup's 64 rows,
+        // 128-byte swizzle), two buffers deep: chunk q + 2 loads while q + 1 is used.
         T *dH = static_cast<T *>(p.c);
         T *SA = static_cast<T *>(p.c2);
         const int n0 = nt * BN + (lane & 3) * 2;
+        float dot[2] = {0.f, 0.f};
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int r = t.row0 + rfrag + hh * 8;
-          float dot = 0.f;
-          if (r < t.row1) {
-            const int64_t pr = clamp_row(p.sorted[r], p.n_rows);
-            const float s = load_weight(p.sw, p.sw_dtype, (pr / p.k) * p.sw_s0 + (pr % p.k) * p.sw_s1);
-            const T *hr = Hin + int64_t(r) * p.ldh + n0;
-            T *dr = dH + int64_t(r) * p.ldc + n0;
-            T *sar = SA + int64_t(r) * p.ldc2 + n0;
-            // h of JC column groups is loaded before any store of the chunk: the stores may
-            // alias h as far as the compiler knows, so loads interleaved with them would each
-            // wait a full global-memory round trip.
-            constexpr int JC = 16;
+        for (int q = 0; q < BN / 64; ++q) {
+          mbar_wait(hbar(c, q & 1), (q >> 1) & 1);
+          const uint32_t hb = sHbuf(c, q & 1);
 #pragma unroll
-            for (int j0 = 0; j0 < BN / 8; j0 += JC) {
-              uint32_t gv[JC], uv[JC];
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = t.row0 + rfrag + hh * 8;
+            const int lr = warp * 16 + (lane >> 2) + hh * 8;  // row in the chunk buffer
+            if (r < t.row1) {
+              const float s = sw[hh];
+              T *dr = dH + int64_t(r) * p.ldc + n0;
+              T *sar = SA + int64_t(r) * p.ldc2 + n0;
 #pragma unroll
-              for (int j = 0; j < JC; ++j) {
-                gv[j] = __ldg(reinterpret_cast<const unsigned int *>(hr + (j0 + j) * 8));
-                uv[j] = __ldg(reinterpret_cast<const unsigned int *>(hr + p.N + (j0 + j) * 8));
-              }
-#pragma unroll
-              for (int jj = 0; jj < JC; ++jj) {
-                const int j = j0 + jj;
+              for (int jj = 0; jj < 8; ++jj) {
+                const int j = q * 8 + jj;
+                const uint32_t off = lr * 128 + ((jj ^ (lr & 7)) << 4) + (lane & 3) * 4;
                 float g[2], u[2], dg[2], du[2], sa[2];
-                unpack2<T>(gv[jj], g[0], g[1]);
-                unpack2<T>(uv[jj], u[0], u[1]);
+                unpack2<T>(lds32(hb + off), g[0], g[1]);
+                unpack2<T>(lds32(hb + kHChunk / 2 + off), u[0], u[1]);
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
                   float d = acc[j * 4 + hh * 2 + i];
                   const float sg = sigmoid_f(g[i]);
                   const float sil = g[i] * sg;
                   const float dsil = sg + sil * (1.f - sg);
-                  dot += d * sil * u[i];
+                  dot[hh] += d * sil * u[i];
                   d *= s;
                   dg[i] = d * u[i] * dsil;
                   du[i] = d * sil;
@@ -298,9 +337,20 @@ __global__ void __launch_bounds__(THREADS, 1)
               }
             }
           }
-          dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-          dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-          if ((lane & 3) == 0 && r < t.row1) p.ds_part[int64_t(r) * p.ds_ld + nt] = dot;
+          // All reads of this buffer come before the TMA (async proxy) overwrites it, with
+          // chunk q + 2 here or with chunk 0 / 1 at the next item.
+          fence_proxy_async();
+          named_bar(1 + c, 128);
+          if (q + 2 < BN / 64 && tid_wg == 0)
+            load_h_chunk(&tmapH, p, hb, hbar(c, q & 1), t, c, nt, q + 2);
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = t.row0 + rfrag + hh * 8;
+          float v = dot[hh];
+          v += __shfl_xor_sync(0xffffffffu, v, 1);
+          v += __shfl_xor_sync(0xffffffffu, v, 2);
+          if ((lane & 3) == 0 && r < t.row1) p.ds_part[int64_t(r) * p.ds_ld + nt] = v;
         }
       }
     }
@@ -315,29 +365,29 @@ template <class T, int EPI, bool B_MN> KernelGate &gate() {
 }
 
 template <class T, int EPI, bool B_MN>
-bool launch(const CUtensorMap &map, const RowParams &p, int64_t max_items, cudaStream_t stream,
-            moe_status_t *status) {
+bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const RowParams &p, int64_t max_items,
+            cudaStream_t stream, moe_status_t *status) {
   auto kern = row_gemm_sm90<T, EPI, B_MN>;
   int sms = 0;
   if (!kernel_usable(reinterpret_cast<const void *>(kern), kSmem, gate<T, EPI, B_MN>(), &sms))
     return false;
   const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, max_items)));
-  kern<<<grid, THREADS, kSmem, stream>>>(map, p);
+  kern<<<grid, THREADS, kSmem, stream>>>(map, mapH, p);
   *status = launch_status("sm90 row GEMM");
   return true;
 }
 
 template <class T>
-bool dispatch(const GroupedGemmArgs &g, const CUtensorMap &map, const RowParams &p,
-              int64_t max_items, cudaStream_t st, moe_status_t *status) {
+bool dispatch(const GroupedGemmArgs &g, const CUtensorMap &map, const CUtensorMap &mapH,
+              const RowParams &p, int64_t max_items, cudaStream_t st, moe_status_t *status) {
   switch (g.epilogue) {
     case EPI_SWIGLU:
-      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, p, max_items, st, status);
+      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, mapH, p, max_items, st, status);
     case EPI_DSWIGLU:
-      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, p, max_items, st, status);
+      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, mapH, p, max_items, st, status);
     case EPI_STORE:
-      return g.b_kn ? launch<T, EPI_STORE, true>(map, p, max_items, st, status)
-                    : launch<T, EPI_STORE, false>(map, p, max_items, st, status);
+      return g.b_kn ? launch<T, EPI_STORE, true>(map, mapH, p, max_items, st, status)
+                    : launch<T, EPI_STORE, false>(map, mapH, p, max_items, st, status);
     default:
       return false;
   }
@@ -377,6 +427,12 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                          : encode_2d(&map, bf16, g.B, uint64_t(K), uint64_t(E * b_rows),
                                      uint64_t(g.ldb) * 2, BK, BN / 2);
   if (!ok) return false;
+  // dA': h by TMA in boxes of 64 columns x 64 rows (see load_h_chunk); the other epilogues
+  // take an unused copy of B's map.
+  CUtensorMap mapH = map;
+  if (g.epilogue == EPI_DSWIGLU &&
+      !encode_2d(&mapH, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2, 64, 64))
+    return false;
 
   RowParams p{};
   p.a = g.A;
@@ -405,8 +461,8 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.sw_s1 = g.sw_s1;
   p.k = g.k > 0 ? g.k : 1;
   const int64_t max_items = g.max_tiles * sm90_col_tiles(g.epilogue, int(N));
-  return bf16 ? dispatch<__nv_bfloat16>(g, map, p, max_items, stream, status)
-              : dispatch<__half>(g, map, p, max_items, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, p, max_items, stream, status)
+              : dispatch<__half>(g, map, mapH, p, max_items, stream, status);
 }
 
 }  // namespace cuda
