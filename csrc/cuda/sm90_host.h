@@ -12,9 +12,11 @@ namespace moe {
 namespace cuda {
 namespace sm90 {
 
-// One kernel's readiness on each device: 0 unknown, 1 usable, 2 not usable.
+// One kernel's readiness on each device: 0 unknown, 1 usable, 2 not usable; and, for a
+// kernel launched in clusters, how many of its CTAs fit on the device at once (0 unknown).
 struct KernelGate {
   std::atomic<int> state[64];
+  std::atomic<int> cluster_ctas[64];
 };
 
 // Whether `kernel` (a __global__ function of an sm90a .cu file) runs on the current device:
@@ -23,6 +25,11 @@ struct KernelGate {
 // dynamic shared memory limit raised to `smem` bytes. Checked once per device; *sms is the
 // device's SM count.
 bool kernel_usable(const void *kernel, size_t smem, KernelGate &gate, int *sms);
+
+// CTAs of `kernel` (already passed by kernel_usable) resident at once when launched in
+// clusters of `cluster` CTAs of `threads` threads and `smem` bytes: the largest persistent
+// grid. Queried once per device; sms / cluster * cluster if the query fails.
+int cluster_grid(const void *kernel, size_t smem, int threads, int cluster, KernelGate &gate, int sms);
 
 // 2-D tensor map of a bf16/f16 matrix [outer][inner] (row pitch row_bytes), box
 // {box_inner, box_outer}, 128-byte swizzle. False when the driver entry point is missing or

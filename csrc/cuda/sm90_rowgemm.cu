@@ -81,6 +81,21 @@ template <class T> __device__ __forceinline__ float rnd(float v) {
 __device__ __forceinline__ int64_t clamp_row(int32_t v, int32_t n) {
   return v < 0 ? 0 : (v >= n ? n - 1 : v);
 }
+// A cluster of two CTAs takes the list's tiles in pairs (2j, 2j + 1) at one column tile:
+// when both are the same expert's, they need the same B tile, so each CTA loads half of it
+// and the TMA writes both CTAs' smem (multicast): half the B traffic from L2, which bounds
+// these GEMMs. Otherwise each loads its own B. Rank 1 of a last, unpaired tile gets an empty
+// tile: it loads and multiplies (keeping the pair's pipelines in step) and stores nothing.
+struct PairTile {
+  Tile t;
+  bool shared;
+};
+__device__ __forceinline__ PairTile pair_tile(const RowParams &p, int num_tiles, int j, uint32_t rank) {
+  const Tile t0 = p.tiles[2 * j];
+  const bool has1 = 2 * j + 1 < num_tiles;
+  const Tile t1 = has1 ? p.tiles[2 * j + 1] : Tile{t0.expert, t0.row0, t0.row0, 0};
+  return PairTile{rank == 0 ? t0 : t1, has1 && t1.expert == t0.expert};
+}
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
@@ -117,30 +132,36 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(sFull + 8 * s, 128 + 1);
-      mbar_init(sEmpty + 8 * s, NC);
+      mbar_init(sEmpty + 8 * s, 2 * NC);  // both CTAs' consumers: a stage is free in both
     }
     for (int b = 0; b < NC * 2; ++b) mbar_init(smem_u32(s_hbars) + 8 * b, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
   const int wg = tid / 128, tid_wg = tid % 128;
   const int KB = p.K / BK;
   const int ntn = EPI == EPI_SWIGLU ? p.N / (BN / 2) : p.N / BN;
-  const int total = *p.num_tiles * ntn;
+  const int num_tiles = *p.num_tiles;
+  const int total = (num_tiles + 1) / 2 * ntn;  // pair items
+  const uint32_t rank = cluster_ctarank(), peer = rank ^ 1;
+  const int cl = int(cluster_id_x()), ncl = int(cluster_count_x());
 
   if (wg == 0) {  // producer
     setmaxnreg_dec<40>();
     constexpr int RPT = BM * 8 / 128;
+    constexpr int NB = B_MN ? BN / 64 : 2;  // TMA boxes of one B stage
     const T *A = static_cast<const T *>(p.a);
     const int chunk = tid_wg & 7, trow = tid_wg >> 3;
     uint32_t it = 0;
-    for (int w = blockIdx.x; w < total; w += gridDim.x) {
-      const Tile t = p.tiles[w / ntn];
+    for (int w = cl; w < total; w += ncl) {
+      const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
+      const Tile t = pt.t;
       const int nt = w % ntn;
       const T *src[RPT];
 #pragma unroll
       for (int j = 0; j < RPT; ++j) {
-        const int r = min(t.row0 + trow + j * 16, t.row1 - 1);  // rows past the end: never stored
+        // rows past the end (or of an empty tile): loaded, never stored
+        const int r = min(t.row0 + trow + j * 16, max(t.row1 - 1, t.row0));
         const int64_t ar = p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r;
         src[j] = A + ar * p.lda + chunk * 8;
       }
@@ -165,14 +186,21 @@ __global__ void __launch_bounds__(THREADS, 1)
         cp_async_mbar_arrive(sFull + 8 * st);
         if (tid_wg == 0) {
           const uint32_t bar = sFull + 8 * st, b = sB + st * B_BYTES;
-          mbar_expect_tx(bar, B_BYTES);
+          mbar_expect_tx(bar, B_BYTES);  // the whole tile: both halves when shared
+          // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
+          auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
+            if (!pt.shared)
+              tma_load_2d(dst, &tmapB, c0, c1, bar);
+            else if ((q * 2) / NB == int(rank))
+              tma_load_2d_mc(dst, &tmapB, c0, c1, bar, 0x3);
+          };
           if (B_MN) {
             const int krow = t.expert * p.b_rows + kb * BK;
 #pragma unroll
-            for (int q = 0; q < BN / 64; ++q) tma_load_2d(b + q * (BK * 128), &tmapB, b0 + q * 64, krow, bar);
+            for (int q = 0; q < NB; ++q) load_b(q, b + q * (BK * 128), b0 + q * 64, krow);
           } else {
-            tma_load_2d(b, &tmapB, kb * BK, b0, bar);
-            tma_load_2d(b + B_BYTES / 2, &tmapB, kb * BK, b1, bar);
+            load_b(0, b, kb * BK, b0);
+            load_b(1, b + B_BYTES / 2, kb * BK, b1);
           }
         }
       }
@@ -184,8 +212,12 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int warp = tid_wg >> 5, lane = tid_wg & 31;
     uint32_t it = 0;
     float acc[BN / 2];
-    for (int w = blockIdx.x; w < total; w += gridDim.x) {
-      const Tile t = p.tiles[w / ntn];
+    auto release = [&](uint32_t st) {  // stage st is free here and, for the peer's loads, there
+      mbar_arrive(sEmpty + 8 * st);
+      mbar_arrive_cluster(sEmpty + 8 * st, peer);
+    };
+    for (int w = cl; w < total; w += ncl) {
+      const Tile t = pair_tile(p, num_tiles, w / ntn, rank).t;
       const int nt = w % ntn;
       const int rfrag = c * 64 + warp * 16 + (lane >> 2);
       // EPI_DSWIGLU: this thread's two rows' sorted[] entries now, their routing weights two
@@ -227,11 +259,11 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         wgmma_commit();
         wgmma_wait<1>();
-        if (kb > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
+        if (kb > 0 && tid_wg == 0) release(prev);
         prev = st;
       }
       wgmma_wait<0>();
-      if (KB > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
+      if (KB > 0 && tid_wg == 0) release(prev);
       if (KB == 0) {
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -356,6 +388,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
     if (tid_wg < 64) bulk_wait0();
   }
+  cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -371,8 +404,23 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const RowParams &p,
   int sms = 0;
   if (!kernel_usable(reinterpret_cast<const void *>(kern), kSmem, gate<T, EPI, B_MN>(), &sms))
     return false;
-  const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, max_items)));
-  kern<<<grid, THREADS, kSmem, stream>>>(map, mapH, p);
+  // Clusters of two (pair_tile): an even, persistent grid of the CTAs that fit at once.
+  const int fit = cluster_grid(reinterpret_cast<const void *>(kern), kSmem, THREADS, 2,
+                               gate<T, EPI, B_MN>(), sms);
+  const int64_t want = (std::max<int64_t>(1, max_items) + 1) / 2 * 2;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(std::min<int64_t>(fit, want)));
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute at{};
+  at.id = cudaLaunchAttributeClusterDimension;
+  at.val.clusterDim.x = 2;
+  at.val.clusterDim.y = 1;
+  at.val.clusterDim.z = 1;
+  cfg.attrs = &at;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kern, map, mapH, p);
   *status = launch_status("sm90 row GEMM");
   return true;
 }
