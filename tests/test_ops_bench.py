@@ -65,3 +65,38 @@ def test_cli_dispatch(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--help"])
     assert e.value.code == 0
+
+
+def test_cuda_index_check_block_restores_the_setting():
+    # The CUDA bench turns the check off for its timed runs only (a test that ran it used to
+    # leave it off for every later test in the process).
+    from moe_fused import ops
+
+    prev = ops.set_cuda_index_check(True)
+    try:
+        with ops.cuda_index_check(False):
+            assert ops.set_cuda_index_check(False) is False
+        assert ops.set_cuda_index_check(True) is True
+        with pytest.raises(RuntimeError):
+            with ops.cuda_index_check(False):
+                raise RuntimeError("inside")
+        assert ops.set_cuda_index_check(True) is True
+    finally:
+        ops.set_cuda_index_check(prev)
+
+
+@pytest.mark.gpu
+def test_cuda_bench_leaves_the_index_check_on(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from moe_fused import ops
+
+    prev = ops.set_cuda_index_check(True)
+    try:
+        assert bench.main(["--device", "cuda", "--shapes", "32x16x4x2", "-T", "8", "--iters", "1",
+                           "--warmup", "0", "--impls", "moe_fused", "--out", str(tmp_path), "--name", "c",
+                           "--no-plot"]) == 0
+        assert ops.set_cuda_index_check(True) is True
+    finally:
+        ops.set_cuda_index_check(prev)

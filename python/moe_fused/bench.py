@@ -654,21 +654,24 @@ def main(argv=None) -> int:
         + (f", sonicmoe {env['sonicmoe']}" if "sonicmoe" in env else ""))
     log("flops: fwd 6*T*k*H*I, fwd+bwd 18*T*k*H*I; times are medians; speedup = HF time / moe_fused time")
     log("implementations: " + ", ".join(args.impls))
+    index_check = contextlib.nullcontext()
     if device.type == "cuda" and not args.index_check:
         # Like HF's paths, which validate no index: the check's host sync would also stall
-        # the launch queue inside the timed region. (--index-check turns it back on.)
-        from moe_fused.ops import set_cuda_index_check
+        # the launch queue inside the timed region. (--index-check turns it back on.) Only
+        # for the runs: the caller's setting comes back after them.
+        from moe_fused.ops import cuda_index_check
 
-        set_cuda_index_check(False)
+        index_check = cuda_index_check(False)
         log("note: moe_fused's host-side index range check (a sync) is off, as HF's paths have none; --index-check times it")
     if args.eager_max_tokens:
         log(f"NOTE: hf-eager is skipped above T={args.eager_max_tokens} (--eager-max-tokens)")
     results = []
     t_start = time.perf_counter()
-    for shape in args.shapes:
-        results += run_shape(shape, args.tokens, args, device, dtype, log, sonicmoe)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with index_check:
+        for shape in args.shapes:
+            results += run_shape(shape, args.tokens, args, device, dtype, log, sonicmoe)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     log("\n" + _table(results))
     log(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 

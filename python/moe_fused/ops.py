@@ -30,6 +30,7 @@ caller's responsibility. Nothing else in these ops syncs with the host.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -38,7 +39,7 @@ import torch
 
 from . import _lib
 
-__all__ = ["moe_experts", "moe_fused_linear", "set_cuda_index_check"]
+__all__ = ["moe_experts", "moe_fused_linear", "set_cuda_index_check", "cuda_index_check"]
 
 _cuda_index_check = os.environ.get("MOE_FUSED_CHECK_INDICES", "1") != "0"
 
@@ -49,6 +50,17 @@ def set_cuda_index_check(enabled: bool) -> bool:
     global _cuda_index_check
     previous, _cuda_index_check = _cuda_index_check, bool(enabled)
     return previous
+
+
+@contextlib.contextmanager
+def cuda_index_check(enabled: bool):
+    """``with cuda_index_check(False): ...`` -- :func:`set_cuda_index_check` for a block,
+    the previous setting restored when it ends (also on an exception)."""
+    previous = set_cuda_index_check(enabled)
+    try:
+        yield
+    finally:
+        set_cuda_index_check(previous)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
