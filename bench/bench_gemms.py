@@ -678,6 +678,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from moe_fused.ops import cuda_index_check
+
+    # The index check's host sync is no GEMM (and HF's paths have none): off for the runs,
+    # the caller's setting back afterwards.
+    with cuda_index_check(False):
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -692,14 +701,11 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     import moe_fused
     from moe_fused import _lib
-    from moe_fused.ops import set_cuda_index_check
-
     try:
         _lib.lib()
     except _lib.LibraryLoadError as exc:
         print(f"bench_gemms.py: {exc}", file=sys.stderr)
         return 2
-    set_cuda_index_check(False)  # its host sync is no GEMM; HF's paths have none either
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)")
     env = dict(device=dev_name, torch=torch.__version__, moe_fused=moe_fused.__version__, dtype=args.dtype,

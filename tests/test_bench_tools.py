@@ -212,8 +212,17 @@ def test_torch_problems_compose_the_layer():
 def test_bench_gemms_cpu_dry_run(tmp_path, capsys):
     if not _grouped_mm_on_cpu():
         pytest.skip("this torch has no CPU torch._grouped_mm")
-    rc = bg.main(["--device", "cpu", "--shapes", "64x32x8x2", "-T", "40", "--iters", "1", "--warmup", "0",
-                  "--out", str(tmp_path), "--name", "g"])
+    from moe_fused import ops
+
+    prev = ops.set_cuda_index_check(True)
+    try:
+        rc = bg.main(["--device", "cpu", "--shapes", "64x32x8x2", "-T", "40", "--iters", "1", "--warmup", "0",
+                      "--out", str(tmp_path), "--name", "g"])
+        # the bench turns the CUDA index check off for its runs only (it once left it off for
+        # every later test of the process)
+        assert ops.set_cuda_index_check(True) is True
+    finally:
+        ops.set_cuda_index_check(prev)
     assert rc == 0
     out = capsys.readouterr().out
     assert "attribution SKIPPED" in out and "dW1" in out
