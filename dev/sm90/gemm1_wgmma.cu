@@ -402,28 +402,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
 // full[s]: 128 noinc arrivals + 1 expect_tx of the whole B tile (half of the bytes come from
 // the partner). empty[s]: 2*NC arrivals, from the consumers of both CTAs (a stage of mine is
 // written by the partner's multicast, so the partner's producer must wait for my consumers).
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
-  asm volatile(
-      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(cta)
-      : "memory");
-}
-__device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const CUtensorMap *map, int c0, int c1,
-                                               uint32_t bar, uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
-      : "memory");
-}
+// cluster_ctarank, cluster_sync, mbar_arrive_cluster, tma_load_2d_mc: sm90_ptx.cuh.
 
 template <int BN, int NC, int S, bool SW>
 __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NC + 1), 1)
@@ -439,7 +418,7 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NC + 1), 1)
   const uint32_t sA = sbase, sB = sbase + S * A_BYTES, sFull = sB + S * B_BYTES,
                  sEmpty = sFull + 8 * S;
   const int tid = threadIdx.x;
-  const uint32_t rank = cluster_rank(), peer = rank ^ 1;
+  const uint32_t rank = cluster_ctarank(), peer = rank ^ 1;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(sFull + 8 * s, 128 + 1);
