@@ -6,8 +6,8 @@
 //   EPI_SWIGLU   GEMM1: B rows = 128 gate rows + the same 128 up rows; h = [g; u] staged in
 //                smem and written by bulk copies, a = silu(g) * u from the rounded g, u
 //   EPI_STORE    GEMM2, dX, linear: C row r - c_row0 (or sorted[r]), staged + bulk copies
-//   EPI_DSWIGLU  dA': reloads h, writes dh = dSwiGLU(s dA'), s*a, and the tile's partial of
-//                ds = <dA', a> in ds_part[r, column tile]
+//   EPI_DSWIGLU  dA': reloads h (TMA, in 64-column chunks), writes dh = dSwiGLU(s dA'), s*a,
+//                and the tile's partial of ds = <dA', a> in ds_part[r, column tile]
 // B_e is [N][K] (K-major, TMA box {64, 128}) or, B_MN, [K][N] (N-major, four TMA boxes
 // {64 N, 64 K} per k-block, read by wgmma transposed).
 //
@@ -15,7 +15,9 @@
 // SM; warp-specialised: a producer warpgroup (16-byte cp.async of the gathered A rows into the
 // 128-byte swizzle; TMA of B) and two consumer warpgroups (wgmma m64n256k16, fp32
 // accumulators); 3-stage full/empty mbarrier pipeline flowing across work items, so the
-// producer loads the next item while the consumers run the epilogue.
+// producer loads the next item while the consumers run the epilogue. Launched in clusters of
+// two CTAs that take the tile list in pairs and share an expert's B tile by TMA multicast
+// (pair_tile).
 // Device code only where the arch has the sm_90a features; elsewhere an empty stub.
 #include <algorithm>
 
