@@ -4,8 +4,9 @@
 # one to read; the first warms the GPU). Variants are NAME=FLAGS, FLAGS a quoted list of -D
 # options, or NAME=+DIR: a copy of the tree with the files under DIR (same relative paths,
 # e.g. an older csrc/cuda/x.cu) laid over it. "base" (the tree, no flags) is always first.
-# ARCHS as run_all.sh (default 90a).
-#   bash bench/device/ab.sh "s3=-DMOE_SM90_DSWIGLU_STAGES=3" "old=+dev/ab/old"
+# ARCHS as run_all.sh (default 90a). dev/ab/ is git-ignored: pass the device tool
+# carry: ["dev/ab"] for an overlay kept there.
+#   bash bench/device/ab.sh "bn=-DMOE_GEMM_BN=256" "old=+dev/ab/old"
 # T values: AB_T (default "4096 16384").
 set -u
 cd "$(dirname "$0")/../.."
@@ -16,6 +17,7 @@ for v in "$@"; do names+=("${v%%=*}"); flags+=("${v#*=}"); done
 for i in "${!names[@]}"; do
   d=$PWD/build/ab-${names[$i]}; src=.; f=${flags[$i]}
   if [ "${f:0:1}" = "+" ]; then  # overlay variant: a copy of the tree with DIR's files on top
+    [ -d "${f:1}" ] || { echo "overlay ${f:1} is missing (git-ignored and not carried?)"; exit 1; }
     src=/tmp/ab-src-${names[$i]}; rm -rf "$src"; mkdir -p "$src"
     cp -r CMakeLists.txt csrc python "$src"/ 2>/dev/null; cp -r "${f:1}"/. "$src"/; f=""
   fi
