@@ -11,6 +11,8 @@
 #   gemms   bench/bench_gemms.py: each GEMM of the layer alone vs torch._grouped_mm, both paths
 #           (GEMMS_ARGS adds arguments, e.g. "--shapes 30b-a3b -T 4096"); gemms.json / gemms.log.
 # e.g. one call: bash bench/device/run_all.sh build sonic gemms bench
+# Beside it: ab.sh (time build variants A B A B in one session), ncu_source.sh (stall samples
+# per SASS instruction of one launch), ncu_sm90.sh (speed of light + stall reasons).
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"
