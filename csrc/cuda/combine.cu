@@ -51,12 +51,7 @@ __global__ void reduce_ds_kernel(const float *ds_part, int ds_ld, int ncols, con
   float acc = 0.f;
   for (int i = 0; i < ncols; ++i) acc += ds_part[r * ds_ld + i];
   const int64_t off = (p / k) * gs_s0 + (p % k) * gs_s1;
-  if (gs_dtype == MOE_DTYPE_F32)
-    static_cast<float *>(gs)[off] = acc;
-  else if (gs_dtype == MOE_DTYPE_F16)
-    static_cast<__half *>(gs)[off] = __float2half(acc);
-  else
-    static_cast<__nv_bfloat16 *>(gs)[off] = __float2bfloat16(acc);
+  store_weight(gs, gs_dtype, off, acc);
 }
 
 template <class T>

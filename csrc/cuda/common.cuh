@@ -124,6 +124,15 @@ __device__ __forceinline__ float load_weight(const void *p, int dtype, int64_t o
   if (dtype == MOE_DTYPE_F16) return __half2float(static_cast<const __half *>(p)[off]);
   return __bfloat162float(static_cast<const __nv_bfloat16 *>(p)[off]);
 }
+// The routing-weight gradient in the dtype of the weights (the inverse of load_weight).
+__device__ __forceinline__ void store_weight(void *p, int dtype, int64_t off, float v) {
+  if (dtype == MOE_DTYPE_F32)
+    static_cast<float *>(p)[off] = v;
+  else if (dtype == MOE_DTYPE_F16)
+    static_cast<__half *>(p)[off] = __float2half(v);
+  else
+    static_cast<__nv_bfloat16 *>(p)[off] = __float2bfloat16(v);
+}
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

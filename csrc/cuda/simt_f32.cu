@@ -96,12 +96,7 @@ __global__ void f32_ds(const float *h, int64_t ldh, const float *dh, const int32
   for (int i = 0; i < I; ++i) acc += d[i] * hr[i] * sigm(hr[i]) * hr[I + i];
   const int64_t p = clampi(sorted[r], n);
   const int64_t off = (p / k) * g0 + (p % k) * g1;
-  if (gs_dtype == MOE_DTYPE_F32)
-    static_cast<float *>(gs)[off] = acc;
-  else if (gs_dtype == MOE_DTYPE_F16)
-    static_cast<__half *>(gs)[off] = __float2half(acc);
-  else
-    static_cast<__nv_bfloat16 *>(gs)[off] = __float2bfloat16(acc);
+  store_weight(gs, gs_dtype, off, acc);
 }
 
 // dh[r] = [dg ; du] from dA' (in dh[r][I..]) and h
