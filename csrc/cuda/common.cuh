@@ -182,10 +182,10 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ float silu_f(float g) { return g / (1.f + __expf(-g)); }
-// sigmoid for the backward's dSwiGLU: the approximate division has no slow path (an IEEE
-// 1/x branches around a subnormal fix-up), and 1 / inf = 0 keeps the g -> -inf limit.
+// The approximate division has no slow path (an IEEE x / y branches around a subnormal
+// fix-up: a call per element in the epilogues), and 1 / inf = 0 keeps the g -> -inf limit.
 __device__ __forceinline__ float sigmoid_f(float g) { return __fdividef(1.f, 1.f + __expf(-g)); }
+__device__ __forceinline__ float silu_f(float g) { return g * sigmoid_f(g); }
 
 // Eight consecutive elements <-> floats (16-byte vector when `vec`).
 template <class T>

@@ -3,9 +3,9 @@
 // times one column tile,
 //   C[r, n] = sum_k A[arow(r), k] * B_e(k, n),   arow(r) = a_div ? sorted[r] / a_div : r,
 // with the portable kernels' epilogues and rounding (grouped_gemm.cu):
-//   EPI_SWIGLU   GEMM1: B rows = 128 gate rows + the same 128 up rows; h = [g; u] staged in
-//                smem and written by bulk copies, a = silu(g) * u from the rounded g, u
-//   EPI_STORE    GEMM2, dX, linear: C row r - c_row0 (or sorted[r]), staged + bulk copies
+//   EPI_SWIGLU   GEMM1: B rows = 128 gate rows + the same 128 up rows; h = [g; u] and
+//                a = silu(g) * u from the rounded g, u, each staged in smem and stored in rows
+//   EPI_STORE    GEMM2, dX, linear: C row r - c_row0 (or sorted[r]), staged the same way
 //   EPI_DSWIGLU  dA': reloads h (TMA, in 64-column chunks), writes dh = dSwiGLU(s dA'), s*a,
 //                and the tile's partial of ds = <dA', a> in ds_part[r, column tile]
 // B_e is [N][K] (K-major, TMA box {64, 128}) or, B_MN, [K][N] (N-major, four TMA boxes
@@ -14,8 +14,8 @@
 // Kernel (variant v9 of dev/sm90/gemm1_wgmma.cu, generalised): persistent grid, one CTA per
 // SM; warp-specialised: a producer warpgroup (16-byte cp.async of the gathered A rows into the
 // 128-byte swizzle; TMA of B) and two consumer warpgroups (wgmma m64n256k16, fp32
-// accumulators); 3-stage full/empty mbarrier pipeline flowing across work items, so the
-// producer loads the next item while the consumers run the epilogue. Launched in clusters of
+// accumulators); a 4-stage (dA': 3) full/empty mbarrier pipeline flowing across work items,
+// so the producer loads the next item while the consumers run the epilogue. Launched in clusters of
 // two CTAs that take the tile list in pairs and share an expert's B tile by TMA multicast
 // (pair_tile).
 // Device code only where the arch has the sm_90a features; elsewhere an empty stub.
@@ -31,13 +31,22 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
-// S = 3 stages; dA' (no staging tile, so room for a 4th) measured 9% slower with 4 on the H100.
-constexpr int BM = 128, BN = kSm90BN, BK = 64, S = 3, NC = 2, THREADS = 128 * (NC + 1);
+constexpr int BM = 128, BN = kSm90BN, BK = 64, NC = 2, THREADS = 128 * (NC + 1);
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
-constexpr int CROW = BN * 2 + 16;  // staging row stride (bytes), conflict-free
+// Staging of the stores: a warpgroup's 64 rows x 128 columns (one pass of its epilogue),
+// 16-byte chunks XOR-swizzled within each row's groups of eight (conflict-free both for the
+// fragment's 4-byte writes and the rows' 16-byte reads), 16 KB a warpgroup.
+constexpr uint32_t kPassRow = 128 * 2, kPassBytes = 64 * kPassRow;
 constexpr uint32_t kHChunk = 2 * 64 * 128;  // dA': 64 rows x 64 columns of g and of u, bytes
-static_assert(2 * 2 * kHChunk <= BM * CROW, "dA' h buffers fit in the staging tile's smem");
-constexpr size_t kSmem = 1024 + size_t(S) * (A_BYTES + B_BYTES) + 1024 + size_t(BM) * CROW;
+// Stages: the loads are latency-bound (consumers wait on full stages), so as many as fit:
+// 4 with the 32 KB staging; dA' keeps 3 beside its 64 KB of h chunk buffers (4 measured 9%
+// slower there, when it had the smem).
+template <int EPI> constexpr int kStages = EPI == EPI_DSWIGLU ? 3 : 4;
+template <int EPI> constexpr uint32_t kEpiBytes = EPI == EPI_DSWIGLU ? NC * 2 * kHChunk : NC * kPassBytes;
+template <int EPI>
+constexpr size_t kSmem = 1024 + size_t(kStages<EPI>) * (A_BYTES + B_BYTES) + kEpiBytes<EPI>;
+static_assert(kSmem<EPI_SWIGLU> + 256 <= 227 * 1024 && kSmem<EPI_DSWIGLU> + 256 <= 227 * 1024,
+              "dynamic smem + the static barriers fit the sm90 opt-in limit");
 
 struct RowParams {
   const void *a;
@@ -103,6 +112,45 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
 }
+__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a pass buffer (kPassRow rows).
+__device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
+  return uint32_t(row) * kPassRow + uint32_t((chunk & 8) | ((chunk ^ row) & 7)) * 16;
+}
+// One epilogue pass of a warpgroup: its fragment's 64 rows x 128 columns, values v(j, hh, i)
+// for columns 8 j + 2 (lane & 3) + i of fragment row hh, through the swizzled buffer `buf` to
+// dst(lr, m) (the global row of local row lr = tid_wg / 16 + 8 m, nullptr: not stored), 16
+// bytes a thread a row.
+// The barriers keep the buffer's previous readers before the writes and the writes before
+// the reads.
+template <class T, class Val, class Dst>
+__device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Val v, Dst dst) {
+  const int warp = tid_wg >> 5, lane = tid_wg & 31;
+  named_bar(bar, 128);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int lr = warp * 16 + (lane >> 2) + hh * 8;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      sts32(buf + pass_off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
+  }
+  named_bar(bar, 128);
+  const int chunk = tid_wg & 15;
+#pragma unroll
+  for (int m = 0; m < 8; ++m) {
+    const int lr = (tid_wg >> 4) + 8 * m;
+    T *d = dst(lr, m);
+    if (d != nullptr) {
+      uint4 q;
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
+                   : "r"(buf + pass_off(lr, chunk)));
+      *reinterpret_cast<uint4 *>(d + chunk * 8) = q;
+    }
+  }
+}
 // dA': TMA of h chunk q (64 columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
 __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowParams &p, uint32_t buf,
@@ -120,14 +168,15 @@ __global__ void __launch_bounds__(THREADS, 1)
                   const RowParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Static shared memory only in the real kernel: the host tells it from the stub by it.
+  constexpr int S = kStages<EPI>;
   __shared__ __align__(8) uint64_t s_bars[2 * S];
   __shared__ __align__(8) uint64_t s_hbars[NC * 2];  // EPI_DSWIGLU: an h chunk buffer is full
   extern __shared__ __align__(128) uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t sA = sbase, sB = sbase + S * A_BYTES;
   const uint32_t sFull = smem_u32(s_bars), sEmpty = sFull + 8 * S;
-  const uint32_t sC = (sB + S * B_BYTES + 1023) & ~1023u;  // [BM][CROW] staging tile
-  // EPI_DSWIGLU has no staging tile; its smem holds warpgroup c's two h chunk buffers.
+  // Epilogue smem: warpgroup c's pass buffer, or (EPI_DSWIGLU) its two h chunk buffers.
+  const uint32_t sC = sB + S * B_BYTES;
   auto sHbuf = [&](int c, int b) { return sC + uint32_t(c * 2 + b) * kHChunk; };
   auto hbar = [&](int c, int b) { return smem_u32(s_hbars) + uint32_t(c * 2 + b) * 8; };
   const int tid = threadIdx.x;
@@ -265,64 +314,55 @@ __global__ void __launch_bounds__(THREADS, 1)
         prev = st;
       }
       wgmma_wait<0>();
-      if (KB > 0 && tid_wg == 0) release(prev);
-      if (KB == 0) {
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-      }
+      if (tid_wg == 0) release(prev);  // KB >= 1: the host takes K > 0 only
       // Fragment of a thread: rows rfrag + 8 hh, columns 8 j + 2 (lane & 3) + {0, 1}, held in
       // acc[4 j + 2 hh + {0, 1}].
 
       if (EPI == EPI_SWIGLU || EPI == EPI_STORE) {
-        // fragment -> smem staging tile -> one bulk copy per valid row (SwiGLU: per half)
-        if (tid_wg < 64) bulk_wait_read0();  // the previous item's copies have read the rows
-        named_bar(1 + c, 128);
-        const uint32_t cbase = sC + rfrag * CROW + (lane & 3) * 4;
+        // Fragment -> swizzled smem -> 16-byte row stores, 128 columns a pass: SwiGLU g, u,
+        // then a = silu(g) * u from the rounded g, u (as the portable epilogue); store: the
+        // two column halves. Rows at or past row1 (another tile's) are not stored.
+        const uint32_t buf = sC + uint32_t(c) * kPassBytes;
+        const int rbase = t.row0 + c * 64;
+        T *C = static_cast<T *>(p.c);
+        if (EPI == EPI_SWIGLU) {
+          constexpr int HJ = BN / 16;
+          auto hrow = [&](int lr, int) -> T * {
+            const int r = rbase + lr;
+            return r < t.row1 ? C + int64_t(r) * p.ldc + nt * (BN / 2) : nullptr;
+          };
+          // h rounded in place first (its stores are then exact): the unrounded values kept
+          // beside the rounded ones for a spilled. a goes into g's registers once g is stored.
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
+          for (int i = 0; i < BN / 2; ++i) acc[i] = rnd<T>(acc[i]);
+          store_pass<T>(buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; }, hrow);
 #pragma unroll
-          for (int j = 0; j < BN / 8; ++j) {
-            const uint32_t v = pack2<T>(acc[j * 4 + hh * 2], acc[j * 4 + hh * 2 + 1]);
-            asm volatile("st.shared.b32 [%0], %1;" ::"r"(cbase + hh * 8 * CROW + j * 16), "r"(v)
-                         : "memory");
+          for (int i = 0; i < BN / 4; ++i) acc[i] = silu_f(acc[i]) * acc[i + BN / 4];
+          store_pass<T>(buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
+                        [&](int lr, int m) -> T * { T *d = hrow(lr, m); return d ? d + p.N : nullptr; });
+          T *aout = static_cast<T *>(p.c2);
+          store_pass<T>(
+              buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; },
+              [&](int lr, int) -> T * {
+                const int r = rbase + lr;
+                return r < t.row1 ? aout + int64_t(r) * p.ldc2 + nt * (BN / 2) : nullptr;
+              });
+        } else {
+          // this thread's eight store rows' destinations, looked up once
+          int64_t orow[8];
+#pragma unroll
+          for (int m = 0; m < 8; ++m) {
+            const int r = rbase + (tid_wg >> 4) + 8 * m;
+            orow[m] = r >= t.row1 ? -1 : p.c_scatter ? clamp_row(p.sorted[r], p.n_rows) : r - p.c_row0;
           }
-        fence_proxy_async();
-        named_bar(1 + c, 128);
-        if (tid_wg < 64) {
-          const int r = t.row0 + c * 64 + tid_wg;
-          if (r < t.row1) {
-            const uint32_t srow = sC + (c * 64 + tid_wg) * CROW;
-            T *C = static_cast<T *>(p.c);
-            if (EPI == EPI_SWIGLU) {
-              T *hr = C + int64_t(r) * p.ldc + nt * (BN / 2);
-              bulk_store(hr, srow, BN);
-              bulk_store(hr + p.N, srow + BN, BN);
-            } else {
-              const int64_t orow = p.c_scatter ? clamp_row(p.sorted[r], p.n_rows) : r - p.c_row0;
-              bulk_store(C + orow * p.ldc + nt * BN, srow, BN * 2);
-            }
-          }
-          bulk_commit();
-        }
-      }
-      if (EPI == EPI_SWIGLU) {
-        // a = silu(g) * u from the rounded g and u (as the portable epilogue), from registers.
-        constexpr int HJ = BN / 16;
-        T *aout = static_cast<T *>(p.c2);
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int r = t.row0 + rfrag + hh * 8;
-          if (r < t.row1) {
-            T *oa = aout + int64_t(r) * p.ldc2 + nt * (BN / 2) + (lane & 3) * 2;
-#pragma unroll
-            for (int j = 0; j < HJ; ++j) {
-              const float g0 = rnd<T>(acc[j * 4 + hh * 2]), g1 = rnd<T>(acc[j * 4 + hh * 2 + 1]);
-              const float u0 = rnd<T>(acc[(j + HJ) * 4 + hh * 2]),
-                          u1 = rnd<T>(acc[(j + HJ) * 4 + hh * 2 + 1]);
-              *reinterpret_cast<uint32_t *>(oa + j * 8) =
-                  pack2<T>(silu_f(g0) * u0, silu_f(g1) * u1);
-            }
-          }
+          for (int half = 0; half < 2; ++half)
+            store_pass<T>(
+                buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[(half * 16 + j) * 4 + hh * 2 + i]; },
+                [&](int, int m) -> T * {
+                  const int64_t o = orow[m];
+                  return o < 0 ? nullptr : C + o * p.ldc + nt * BN + half * 128;
+                });
         }
       }
       if (EPI == EPI_DSWIGLU) {
@@ -388,7 +428,6 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
       }
     }
-    if (tid_wg < 64) bulk_wait0();
   }
   cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -403,17 +442,18 @@ template <class T, int EPI, bool B_MN>
 bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const RowParams &p, int64_t max_items,
             cudaStream_t stream, moe_status_t *status) {
   auto kern = row_gemm_sm90<T, EPI, B_MN>;
+  constexpr size_t smem = kSmem<EPI>;
   int sms = 0;
-  if (!kernel_usable(reinterpret_cast<const void *>(kern), kSmem, gate<T, EPI, B_MN>(), &sms))
+  if (!kernel_usable(reinterpret_cast<const void *>(kern), smem, gate<T, EPI, B_MN>(), &sms))
     return false;
   // Clusters of two (pair_tile): an even, persistent grid of the CTAs that fit at once.
-  const int fit = cluster_grid(reinterpret_cast<const void *>(kern), kSmem, THREADS, 2,
+  const int fit = cluster_grid(reinterpret_cast<const void *>(kern), smem, THREADS, 2,
                                gate<T, EPI, B_MN>(), sms);
   const int64_t want = (std::max<int64_t>(1, max_items) + 1) / 2 * 2;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(std::min<int64_t>(fit, want)));
   cfg.blockDim = dim3(THREADS);
-  cfg.dynamicSmemBytes = kSmem;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute at{};
   at.id = cudaLaunchAttributeClusterDimension;
