@@ -32,10 +32,10 @@ bool kernel_usable(const void *kernel, size_t smem, KernelGate &gate, int *sms);
 int cluster_grid(const void *kernel, size_t smem, int threads, int cluster, KernelGate &gate, int sms);
 
 // 2-D tensor map of a bf16/f16 matrix [outer][inner] (row pitch row_bytes), box
-// {box_inner, box_outer}, 128-byte swizzle. False when the driver entry point is missing or
-// the TMA refuses the layout.
+// {box_inner, box_outer}, 128-byte swizzle (or 64-byte: swizzle_bytes = 64, for boxes 32
+// elements wide). False when the driver entry point is missing or the TMA refuses the layout.
 bool encode_2d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
-               uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer);
+               uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, int swizzle_bytes = 128);
 
 inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 

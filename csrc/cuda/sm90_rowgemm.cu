@@ -37,11 +37,18 @@ constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
 // 16-byte chunks XOR-swizzled within each row's groups of eight (conflict-free both for the
 // fragment's 4-byte writes and the rows' 16-byte reads), 16 KB a warpgroup.
 constexpr uint32_t kPassRow = 128 * 2, kPassBytes = 64 * kPassRow;
-constexpr uint32_t kHChunk = 2 * 64 * 128;  // dA': 64 rows x 64 columns of g and of u, bytes
+// dA': h arrives in chunks of kHC columns of g and the same of u, 64 rows (a warpgroup's),
+// two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage; A/B on
+// the H100 (30B-A3B): 5% faster at T=4096, 1-3% slower at T=16384, so 64 stays the default.
+#ifndef MOE_SM90_DA_HC
+#define MOE_SM90_DA_HC 64
+#endif
+constexpr int kHC = MOE_SM90_DA_HC;
+static_assert(kHC == 32 || kHC == 64, "dA' h chunk: 32 or 64 columns");
+constexpr uint32_t kHChunk = 2 * 64 * kHC * 2;  // bytes of one chunk buffer (g and u)
 // Stages: the loads are latency-bound (consumers wait on full stages), so as many as fit:
-// 4 with the 32 KB staging; dA' keeps 3 beside its 64 KB of h chunk buffers (4 measured 9%
-// slower there, when it had the smem).
-template <int EPI> constexpr int kStages = EPI == EPI_DSWIGLU ? 3 : 4;
+// 4 beside the 32 KB of staging or of 32-column h chunk buffers (3 beside 64-column ones).
+template <int EPI> constexpr int kStages = EPI == EPI_DSWIGLU && kHC == 64 ? 3 : 4;
 template <int EPI> constexpr uint32_t kEpiBytes = EPI == EPI_DSWIGLU ? NC * 2 * kHChunk : NC * kPassBytes;
 template <int EPI>
 constexpr size_t kSmem = 1024 + size_t(kStages<EPI>) * (A_BYTES + B_BYTES) + kEpiBytes<EPI>;
@@ -151,11 +158,11 @@ __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Va
     }
   }
 }
-// dA': TMA of h chunk q (64 columns of g and the same of u) of item (t, nt), warpgroup c's
+// dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
 __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowParams &p, uint32_t buf,
                                              uint32_t bar, const Tile &t, int c, int nt, int q) {
-  const int col = nt * BN + q * 64, row = t.row0 + c * 64;
+  const int col = nt * BN + q * kHC, row = t.row0 + c * 64;
   mbar_expect_tx(bar, kHChunk);
   tma_load_2d(buf, map, col, row, bar);
   tma_load_2d(buf + kHChunk / 2, map, p.N + col, row, bar);
@@ -368,14 +375,14 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (EPI == EPI_DSWIGLU) {
         // acc = dA' for columns n of a; with g, u from h (as the portable epilogue):
         // dg = s dA' u silu'(g), du = s dA' silu(g), s*a, ds partial = sum_n dA' silu(g) u.
-        // h comes by TMA in four chunks of 64 columns (g and u, this warpgroup's 64 rows,
-        // 128-byte swizzle), two buffers deep: chunk q + 2 loads while q + 1 is used.
+        // h comes by TMA in chunks of kHC columns (g and u, this warpgroup's 64 rows, swizzled
+        // by 2 kHC bytes), two buffers deep: chunk q + 2 loads while q + 1 is used.
         T *dH = static_cast<T *>(p.c);
         T *SA = static_cast<T *>(p.c2);
         const int n0 = nt * BN + (lane & 3) * 2;
         float dot[2] = {0.f, 0.f};
 #pragma unroll
-        for (int q = 0; q < BN / 64; ++q) {
+        for (int q = 0; q < BN / kHC; ++q) {
           mbar_wait(hbar(c, q & 1), (q >> 1) & 1);
           const uint32_t hb = sHbuf(c, q & 1);
 #pragma unroll
@@ -387,9 +394,11 @@ __global__ void __launch_bounds__(THREADS, 1)
               T *dr = dH + int64_t(r) * p.ldc + n0;
               T *sar = SA + int64_t(r) * p.ldc2 + n0;
 #pragma unroll
-              for (int jj = 0; jj < 8; ++jj) {
-                const int j = q * 8 + jj;
-                const uint32_t off = lr * 128 + ((jj ^ (lr & 7)) << 4) + (lane & 3) * 4;
+              for (int jj = 0; jj < kHC / 8; ++jj) {
+                const int j = q * (kHC / 8) + jj;
+                // the TMA's swizzle: 16-byte chunk jj of row lr XOR (row bits of the atom)
+                const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
+                const uint32_t off = lr * (kHC * 2) + ((jj ^ sw) << 4) + (lane & 3) * 4;
                 float g[2], u[2], dg[2], du[2], sa[2];
                 unpack2<T>(lds32(hb + off), g[0], g[1]);
                 unpack2<T>(lds32(hb + kHChunk / 2 + off), u[0], u[1]);
@@ -415,7 +424,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           // chunk q + 2 here or with chunk 0 / 1 at the next item.
           fence_proxy_async();
           named_bar(1 + c, 128);
-          if (q + 2 < BN / 64 && tid_wg == 0)
+          if (q + 2 < BN / kHC && tid_wg == 0)
             load_h_chunk(&tmapH, p, hb, hbar(c, q & 1), t, c, nt, q + 2);
         }
 #pragma unroll
@@ -517,11 +526,11 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                          : encode_2d(&map, bf16, g.B, uint64_t(K), uint64_t(E * b_rows),
                                      uint64_t(g.ldb) * 2, BK, BN / 2);
   if (!ok) return false;
-  // dA': h by TMA in boxes of 64 columns x 64 rows (see load_h_chunk); the other epilogues
+  // dA': h by TMA in boxes of kHC columns x 64 rows (see load_h_chunk); the other epilogues
   // take an unused copy of B's map.
   CUtensorMap mapH = map;
   if (g.epilogue == EPI_DSWIGLU &&
-      !encode_2d(&mapH, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2, 64, 64))
+      !encode_2d(&mapH, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2, kHC, 64, kHC * 2))
     return false;
 
   RowParams p{};

@@ -19,6 +19,7 @@ offending argument:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import pathlib
 import threading
@@ -270,23 +271,23 @@ def check(status: int, what: str) -> None:
 # ---- torch <-> C descriptors ----------------------------------------------------------
 
 
+_Dims = c_int64 * MAX_DIMS
+_NAMES: dict[str, bytes] = {}
+
+
 def tensor(t: torch.Tensor, name: str) -> MoeTensor:
     """A moe_tensor_t describing `t` (no copy; `t` must outlive the call)."""
-    try:
-        dtype = TORCH_TO_MOE_DTYPE[t.dtype]
-    except KeyError:
-        raise TypeError(f"{name}: dtype {t.dtype} is not supported by moe_fused") from None
-    if not 1 <= t.dim() <= MAX_DIMS:
-        raise ValueError(f"{name}: rank {t.dim()} is not supported (1..{MAX_DIMS})")
-    desc = MoeTensor()
-    desc.data = t.data_ptr() or None
-    desc.dtype = dtype
-    desc.ndim = t.dim()
-    for i, (size, stride) in enumerate(zip(t.shape, t.stride())):
-        desc.shape[i] = int(size)
-        desc.strides[i] = int(stride)
-    desc.name = name.encode()
-    return desc
+    dtype = TORCH_TO_MOE_DTYPE.get(t.dtype)
+    if dtype is None:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported by moe_fused")
+    ndim = t.dim()
+    if not 1 <= ndim <= MAX_DIMS:
+        raise ValueError(f"{name}: rank {ndim} is not supported (1..{MAX_DIMS})")
+    encoded = _NAMES.get(name)
+    if encoded is None:
+        encoded = _NAMES.setdefault(name, name.encode())
+    # One constructor call: this runs for every operand of every call (host time on the hot path).
+    return MoeTensor(t.data_ptr() or None, dtype, ndim, _Dims(*t.shape), _Dims(*t.stride()), encoded)
 
 
 def optional_tensor(t: torch.Tensor | None, name: str):
@@ -332,6 +333,17 @@ def release_cpu_workspace() -> None:
     _tls.cpu_workspace = None
 
 
+# torch's raw current-stream getter (what torch.cuda.current_stream(i).cuda_stream reads,
+# without building a Stream object: several microseconds a call on slow hosts).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _current_stream(index: int) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
 class Context:
     """A moe_context_t for `device` with a workspace of `nbytes` (kept alive by this object).
 
@@ -347,7 +359,7 @@ class Context:
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             self.ctx.device_index = index
-            self.ctx.stream = torch.cuda.current_stream(index).cuda_stream or None
+            self.ctx.stream = _current_stream(index) or None
         self.workspace = None
         if nbytes > 0:
             # Over-allocate so the workspace can start on a 256-byte boundary.
@@ -364,16 +376,33 @@ def _dev_flags() -> int:
     return MOE_FLAG_FORCE_PORTABLE if os.environ.get("MOE_FUSED_PORTABLE") == "1" else 0
 
 
+# The workspace sizes depend on the device type and the problem's sizes only: cached, since
+# every call asks (a model asks the same few shapes again and again).
+@functools.lru_cache(maxsize=1024)
+def _routing_plan_ws(dev_type: int, num_pairs: int, num_experts: int) -> int:
+    return int(lib().moe_routing_plan_workspace_size(dev_type, num_pairs, num_experts))
+
+
+@functools.lru_cache(maxsize=1024)
+def _experts_ws(dev_type: int, T: int, k: int, H: int, I: int, E: int) -> int:
+    return int(lib().moe_experts_workspace_size(dev_type, T, k, H, I, E))
+
+
+@functools.lru_cache(maxsize=1024)
+def _linear_ws(dev_type: int, n: int, E: int, in_f: int, out_f: int) -> int:
+    return int(lib().moe_linear_workspace_size(dev_type, n, E, in_f, out_f))
+
+
 def routing_plan_workspace_size(device: torch.device, num_pairs: int, num_experts: int) -> int:
-    return int(lib().moe_routing_plan_workspace_size(device_type(device), num_pairs, num_experts))
+    return _routing_plan_ws(device_type(device), int(num_pairs), int(num_experts))
 
 
 def experts_workspace_size(device: torch.device, T: int, k: int, H: int, I: int, E: int) -> int:
-    return int(lib().moe_experts_workspace_size(device_type(device), T, k, H, I, E))
+    return _experts_ws(device_type(device), int(T), int(k), int(H), int(I), int(E))
 
 
 def linear_workspace_size(device: torch.device, n: int, E: int, in_f: int, out_f: int) -> int:
-    return int(lib().moe_linear_workspace_size(device_type(device), n, E, in_f, out_f))
+    return _linear_ws(device_type(device), int(n), int(E), int(in_f), int(out_f))
 
 
 def context(device: torch.device, nbytes: int) -> Context:
