@@ -498,3 +498,44 @@ def test_experts_saves_only_x_weights_plan_and_h():
     ]
     assert sorted(saved, key=str) == sorted(expected, key=str)
     out.sum().backward()
+
+
+# ---- the eager fast path (autograd.Function) and the registered op agree --------------------
+
+
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    """Any torch function mode: moe_experts must then take the registered custom op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_eager_fast_path_matches_the_op(device, monkeypatch):
+    from moe_fused import ops
+
+    taken = []
+    apply = ops._ExpertsFunction.apply
+    monkeypatch.setattr(ops._ExpertsFunction, "apply", lambda *a: taken.append(1) or apply(*a))
+    inp = make_experts_inputs(37, 48, 24, 6, 3, seed=3, empty_experts=1, skew=1.0)
+    fast = _experts_case(inp, torch.bfloat16, device, _ours_experts)
+    assert len(taken) == 1, "a plain eager call takes the autograd.Function fast path"
+    with _PassThroughMode():
+        slow = _experts_case(inp, torch.bfloat16, device, _ours_experts)
+    assert len(taken) == 1, "under a torch function mode the registered op runs instead"
+    assert torch.equal(fast[0], slow[0])
+    for name in GRAD_NAMES:
+        assert torch.equal(fast[1][name], slow[1][name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_eager_fast_path_partial_grads_and_no_grad(device):
+    inp = make_experts_inputs(9, 16, 8, 4, 2, seed=5)
+    leaves = {n: inp[n].float().to(device).requires_grad_(n == "w1") for n in ("x", "w", "w1", "w2")}
+    out = moe_fused.moe_experts(leaves["x"], inp["idx"].to(device), leaves["w"], leaves["w1"], leaves["w2"])
+    out.backward(inp["grad"].float().to(device))
+    assert leaves["w1"].grad is not None
+    assert all(leaves[n].grad is None for n in ("x", "w", "w2"))
+    with torch.no_grad():
+        again = moe_fused.moe_experts(leaves["x"], inp["idx"].to(device), leaves["w"], leaves["w1"], leaves["w2"])
+    assert not again.requires_grad and torch.equal(again, out.detach())
