@@ -22,6 +22,7 @@
 #include <algorithm>
 
 #include "cuda/sm90.h"
+#include "cuda/sm90_epilogue.cuh"
 #include "cuda/sm90_host.h"
 #include "cuda/sm90_ptx.cuh"
 #include "cuda/sm90_wgmma.cuh"
@@ -33,10 +34,6 @@ namespace {
 
 constexpr int BM = 128, BN = kSm90BN, BK = 64, NC = 2, THREADS = 128 * (NC + 1);
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
-// Staging of the stores: a warpgroup's 64 rows x 128 columns (one pass of its epilogue),
-// 16-byte chunks XOR-swizzled within each row's groups of eight (conflict-free both for the
-// fragment's 4-byte writes and the rows' 16-byte reads), 16 KB a warpgroup.
-constexpr uint32_t kPassRow = 128 * 2, kPassBytes = 64 * kPassRow;
 // dA': h arrives in chunks of kHC columns of g and the same of u, 64 rows (a warpgroup's),
 // two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage; A/B on
 // the H100 (30B-A3B): 5% faster at T=4096, 1-3% slower at T=16384, so 64 stays the default.
@@ -82,12 +79,6 @@ struct RowParams {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Two floats -> two rounded elements packed in 32 bits (the rounding of DT<T>::from_f).
-template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const T a = DT<T>::from_f(lo), b = DT<T>::from_f(hi);
-  return uint32_t(reinterpret_cast<const uint16_t &>(a)) |
-         (uint32_t(reinterpret_cast<const uint16_t &>(b)) << 16);
-}
 template <class T> __device__ __forceinline__ void unpack2(uint32_t v, float &lo, float &hi) {
   const uint16_t l = uint16_t(v & 0xFFFF), h = uint16_t(v >> 16);
   lo = DT<T>::to_f(reinterpret_cast<const T &>(l));
@@ -118,45 +109,6 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
-}
-__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
-}
-// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a pass buffer (kPassRow rows).
-__device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
-  return uint32_t(row) * kPassRow + uint32_t((chunk & 8) | ((chunk ^ row) & 7)) * 16;
-}
-// One epilogue pass of a warpgroup: its fragment's 64 rows x 128 columns, values v(j, hh, i)
-// for columns 8 j + 2 (lane & 3) + i of fragment row hh, through the swizzled buffer `buf` to
-// dst(lr, m) (the global row of local row lr = tid_wg / 16 + 8 m, nullptr: not stored), 16
-// bytes a thread a row.
-// The barriers keep the buffer's previous readers before the writes and the writes before
-// the reads.
-template <class T, class Val, class Dst>
-__device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Val v, Dst dst) {
-  const int warp = tid_wg >> 5, lane = tid_wg & 31;
-  named_bar(bar, 128);
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int lr = warp * 16 + (lane >> 2) + hh * 8;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-      sts32(buf + pass_off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
-  }
-  named_bar(bar, 128);
-  const int chunk = tid_wg & 15;
-#pragma unroll
-  for (int m = 0; m < 8; ++m) {
-    const int lr = (tid_wg >> 4) + 8 * m;
-    T *d = dst(lr, m);
-    if (d != nullptr) {
-      uint4 q;
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
-                   : "r"(buf + pass_off(lr, chunk)));
-      *reinterpret_cast<uint4 *>(d + chunk * 8) = q;
-    }
-  }
 }
 // dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.

@@ -13,14 +13,16 @@
 // 128-byte-swizzled atoms of 64 columns x 8 rows. dW2: P = dout, Q = s*a, D = C. dW1: P = x,
 // Q = dh, D = C^T (written transposed through the staging tile). Q rows past the segment
 // (the next expert's) meet P's zero rows, so they add exact zeros (finite data).
-// Two consumer warpgroups run wgmma m64n256k16; the tile is staged in smem and written by
-// bulk copies while the next tile's loads are in flight. Persistent grid over
+// Two consumer warpgroups run wgmma m64n256k16; the tile goes out through a swizzled smem
+// pass buffer in 16-byte row stores (sm90_epilogue.cuh) while the next tile's loads are in
+// flight. Persistent grid over
 // (expert, m-tile, n-tile), n fastest so that concurrent CTAs share the expert's rows in L2.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
 #include "cuda/sm90.h"
+#include "cuda/sm90_epilogue.cuh"
 #include "cuda/sm90_host.h"
 #include "cuda/sm90_ptx.cuh"
 #include "cuda/sm90_wgmma.cuh"
@@ -31,18 +33,20 @@ namespace sm90 {
 namespace {
 
 constexpr int BM = 128, BN = 256, NC = 2, THREADS = 128 * (NC + 1);
-constexpr int CROW = BN * 2 + 16;   // staging row pitch, D as is: BM rows of BN
-constexpr int CROWT = BM * 2 + 16;  // staging row pitch, D transposed: BN rows of BM
-constexpr size_t kStage = std::max(size_t(BM) * CROW, size_t(BN) * CROWT);
-// Pipeline shapes, same smem: BK = 64 rows a k-block x 3 stages (default) or 32 x 6 (env
-// MOE_FUSED_WGRAD_BK=32). A consumer holds a stage until its next k-block's wgmma is issued,
-// so smaller stages keep more of the smem in flight; larger ones halve the barrier rounds.
+// D^T pass (dW1): 128 rows n x this warpgroup's 64 columns m, 128-byte rows, kPassBytes.
+constexpr uint32_t kTRow = 64 * 2;
+static_assert(128 * kTRow == kPassBytes, "a transposed pass fills one pass buffer");
+// Pipeline shapes, same smem: BK = 64 rows a k-block x 4 stages (default) or 32 x 8 (env
+// MOE_FUSED_WGRAD_BK=32), beside the two 16 KB pass buffers. A consumer holds a stage until
+// its next k-block's wgmma is issued, so smaller stages keep more of the smem in flight;
+// larger ones halve the barrier rounds.
 template <int BK_> struct Cfg {
-  static constexpr int BK = BK_, S = BK_ == 32 ? 6 : 3;
+  static constexpr int BK = BK_, S = BK_ == 32 ? 8 : 4;
   static constexpr int ATOM = BK * 128;  // bytes of one 64-column atom of a k-block
   static constexpr int P_BYTES = BM * BK * 2, Q_BYTES = BN * BK * 2;
   static constexpr int RPT = BK / 16;  // P rows a producer thread loads: trow + 16 i
-  static constexpr size_t kSmem = 1024 + size_t(S) * (P_BYTES + Q_BYTES) + 1024 + kStage;
+  static constexpr size_t kSmem = 1024 + size_t(S) * (P_BYTES + Q_BYTES) + NC * kPassBytes;
+  static_assert(kSmem + 256 <= 227 * 1024, "dynamic smem + the static barriers fit the opt-in limit");
 };
 [[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
 
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t sP = sbase, sQ = sbase + S * P_BYTES;
   const uint32_t sFull = smem_u32(s_bars), sEmpty = sFull + 8 * S;
-  const uint32_t sC = (sQ + S * Q_BYTES + 1023) & ~1023u;
+  const uint32_t sC = sQ + S * Q_BYTES;  // the consumers' pass buffers
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
@@ -266,56 +270,55 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
       }
-      // Fragment: D rows m = mf + 8 hh, columns n = 8 j + 2 (lane & 3) + b in acc[4 j + 2 hh + b].
-      const int mf = c * 64 + warp * 16 + (lane >> 2);
+      // Fragment: D rows m = c * 64 + warp * 16 + (lane >> 2) + 8 hh, columns n = 8 j + 2 (lane & 3) + b in acc[4 j + 2 hh + b].
       T *Ce = C + int64_t(e) * p.strideCE;
-      if (tid_wg < 64) bulk_wait_read0();  // the previous tile's copies have read the staging
-      named_bar(1 + c, 128);
-      if (!TR) {
-        const uint32_t cbase = sC + mf * CROW + (lane & 3) * 4;
+      const uint32_t buf = sC + uint32_t(c) * kPassBytes;
+      if (!TR) {  // this warpgroup's 64 rows m, in two passes of 128 columns n
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-          for (int j = 0; j < BN / 8; ++j) {
-            const uint32_t v = uint32_t(bits16(acc[j * 4 + hh * 2], (T *)nullptr)) |
-                               (uint32_t(bits16(acc[j * 4 + hh * 2 + 1], (T *)nullptr)) << 16);
-            asm volatile("st.shared.b32 [%0], %1;" ::"r"(cbase + hh * 8 * CROW + j * 16), "r"(v)
-                         : "memory");
-          }
-        fence_proxy_async();
-        named_bar(1 + c, 128);
-        if (tid_wg < 64) {
-          const int row = c * 64 + tid_wg;
-          bulk_store(Ce + int64_t(m0 + row) * p.ldc + n0, sC + row * CROW, BN * 2);
-          bulk_commit();
-        }
+        for (int half = 0; half < 2; ++half)
+          store_pass<T>(
+              buf, 1 + c, tid_wg, [&](int j, int hh, int b) { return acc[(half * 16 + j) * 4 + hh * 2 + b]; },
+              [&](int lr, int) -> T * { return Ce + int64_t(m0 + c * 64 + lr) * p.ldc + n0 + half * 128; });
       } else {
-        // D^T: staging row n holds D[., n]; this warpgroup owns its 64 columns m of each row.
-        const uint32_t cbase = sC + (lane & 3) * 2 * CROWT + mf * 2;
+        // D^T: rows n of C, this warpgroup's 64 columns m of each, 128 rows n a pass. Element
+        // (n, m) at row n, 16-byte chunk m / 8 XOR (n & 7): the fragment's 2-byte writes (four
+        // rows n two apart, eight m each) and the rows' 16-byte reads are conflict-free.
+        const int ml = warp * 16 + (lane >> 2);  // local column m of fragment row hh = 0
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
+        for (int pass = 0; pass < 2; ++pass) {
+          named_bar(1 + c, 128);  // the previous pass's reads of buf are done
 #pragma unroll
-          for (int j = 0; j < BN / 8; ++j)
+          for (int hh = 0; hh < 2; ++hh) {
+            const int m = ml + hh * 8;
 #pragma unroll
             for (int b = 0; b < 2; ++b) {
-              const uint32_t addr = cbase + (j * 8 + b) * CROWT + hh * 16;
-              asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
-                           "h"(bits16(acc[j * 4 + hh * 2 + b], (T *)nullptr))
-                           : "memory");
-            }
-        fence_proxy_async();
-        named_bar(1 + c, 128);
-        if (tid_wg < 64) {
+              // n = 8 jj + n7: the swizzle depends on n7 only, so one base address per (hh, b)
+              const int n7 = (lane & 3) * 2 + b;
+              const uint32_t base = buf + n7 * kTRow + ((((m >> 3) ^ n7) & 7) << 4) + (m & 7) * 2;
 #pragma unroll
-          for (int i = 0; i < BN / 64; ++i) {
-            const int n = tid_wg + 64 * i;
-            bulk_store(Ce + int64_t(n0 + n) * p.ldc + m0 + c * 64, sC + n * CROWT + c * 128, 128);
+              for (int jj = 0; jj < 16; ++jj) {
+                const uint32_t addr = base + jj * 8 * kTRow;
+                asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
+                             "h"(bits16(acc[(pass * 16 + jj) * 4 + hh * 2 + b], (T *)nullptr))
+                             : "memory");
+              }
+            }
           }
-          bulk_commit();
+          named_bar(1 + c, 128);
+          const int ch = tid_wg & 7, nr = tid_wg >> 3;  // rows n = nr + 16 i, all n & 7 = nr & 7
+          const uint32_t rbase = buf + nr * kTRow + (((ch ^ nr) & 7) << 4);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int n = nr + 16 * i;
+            uint4 q;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
+                         : "r"(rbase + 16 * i * kTRow));
+            *reinterpret_cast<uint4 *>(Ce + int64_t(n0 + pass * 128 + n) * p.ldc + m0 + c * 64 + ch * 8) = q;
+          }
         }
       }
     }
-    if (tid_wg < 64) bulk_wait0();
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }

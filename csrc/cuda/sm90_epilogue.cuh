@@ -1,0 +1,69 @@
+// sm90a epilogue helpers shared by the row GEMMs and the weight-gradient GEMMs: a
+// warpgroup's 64 x 128 fp32 fragment goes through a swizzled smem pass buffer to 16-byte row
+// stores (coalesced, issued by every thread). Per-row bulk copies (cp.async.bulk) take
+// uniform operands, so a warp's 32 different rows became a 32-iteration loop (ncu: 17% of
+// the dW1 kernel's samples at T=4096).
+#pragma once
+
+#include "cuda/common.cuh"
+#include "cuda/sm90_ptx.cuh"
+
+namespace moe {
+namespace cuda {
+namespace sm90 {
+
+// Staging of the stores: a warpgroup's 64 rows x 128 columns (one pass of its epilogue),
+// 16-byte chunks XOR-swizzled within each row's groups of eight (conflict-free both for the
+// fragment's 4-byte writes and the rows' 16-byte reads), 16 KB a warpgroup.
+constexpr uint32_t kPassRow = 128 * 2, kPassBytes = 64 * kPassRow;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Two floats -> two rounded elements packed in 32 bits (the rounding of DT<T>::from_f).
+template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = DT<T>::from_f(lo), b = DT<T>::from_f(hi);
+  return uint32_t(reinterpret_cast<const uint16_t &>(a)) |
+         (uint32_t(reinterpret_cast<const uint16_t &>(b)) << 16);
+}
+__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a pass buffer (kPassRow rows).
+__device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
+  return uint32_t(row) * kPassRow + uint32_t((chunk & 8) | ((chunk ^ row) & 7)) * 16;
+}
+// One epilogue pass of a warpgroup: its fragment's 64 rows x 128 columns, values v(j, hh, i)
+// for columns 8 j + 2 (lane & 3) + i of fragment row hh, through the swizzled buffer `buf` to
+// dst(lr, m) (the global row of local row lr = tid_wg / 16 + 8 m, nullptr: not stored), 16
+// bytes a thread a row.
+// The barriers keep the buffer's previous readers before the writes and the writes before
+// the reads.
+template <class T, class Val, class Dst>
+__device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Val v, Dst dst) {
+  const int warp = tid_wg >> 5, lane = tid_wg & 31;
+  named_bar(bar, 128);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int lr = warp * 16 + (lane >> 2) + hh * 8;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      sts32(buf + pass_off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
+  }
+  named_bar(bar, 128);
+  const int chunk = tid_wg & 15;
+#pragma unroll
+  for (int m = 0; m < 8; ++m) {
+    const int lr = (tid_wg >> 4) + 8 * m;
+    T *d = dst(lr, m);
+    if (d != nullptr) {
+      uint4 q;
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
+                   : "r"(buf + pass_off(lr, chunk)));
+      *reinterpret_cast<uint4 *>(d + chunk * 8) = q;
+    }
+  }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace moe
