@@ -328,7 +328,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         // acc = dA' for columns n of a; with g, u from h (as the portable epilogue):
         // dg = s dA' u silu'(g), du = s dA' silu(g), s*a, ds partial = sum_n dA' silu(g) u.
         // h comes by TMA in chunks of kHC columns (g and u, this warpgroup's 64 rows, swizzled
-        // by 2 kHC bytes), two buffers deep: chunk q + 2 loads while q + 1 is used.
+        // by 2 kHC bytes), two buffers deep: chunk q + 2 loads while q + 1 is used. dg and du
+        // overwrite g and u in the chunk buffer (each thread the bytes it read), which then
+        // goes out in 16-byte row stores; s*a is stored from registers.
         T *dH = static_cast<T *>(p.c);
         T *SA = static_cast<T *>(p.c2);
         const int n0 = nt * BN + (lane & 3) * 2;
@@ -343,7 +345,6 @@ __global__ void __launch_bounds__(THREADS, 1)
             const int lr = warp * 16 + (lane >> 2) + hh * 8;  // row in the chunk buffer
             if (r < t.row1) {
               const float s = sw[hh];
-              T *dr = dH + int64_t(r) * p.ldc + n0;
               T *sar = SA + int64_t(r) * p.ldc2 + n0;
 #pragma unroll
               for (int jj = 0; jj < kHC / 8; ++jj) {
@@ -366,11 +367,32 @@ __global__ void __launch_bounds__(THREADS, 1)
                   du[i] = d * sil;
                   sa[i] = s * sil * u[i];
                 }
-                *reinterpret_cast<uint32_t *>(dr + j * 8) = pack2<T>(dg[0], dg[1]);
-                *reinterpret_cast<uint32_t *>(dr + p.N + j * 8) = pack2<T>(du[0], du[1]);
+                sts32(hb + off, pack2<T>(dg[0], dg[1]));
+                sts32(hb + kHChunk / 2 + off, pack2<T>(du[0], du[1]));
                 *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
               }
             }
+          }
+          named_bar(1 + c, 128);  // the warpgroup's dg, du are in the buffer
+          {
+            // kCPR 16-byte chunks a row of each half; the warpgroup's 128 threads take rows
+            // rb + kStep i of both halves, chunk ch (all rows of one i share a swizzle phase).
+            constexpr int kCPR = kHC / 8, kStep = 128 / kCPR;
+            const int ch = tid_wg % kCPR, rb = tid_wg / kCPR;
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+              for (int i = 0; i < 64 / kStep; ++i) {
+                const int lr = rb + kStep * i, r = t.row0 + c * 64 + lr;
+                if (r < t.row1) {
+                  const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
+                  uint4 v;
+                  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                               : "r"(hb + half * (kHChunk / 2) + lr * (kHC * 2) + ((ch ^ sw) << 4)));
+                  *reinterpret_cast<uint4 *>(dH + int64_t(r) * p.ldc + half * p.N + nt * BN + q * kHC + ch * 8) = v;
+                }
+              }
           }
           // All reads of this buffer come before the TMA (async proxy) overwrites it, with
           // chunk q + 2 here or with chunk 0 / 1 at the next item.
