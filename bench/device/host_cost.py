@@ -10,18 +10,12 @@ import time
 import torch
 
 import moe_fused  # noqa: F401
+from experts_inputs import make
 from moe_fused import _lib, moe_experts
 from moe_fused.ops import cuda_index_check
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
-H, I, E, k = 2048, 768, 128, 8
-torch.manual_seed(0)
-x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-s, idx = torch.topk(torch.randn(T, E, device="cuda").softmax(-1), k)
-s = (s / s.sum(-1, keepdim=True)).bfloat16().requires_grad_()
-w1 = (torch.randn(E, 2 * I, H, device="cuda") * H**-0.5).bfloat16().requires_grad_()
-w2 = (torch.randn(E, H, I, device="cuda") * I**-0.5).bfloat16().requires_grad_()
-dout = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+x, idx, s, w1, w2, dout = make(T)
 
 lib = _lib.lib()
 spent = {}

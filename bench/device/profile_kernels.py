@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import pathlib
+import sys
 
 import torch
 
@@ -14,7 +15,9 @@ import moe_fused  # noqa: F401
 from moe_fused.bench import median_ms
 from moe_fused import moe_experts
 
-SHAPES = {"30b-a3b": (2048, 768, 128, 8), "235b-a22b": (4096, 1536, 128, 8)}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from experts_inputs import SHAPES, make  # noqa: E402
+
 
 # kernel name -> (GEMM label, path) from bench/bench_gemms.py (wgrad: dW2 / dW1 by launch order)
 _spec = importlib.util.spec_from_file_location("bench_gemms", pathlib.Path(__file__).resolve().parents[1] / "bench_gemms.py")
@@ -42,14 +45,7 @@ def main():
     H, I, E, k = SHAPES[args.shape]
     res = []
     for T in args.T:
-        torch.manual_seed(0)
-        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        logits = torch.randn(T, E, device="cuda")
-        s, idx = torch.topk(logits.softmax(-1), k)
-        s = (s / s.sum(-1, keepdim=True)).bfloat16().requires_grad_()
-        w1 = (torch.randn(E, 2 * I, H, device="cuda") * H**-0.5).bfloat16().requires_grad_()
-        w2 = (torch.randn(E, H, I, device="cuda") * I**-0.5).bfloat16().requires_grad_()
-        dout = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        x, idx, s, w1, w2, dout = make(T, args.shape)
 
         def fwd():
             with torch.no_grad():

@@ -10,17 +10,14 @@ import time
 import torch
 
 import moe_fused  # noqa: F401
+from experts_inputs import SHAPES, make
 from moe_fused import _lib, moe_experts, ops
 from moe_fused.ops import cuda_index_check
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
-H, I, E, k = 2048, 768, 128, 8
+H, I, E, k = SHAPES["30b-a3b"]
 dev = torch.device("cuda")
-x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
-s, idx = torch.topk(torch.randn(T, E, device=dev).softmax(-1), k)
-s = s.bfloat16().requires_grad_()
-w1 = (torch.randn(E, 2 * I, H, device=dev) * H**-0.5).bfloat16().requires_grad_()
-w2 = (torch.randn(E, H, I, device=dev) * I**-0.5).bfloat16().requires_grad_()
+x, idx, s, w1, w2, _ = make(T)
 
 
 def host_us(fn, n=40):

@@ -14,7 +14,9 @@ moe_fused runs without its CUDA index check (as the benchmarks do) unless --inde
 import argparse
 import json
 import os
+import pathlib
 import statistics
+import sys
 import tempfile
 import time
 
@@ -24,7 +26,9 @@ import moe_fused  # noqa: F401
 from moe_fused import moe_experts
 from moe_fused.bench import _build, median_ms
 
-SHAPES = {"30b-a3b": (2048, 768, 128, 8), "235b-a22b": (4096, 1536, 128, 8)}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from experts_inputs import SHAPES  # noqa: E402
+
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
