@@ -539,3 +539,31 @@ def test_experts_eager_fast_path_partial_grads_and_no_grad(device):
     with torch.no_grad():
         again = moe_fused.moe_experts(leaves["x"], inp["idx"].to(device), leaves["w"], leaves["w1"], leaves["w2"])
     assert not again.requires_grad and torch.equal(again, out.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_eager_fast_path_matches_the_op(device, monkeypatch):
+    from moe_fused import ops
+
+    taken = []
+    apply = ops._LinearFunction.apply
+    monkeypatch.setattr(ops._LinearFunction, "apply", lambda *a: taken.append(1) or apply(*a))
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(29, 24, generator=g).bfloat16()
+    w0 = torch.randn(5, 40, 24, generator=g).bfloat16()
+    sel = torch.randint(0, 5, (29,), generator=g)
+    dy = torch.randn(29, 40, generator=g).bfloat16()
+
+    def run():
+        x, w = x0.to(device).requires_grad_(), w0.to(device).requires_grad_()
+        y = moe_fused.moe_fused_linear(x, w, sel.to(device))
+        y.backward(dy.to(device))
+        return y.detach(), x.grad, w.grad
+
+    fast = run()
+    assert len(taken) == 1, "a plain eager call takes the autograd.Function fast path"
+    with _PassThroughMode():
+        slow = run()
+    assert len(taken) == 1, "under a torch function mode the registered op runs instead"
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)

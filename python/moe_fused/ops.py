@@ -16,7 +16,10 @@ The experts backward needs only x, the routing weights, the expert weights, the 
 plan and h = [g; u]; a = silu(g) * u and y = down_proj[e] a are recomputed, never saved.
 
 Public functions: :func:`moe_experts` (the Transformers v5 experts contract) and
-:func:`moe_fused_linear` (the seed primitive).
+:func:`moe_fused_linear` (the seed primitive). In plain eager mode they run the same kernels
+through a ``torch.autograd.Function`` instead of dispatching the op (the dispatch's host time
+shows at small batches); under ``torch.compile``, torch function / dispatch modes, tensor
+subclasses, functorch transforms or on meta tensors they call the registered ops.
 
 Index range: on the CPU the C core checks every index and raises IndexError. On CUDA the
 Python layer checks ``(idx < 0) | (idx >= E)`` before the launch (one small reduction and a
@@ -384,7 +387,7 @@ torch.library.register_autograd(
 )
 
 
-# ---- eager fast path --------------------------------------------------------------------
+# ---- eager fast path (experts; moe_fused_linear's below) ---------------------------------
 # The custom op's dispatch (torch.library's autograd wrapper, redispatch, the dynamo-disabled
 # frame) costs ~90 us of host time a call on the H100 machine's CPU: at decode-sized batches
 # and T=4096 training steps the GPU waits on it. Plain eager calls take this autograd.Function
@@ -440,7 +443,7 @@ def _linear_forward_fake(x, weight, sel):
 
 
 def _linear_forward_impl(x, weight, sel):
-    _check_linear(x, weight, sel)
+    # Checked by moe_fused_linear (and the fake kernel under compile); the C library again.
     dev = x.device
     N, in_f = x.shape
     E, out_f = weight.shape[0], weight.shape[1]
@@ -525,6 +528,26 @@ torch.library.register_autograd(
 )
 
 
+class _LinearFunction(torch.autograd.Function):
+    """moe_fused_linear's eager fast path (see _ExpertsFunction)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sel):
+        out = _kernel(_linear_forward_impl, x.device)(x, weight, sel)
+        ctx.save_for_backward(x, weight, sel)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, sel = ctx.saved_tensors
+        n_x, n_w, _ = ctx.needs_input_grad
+        if grad_out is None or not (n_x or n_w):
+            return None, None, None
+        dx, dw = _kernel(_linear_backward_impl, x.device)(grad_out, x, weight, sel, n_x, n_w)
+        return (dx if n_x else None, dw if n_w else None, None)
+
+
 # ---- public API ---------------------------------------------------------------------------
 
 
@@ -603,4 +626,6 @@ def moe_fused_linear(input: torch.Tensor, weight: torch.Tensor, selected_experts
         if dt is not None:
             input, weight = _cast(input, dt), _cast(weight, dt)
     _check_linear(input, weight, selected_experts)
+    if _eager_ok(input, weight, selected_experts):
+        return _LinearFunction.apply(input, weight, selected_experts)
     return torch.ops.moe_fused.linear_forward(input, weight, selected_experts)
