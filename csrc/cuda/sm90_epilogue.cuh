@@ -26,6 +26,13 @@ template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi)
 __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 q;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
+               : "r"(addr));
+  return q;
+}
 // Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a pass buffer (kPassRow rows).
 __device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
   return uint32_t(row) * kPassRow + uint32_t((chunk & 8) | ((chunk ^ row) & 7)) * 16;
@@ -53,13 +60,7 @@ __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Va
   for (int m = 0; m < 8; ++m) {
     const int lr = (tid_wg >> 4) + 8 * m;
     T *d = dst(lr, m);
-    if (d != nullptr) {
-      uint4 q;
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
-                   : "r"(buf + pass_off(lr, chunk)));
-      *reinterpret_cast<uint4 *>(d + chunk * 8) = q;
-    }
+    if (d != nullptr) *reinterpret_cast<uint4 *>(d + chunk * 8) = lds128(buf + pass_off(lr, chunk));
   }
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

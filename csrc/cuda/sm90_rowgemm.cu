@@ -36,7 +36,8 @@ constexpr int BM = 128, BN = kSm90BN, BK = 64, NC = 2, THREADS = 128 * (NC + 1);
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
 // dA': h arrives in chunks of kHC columns of g and the same of u, 64 rows (a warpgroup's),
 // two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage; A/B on
-// the H100 (30B-A3B): 5% faster at T=4096, 1-3% slower at T=16384, so 64 stays the default.
+// the H100 (30B-A3B, before dg / du went out through the chunk buffer): 5% faster at T=4096,
+// 1-3% slower at T=16384, so 64 stays the default.
 #ifndef MOE_SM90_DA_HC
 #define MOE_SM90_DA_HC 64
 #endif
@@ -46,7 +47,8 @@ constexpr uint32_t kHChunk = 2 * 64 * kHC * 2;  // bytes of one chunk buffer (g 
 // Stages: the loads are latency-bound (consumers wait on full stages), so as many as fit:
 // 4 beside the 32 KB of staging or of 32-column h chunk buffers (3 beside 64-column ones).
 template <int EPI> constexpr int kStages = EPI == EPI_DSWIGLU && kHC == 64 ? 3 : 4;
-template <int EPI> constexpr uint32_t kEpiBytes = EPI == EPI_DSWIGLU ? NC * 2 * kHChunk : NC * kPassBytes;
+template <int EPI>
+constexpr uint32_t kEpiBytes = EPI == EPI_DSWIGLU ? NC * 2 * kHChunk : NC * kPassBytes;
 template <int EPI>
 constexpr size_t kSmem = 1024 + size_t(kStages<EPI>) * (A_BYTES + B_BYTES) + kEpiBytes<EPI>;
 static_assert(kSmem<EPI_SWIGLU> + 256 <= 227 * 1024 && kSmem<EPI_DSWIGLU> + 256 <= 227 * 1024,
@@ -93,7 +95,8 @@ __device__ __forceinline__ int64_t clamp_row(int32_t v, int32_t n) {
 // A cluster of two CTAs takes the list's tiles in pairs (2j, 2j + 1) at one column tile:
 // when both are the same expert's, they need the same B tile, so each CTA loads half of it
 // and the TMA writes both CTAs' smem (multicast): half the B traffic from L2 (measured on
-// the H100: dX and GEMM2 ~5% faster, GEMM1 and dA' unchanged). Otherwise each loads its own B. Rank 1 of a last, unpaired tile gets an empty
+// the H100: dX and GEMM2 ~5% faster, GEMM1 and dA' unchanged). Otherwise each loads its own
+// B. Rank 1 of a last, unpaired tile gets an empty
 // tile: it loads and multiplies (keeping the pair's pipelines in step) and stores nothing.
 struct PairTile {
   Tile t;
@@ -294,15 +297,20 @@ __global__ void __launch_bounds__(THREADS, 1)
           // beside the rounded ones for a spilled. a goes into g's registers once g is stored.
 #pragma unroll
           for (int i = 0; i < BN / 2; ++i) acc[i] = rnd<T>(acc[i]);
-          store_pass<T>(buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; }, hrow);
+          auto g_of = [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; };
+          store_pass<T>(buf, 1 + c, tid_wg, g_of, hrow);
 #pragma unroll
           for (int i = 0; i < BN / 4; ++i) acc[i] = silu_f(acc[i]) * acc[i + BN / 4];
-          store_pass<T>(buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
-                        [&](int lr, int m) -> T * { T *d = hrow(lr, m); return d ? d + p.N : nullptr; });
-          T *aout = static_cast<T *>(p.c2);
           store_pass<T>(
-              buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; },
-              [&](int lr, int) -> T * {
+              buf, 1 + c, tid_wg,
+              [&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
+              [&](int lr, int m) -> T * {
+                T *d = hrow(lr, m);
+                return d ? d + p.N : nullptr;
+              });
+          T *aout = static_cast<T *>(p.c2);
+          store_pass<T>(  // a, now in g's registers
+              buf, 1 + c, tid_wg, g_of, [&](int lr, int) -> T * {
                 const int r = rbase + lr;
                 return r < t.row1 ? aout + int64_t(r) * p.ldc2 + nt * (BN / 2) : nullptr;
               });
@@ -312,12 +320,15 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
           for (int m = 0; m < 8; ++m) {
             const int r = rbase + (tid_wg >> 4) + 8 * m;
-            orow[m] = r >= t.row1 ? -1 : p.c_scatter ? clamp_row(p.sorted[r], p.n_rows) : r - p.c_row0;
+            orow[m] = r >= t.row1    ? -1
+                      : p.c_scatter ? clamp_row(p.sorted[r], p.n_rows)
+                                    : r - p.c_row0;
           }
 #pragma unroll
           for (int half = 0; half < 2; ++half)
             store_pass<T>(
-                buf, 1 + c, tid_wg, [&](int j, int hh, int i) { return acc[(half * 16 + j) * 4 + hh * 2 + i]; },
+                buf, 1 + c, tid_wg,
+                [&](int j, int hh, int i) { return acc[(half * 16 + j) * 4 + hh * 2 + i]; },
                 [&](int, int m) -> T * {
                   const int64_t o = orow[m];
                   return o < 0 ? nullptr : C + o * p.ldc + nt * BN + half * 128;
@@ -386,11 +397,10 @@ __global__ void __launch_bounds__(THREADS, 1)
                 const int lr = rb + kStep * i, r = t.row0 + c * 64 + lr;
                 if (r < t.row1) {
                   const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
-                  uint4 v;
-                  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                               : "r"(hb + half * (kHChunk / 2) + lr * (kHC * 2) + ((ch ^ sw) << 4)));
-                  *reinterpret_cast<uint4 *>(dH + int64_t(r) * p.ldc + half * p.N + nt * BN + q * kHC + ch * 8) = v;
+                  const uint32_t src =
+                      hb + half * (kHChunk / 2) + lr * (kHC * 2) + ((ch ^ sw) << 4);
+                  T *dst = dH + int64_t(r) * p.ldc + half * p.N + nt * BN + q * kHC + ch * 8;
+                  *reinterpret_cast<uint4 *>(dst) = lds128(src);
                 }
               }
           }
@@ -504,7 +514,8 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   // take an unused copy of B's map.
   CUtensorMap mapH = map;
   if (g.epilogue == EPI_DSWIGLU &&
-      !encode_2d(&mapH, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2, kHC, 64, kHC * 2))
+      !encode_2d(&mapH, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2,
+                 kHC, 64, kHC * 2))
     return false;
 
   RowParams p{};

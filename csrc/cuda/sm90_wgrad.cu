@@ -11,7 +11,7 @@
 // tile, TMA: the bulk of the bytes travels without occupying the load/store unit). Both have
 // the reduction (rows) outer, so they reach wgmma M- / N-major (transposed), stored as
 // 128-byte-swizzled atoms of 64 columns x 8 rows. dW2: P = dout, Q = s*a, D = C. dW1: P = x,
-// Q = dh, D = C^T (written transposed through the staging tile). Q rows past the segment
+// Q = dh, D = C^T (written transposed through the pass buffer). Q rows past the segment
 // (the next expert's) meet P's zero rows, so they add exact zeros (finite data).
 // Two consumer warpgroups run wgmma m64n256k16; the tile goes out through a swizzled smem
 // pass buffer in 16-byte row stores (sm90_epilogue.cuh) while the next tile's loads are in
@@ -46,7 +46,7 @@ template <int BK_> struct Cfg {
   static constexpr int P_BYTES = BM * BK * 2, Q_BYTES = BN * BK * 2;
   static constexpr int RPT = BK / 16;  // P rows a producer thread loads: trow + 16 i
   static constexpr size_t kSmem = 1024 + size_t(S) * (P_BYTES + Q_BYTES) + NC * kPassBytes;
-  static_assert(kSmem + 256 <= 227 * 1024, "dynamic smem + the static barriers fit the opt-in limit");
+  static_assert(kSmem + 256 <= 227 * 1024, "dynamic smem + static barriers fit the opt-in limit");
 };
 [[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
 
@@ -270,15 +270,19 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
       }
-      // Fragment: D rows m = c * 64 + warp * 16 + (lane >> 2) + 8 hh, columns n = 8 j + 2 (lane & 3) + b in acc[4 j + 2 hh + b].
+      // Fragment: D rows m = c * 64 + warp * 16 + (lane >> 2) + 8 hh, columns
+      // n = 8 j + 2 (lane & 3) + b in acc[4 j + 2 hh + b].
       T *Ce = C + int64_t(e) * p.strideCE;
       const uint32_t buf = sC + uint32_t(c) * kPassBytes;
       if (!TR) {  // this warpgroup's 64 rows m, in two passes of 128 columns n
 #pragma unroll
         for (int half = 0; half < 2; ++half)
           store_pass<T>(
-              buf, 1 + c, tid_wg, [&](int j, int hh, int b) { return acc[(half * 16 + j) * 4 + hh * 2 + b]; },
-              [&](int lr, int) -> T * { return Ce + int64_t(m0 + c * 64 + lr) * p.ldc + n0 + half * 128; });
+              buf, 1 + c, tid_wg,
+              [&](int j, int hh, int b) { return acc[(half * 16 + j) * 4 + hh * 2 + b]; },
+              [&](int lr, int) -> T * {
+                return Ce + int64_t(m0 + c * 64 + lr) * p.ldc + n0 + half * 128;
+              });
       } else {
         // D^T: rows n of C, this warpgroup's 64 columns m of each, 128 rows n a pass. Element
         // (n, m) at row n, 16-byte chunk m / 8 XOR (n & 7): the fragment's 2-byte writes (four
@@ -310,11 +314,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             const int n = nr + 16 * i;
-            uint4 q;
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
-                         : "r"(rbase + 16 * i * kTRow));
-            *reinterpret_cast<uint4 *>(Ce + int64_t(n0 + pass * 128 + n) * p.ldc + m0 + c * 64 + ch * 8) = q;
+            T *dst = Ce + int64_t(n0 + pass * 128 + n) * p.ldc + m0 + c * 64 + ch * 8;
+            *reinterpret_cast<uint4 *>(dst) = lds128(rbase + 16 * i * kTRow);
           }
         }
       }
