@@ -371,15 +371,20 @@ def _experts_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _experts_backward(ctx, grad_out, _grad_h, _grad_offsets, _grad_sorted, _grad_rows):
+def _experts_grads(ctx, grad_out, backward):
+    """The input gradients from the saved tensors, `backward` the op or its kernel."""
     x, w, w1, w2, offsets, sorted_pairs, pair_rows, h = ctx.saved_tensors
     n_x, _n_idx, n_w, n_w1, n_w2 = ctx.needs_input_grad
     if grad_out is None or not (n_x or n_w or n_w1 or n_w2):
         return None, None, None, None, None
-    dx, dw, dw1, dw2 = torch.ops.moe_fused.experts_backward(
+    dx, dw, dw1, dw2 = backward(
         grad_out, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2
     )
     return (dx if n_x else None, None, dw if n_w else None, dw1 if n_w1 else None, dw2 if n_w2 else None)
+
+
+def _experts_backward(ctx, grad_out, _grad_h, _grad_offsets, _grad_sorted, _grad_rows):
+    return _experts_grads(ctx, grad_out, torch.ops.moe_fused.experts_backward)
 
 
 torch.library.register_autograd(
@@ -403,7 +408,9 @@ _functorch_on = getattr(torch._C, "_are_functorch_transforms_active", None)
 def _eager_ok(*tensors) -> bool:
     if _dispatch_stack_len is None or _function_mode_on is None or _functorch_on is None:
         return False
-    if torch.compiler.is_compiling() or _dispatch_stack_len() or _function_mode_on() or _functorch_on():
+    if torch.compiler.is_compiling():
+        return False
+    if _dispatch_stack_len() or _function_mode_on() or _functorch_on():
         return False
     # cpu / cuda only: meta tensors (shape inference) take the op's fake implementation
     return tensors[0].device.type in ("cpu", "cuda") and all(type(t) in _PLAIN for t in tensors)
@@ -419,18 +426,12 @@ class _ExpertsFunction(torch.autograd.Function):
         out, h, offsets, sorted_pairs, pair_rows = _kernel(_experts_forward_impl, x.device)(x, idx, w, w1, w2)
         ctx.save_for_backward(x, w, w1, w2, offsets, sorted_pairs, pair_rows, h)
         ctx.set_materialize_grads(False)
+        ctx.device = x.device
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, w1, w2, offsets, sorted_pairs, pair_rows, h = ctx.saved_tensors
-        n_x, _n_idx, n_w, n_w1, n_w2 = ctx.needs_input_grad
-        if grad_out is None or not (n_x or n_w or n_w1 or n_w2):
-            return None, None, None, None, None
-        dx, dw, dw1, dw2 = _kernel(_experts_backward_impl, x.device)(
-            grad_out, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2
-        )
-        return (dx if n_x else None, None, dw if n_w else None, dw1 if n_w1 else None, dw2 if n_w2 else None)
+        return _experts_grads(ctx, grad_out, _kernel(_experts_backward_impl, ctx.device))
 
 
 # ---- linear: fake and real --------------------------------------------------------------
@@ -514,13 +515,18 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, sel)
 
 
-def _linear_backward(ctx, grad_out):
+def _linear_grads(ctx, grad_out, backward):
+    """The input gradients from the saved tensors, `backward` the op or its kernel."""
     x, weight, sel = ctx.saved_tensors
     n_x, n_w, _ = ctx.needs_input_grad
     if grad_out is None or not (n_x or n_w):
         return None, None, None
-    dx, dw = torch.ops.moe_fused.linear_backward(grad_out, x, weight, sel, n_x, n_w)
+    dx, dw = backward(grad_out, x, weight, sel, n_x, n_w)
     return (dx if n_x else None, dw if n_w else None, None)
+
+
+def _linear_backward(ctx, grad_out):
+    return _linear_grads(ctx, grad_out, torch.ops.moe_fused.linear_backward)
 
 
 torch.library.register_autograd(
@@ -536,16 +542,12 @@ class _LinearFunction(torch.autograd.Function):
         out = _kernel(_linear_forward_impl, x.device)(x, weight, sel)
         ctx.save_for_backward(x, weight, sel)
         ctx.set_materialize_grads(False)
+        ctx.device = x.device
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, sel = ctx.saved_tensors
-        n_x, n_w, _ = ctx.needs_input_grad
-        if grad_out is None or not (n_x or n_w):
-            return None, None, None
-        dx, dw = _kernel(_linear_backward_impl, x.device)(grad_out, x, weight, sel, n_x, n_w)
-        return (dx if n_x else None, dw if n_w else None, None)
+        return _linear_grads(ctx, grad_out, _kernel(_linear_backward_impl, ctx.device))
 
 
 # ---- public API ---------------------------------------------------------------------------
