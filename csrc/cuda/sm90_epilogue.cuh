@@ -23,6 +23,11 @@ template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi)
   return uint32_t(reinterpret_cast<const uint16_t &>(a)) |
          (uint32_t(reinterpret_cast<const uint16_t &>(b)) << 16);
 }
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }

@@ -108,11 +108,6 @@ __device__ __forceinline__ PairTile pair_tile(const RowParams &p, int num_tiles,
   const Tile t1 = has1 ? p.tiles[2 * j + 1] : Tile{t0.expert, t0.row0, t0.row0, 0};
   return PairTile{rank == 0 ? t0 : t1, has1 && t1.expert == t0.expert};
 }
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-}
 // dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
 __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowParams &p, uint32_t buf,
