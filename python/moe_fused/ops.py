@@ -352,9 +352,13 @@ def _cuda_guarded(fn):
     return wrapper
 
 
+_CUDA_KERNELS = {}  # impl -> its device-guarded CUDA kernel (the op's; the fast path's too)
+
+
 def _register_kernels(name, impl):
+    _CUDA_KERNELS[impl] = _cuda_guarded(impl)
     torch.library.register_kernel(f"moe_fused::{name}", "cpu", impl, lib=_LIB)
-    torch.library.register_kernel(f"moe_fused::{name}", "cuda", _cuda_guarded(impl), lib=_LIB)
+    torch.library.register_kernel(f"moe_fused::{name}", "cuda", _CUDA_KERNELS[impl], lib=_LIB)
 
 
 _register_kernels("experts_forward", _experts_forward_impl)
@@ -417,7 +421,8 @@ def _eager_ok(*tensors) -> bool:
 
 
 def _kernel(impl, device):
-    return _cuda_guarded(impl) if device.type == "cuda" else impl
+    """The registered kernel of impl for device (no wrapper built per call)."""
+    return _CUDA_KERNELS[impl] if device.type == "cuda" else impl
 
 
 class _ExpertsFunction(torch.autograd.Function):
