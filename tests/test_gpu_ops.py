@@ -81,6 +81,9 @@ CASES = [
     (300, 8, 192, 96, 16, "skewed"),  # ragged + many empty experts
     (37, 3, 136, 40, 7, "random"),  # odd-ish sizes (multiples of 8)
     (129, 2, 512, 256, 3, "random"),  # tiles crossing expert boundaries
+    # token windows (GEMM2 and dX a window of tokens at a time, >= 512 rows an expert a window)
+    (2048, 2, 128, 64, 2, "random"),  # 4 windows of 512 tokens
+    (4099, 2, 128, 64, 8, "skewed"),  # 2 windows (2050 + 2049 tokens), 5 experts empty
 ]
 
 
@@ -135,6 +138,85 @@ def test_experts_partial_grads():
         for i, n in enumerate(need):
             if n:
                 assert torch.equal(got[i + 1], full[i + 1])
+
+
+def _kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("T,E,windows", [(2048, 2, 4), (4099, 8, 2), (1000, 8, 1)])
+def test_token_windows_taken(T, E, windows):
+    """GEMM2 and dX run a token window at a time once an expert gets >= 2 x 512 rows:
+    one combine per window in the forward and one in the backward."""
+    d = make_experts(T, 2, 128, 64, E, torch.bfloat16, seed=5)
+    names = _kernel_names(lambda: run_experts(d, DEV))
+    assert sum("combine_kernel" in n for n in names) == 2 * windows, names
+    assert sum("tiles_kernel" in n for n in names) == (1 + 1 + 2 * windows if windows > 1 else 2)
+
+
+def _backward_peak(d, overwrite, need=(True, True, True, True)):
+    from moe_fused import ops
+
+    previous = ops.set_backward_overwrite_h(overwrite)
+    try:
+        leaves = [d[n].cuda().requires_grad_(r) for n, r in zip(("x", "s", "w1", "w2"), need)]
+        out = moe_experts(leaves[0], d["idx"].cuda(), *leaves[1:])
+        dout = d["dout"].cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out.backward(dout)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, [t.grad for t in leaves]
+    finally:
+        ops.set_backward_overwrite_h(previous)
+
+
+def test_backward_overwriting_h_saves_its_buffer():
+    """dh written over the saved h: the backward's peak drops by one [T*k, 2I] buffer, and
+    the gradients are bit-identical to those of the backward that keeps h."""
+    T, k, H, I, E = 4096, 4, 256, 512, 8  # 4 token windows
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=9)
+    n = T * k
+    dh_bytes, sa_bytes, win_bytes = n * 2 * I * 2, n * I * 2, n // 4 * H * 2
+    slack = 2**21  # the caching allocator rounds large blocks to 2 MiB
+    for need in [(True, True, True, True), (True, True, False, False)]:
+        kept, g_kept = _backward_peak(d, False, need)
+        over, g_over = _backward_peak(d, True, need)
+        assert kept - over >= dh_bytes - slack, (need, kept, over, dh_bytes)
+        for a, b in zip(g_kept, g_over):
+            assert (a is None and b is None) or torch.equal(a, b)
+    # Without dW2 (frozen experts, e.g. LoRA) no s*a buffer: only the dx window remains.
+    full, _ = _backward_peak(d, True)
+    lean, _ = _backward_peak(d, True, (True, True, False, False))
+    weight_grads = 3 * E * H * I * 2
+    assert full - lean >= weight_grads + sa_bytes - win_bytes - slack, (full, lean)
+
+
+def test_backward_workspace_queries():
+    from moe_fused import _lib
+
+    dev = torch.device("cuda")
+    T, k, H, I, E = 4096, 8, 2048, 768, 128
+    bf16, everything = torch.bfloat16, 0xF
+    kept = _lib.experts_backward_workspace_size(dev, bf16, T, k, H, I, E, everything, 0)
+    over = _lib.experts_backward_workspace_size(dev, bf16, T, k, H, I, E, everything, _lib.MOE_FLAG_OVERWRITE_H)
+    assert kept - over >= T * k * 2 * I * 2
+    no_dw2 = everything & ~_lib.MOE_GRAD_DOWN_PROJ
+    assert _lib.experts_backward_workspace_size(dev, bf16, T, k, H, I, E, no_dw2, 0) <= kept
+    # s*a [T*k, I] shares its buffer with the dx window: it decides the size when I is wide
+    small = (4096, 4, 256, 512, 8)
+    assert _lib.experts_backward_workspace_size(dev, bf16, *small, no_dw2, 0) < \
+        _lib.experts_backward_workspace_size(dev, bf16, *small, everything, 0)
+    # float32 (the SIMT path) has its own, larger scratch; the dtype-free query covers both
+    f32 = _lib.experts_backward_workspace_size(dev, torch.float32, T, k, H, I, E, everything, 0)
+    fwd = _lib.experts_forward_workspace_size(dev, bf16, T, k, H, I, E)
+    assert max(kept, f32, fwd) <= _lib.experts_workspace_size(dev, T, k, H, I, E)
 
 
 def test_plan_matches_cpu_exactly():

@@ -541,6 +541,51 @@ def test_experts_eager_fast_path_partial_grads_and_no_grad(device):
     assert not again.requires_grad and torch.equal(again, out.detach())
 
 
+def _experts_twice(device, retain_first=True):
+    """One forward, then backward with retain_graph=True and a second backward: the grads."""
+    inp = make_experts_inputs(23, 32, 16, 5, 2, seed=8)
+    leaves = {n: inp[n].bfloat16().to(device).requires_grad_() for n in ("x", "w", "w1", "w2")}
+    out = moe_fused.moe_experts(leaves["x"], inp["idx"].to(device), leaves["w"], leaves["w1"], leaves["w2"])
+    grad = inp["grad"].bfloat16().to(device)
+    out.backward(grad, retain_graph=retain_first)
+    once = {n: t.grad.clone() for n, t in leaves.items()}
+    out.backward(grad)
+    return once, {n: t.grad for n, t in leaves.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_second_backward_with_h_kept(device):
+    from moe_fused import ops
+
+    previous = ops.set_backward_overwrite_h(False)
+    try:
+        once, twice = _experts_twice(device)
+    finally:
+        ops.set_backward_overwrite_h(previous)
+    for name in once:
+        assert torch.equal(twice[name], once[name] + once[name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_second_backward_after_h_overwritten(device):
+    """The eager CUDA backward writes dh over the saved h (by default): a second backward must
+    fail loudly, naming the switch, not compute from garbage. The CPU core never overwrites."""
+    from moe_fused import ops
+
+    assert ops.set_backward_overwrite_h(True) is True, "overwriting h is the default"
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="set_backward_overwrite_h"):
+            _experts_twice(device)
+    else:
+        once, twice = _experts_twice(device)
+        for name in once:
+            assert torch.equal(twice[name], once[name] + once[name]), name
+    with _PassThroughMode():  # the registered op never overwrites its inputs
+        once, twice = _experts_twice(device)
+    for name in once:
+        assert torch.equal(twice[name], once[name] + once[name]), name
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_linear_eager_fast_path_matches_the_op(device, monkeypatch):
     from moe_fused import ops

@@ -11,8 +11,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"
-export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-names=(base); flags=("")
+names=(base); flags=(""); pys=("$PWD/python")
 for v in "$@"; do names+=("${v%%=*}"); flags+=("${v#*=}"); done
 for i in "${!names[@]}"; do
   d=$PWD/build/ab-${names[$i]}; src=.; f=${flags[$i]}
@@ -21,6 +20,7 @@ for i in "${!names[@]}"; do
     src=/tmp/ab-src-${names[$i]}; rm -rf "$src"; mkdir -p "$src"
     cp -r CMakeLists.txt csrc python "$src"/ 2>/dev/null; cp -r "${f:1}"/. "$src"/; f=""
   fi
+  pys[$i]="$(cd "$src" && pwd)/python"  # an overlay's own Python package (its ABI)
   cmake -S "$src" -B $d -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90a}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_FLAGS="$f" > "$OUT/ab_build_${names[$i]}.log" 2>&1 \
     && cmake --build $d -j16 >> "$OUT/ab_build_${names[$i]}.log" 2>&1 || { echo "build ${names[$i]} FAILED"; tail -20 "$OUT/ab_build_${names[$i]}.log"; exit 1; }
@@ -28,7 +28,7 @@ done
 for round in 1 2; do
   for i in "${!names[@]}"; do
     echo "== round $round: ${names[$i]} (${flags[$i]:-no flags})"
-    MOE_FUSED_LIBRARY="$PWD/build/ab-${names[$i]}/libmoe_fused.so" timeout 120 python3 bench/device/profile_kernels.py \
+    PYTHONPATH="${pys[$i]}" MOE_FUSED_LIBRARY="$PWD/build/ab-${names[$i]}/libmoe_fused.so" timeout 120 python3 bench/device/profile_kernels.py \
       --shape 30b-a3b -T ${AB_T:-4096 16384} 2>&1 | grep -v -i warn | tee -a "$OUT/ab_${names[$i]}.log" | cut -c1-100 | grep -E "^==|row_gemm|wgrad_sm90|combine"
   done
 done

@@ -1,14 +1,17 @@
 """A small case for compute-sanitizer (memcheck / racecheck): every CUDA kernel of
 moe-fused once, aligned (16-byte) and odd (scalar) paths, ragged and empty experts; on an
 sm90 device the third experts shape and the third linear shape run the sm90a kernels (the
-first two fall back to the portable ones)."""
+first two fall back to the portable ones). The last two shapes (an expert gets > 1024 rows)
+run GEMM2 and dX in two token windows, on the portable and the sm90a kernels. Every
+backward writes dh over h (the eager default)."""
 import torch
 
 import moe_fused  # noqa: F401
 from moe_fused import moe_experts, moe_fused_linear
 
 torch.manual_seed(0)
-for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5), (70, 4, 256, 256, 8)]:
+for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5), (70, 4, 256, 256, 8),
+                        (1030, 2, 128, 64, 2), (1030, 2, 256, 256, 2)]:
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     idx = torch.randint(0, E // 2 + 1, (T, k), device="cuda")
     s = torch.rand(T, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -1,6 +1,7 @@
 // The extern "C" entry points of moe_fused.h: validate every argument, then
 // dispatch to moe::cpu::* or moe::cuda::* (common/backend.h). Nothing is
 // written or launched before all checks pass.
+#include <algorithm>
 #include <cinttypes>
 #include <climits>
 #include <new>
@@ -77,12 +78,27 @@ size_t linear_ws(int32_t device, const moe::LinearProblem &p) {
   return 0;
 }
 
-size_t experts_ws(int32_t device, const moe::ExpertsProblem &p) {
+size_t experts_fwd_ws(int32_t device, const moe::ExpertsProblem &p, int32_t dtype) {
 #ifdef MOE_FUSED_WITH_CUDA
-  if (device == MOE_DEVICE_CUDA) return moe::cuda::experts_workspace_size(p);
+  if (device == MOE_DEVICE_CUDA) return moe::cuda::experts_forward_workspace_size(p, dtype);
 #endif
-  if (device == MOE_DEVICE_CPU) return moe::cpu::experts_workspace_size(p);
+  if (device == MOE_DEVICE_CPU) return moe::cpu::experts_forward_workspace_size(p, dtype);
   return 0;
+}
+
+size_t experts_bwd_ws(int32_t device, const moe::ExpertsProblem &p, int32_t dtype,
+                      uint32_t grads, uint64_t flags) {
+#ifdef MOE_FUSED_WITH_CUDA
+  if (device == MOE_DEVICE_CUDA)
+    return moe::cuda::experts_backward_workspace_size(p, dtype, grads, flags);
+#endif
+  if (device == MOE_DEVICE_CPU)
+    return moe::cpu::experts_backward_workspace_size(p, dtype, grads, flags);
+  return 0;
+}
+
+bool bad_sizes(int64_t T, int64_t k, int64_t H, int64_t I, int64_t E) {
+  return T < 0 || k < 0 || H < 0 || I < 0 || E < 0;
 }
 
 // ---- moe_fused_linear ---------------------------------------------------
@@ -258,8 +274,27 @@ MOE_API moe_status_t moe_linear_backward(const moe_context_t *ctx, const moe_ten
 
 MOE_API size_t moe_experts_workspace_size(int32_t device_type, int64_t T, int64_t k, int64_t H,
                                           int64_t I, int64_t num_experts) {
-  if (T < 0 || k < 0 || H < 0 || I < 0 || num_experts < 0) return 0;
-  return experts_ws(device_type, moe::ExpertsProblem{T, k, H, I, num_experts});
+  if (bad_sizes(T, k, H, I, num_experts)) return 0;
+  const moe::ExpertsProblem p{T, k, H, I, num_experts};
+  const uint32_t all = MOE_GRAD_HIDDEN_STATES | MOE_GRAD_TOP_K_WEIGHTS | MOE_GRAD_GATE_UP_PROJ |
+                       MOE_GRAD_DOWN_PROJ;
+  return std::max(experts_fwd_ws(device_type, p, -1), experts_bwd_ws(device_type, p, -1, all, 0));
+}
+
+MOE_API size_t moe_experts_forward_workspace_size(int32_t device_type, int32_t dtype, int64_t T,
+                                                  int64_t k, int64_t H, int64_t I,
+                                                  int64_t num_experts) {
+  if (bad_sizes(T, k, H, I, num_experts)) return 0;
+  return experts_fwd_ws(device_type, moe::ExpertsProblem{T, k, H, I, num_experts}, dtype);
+}
+
+MOE_API size_t moe_experts_backward_workspace_size(int32_t device_type, int32_t dtype, int64_t T,
+                                                   int64_t k, int64_t H, int64_t I,
+                                                   int64_t num_experts, uint32_t grads,
+                                                   uint64_t flags) {
+  if (bad_sizes(T, k, H, I, num_experts)) return 0;
+  return experts_bwd_ws(device_type, moe::ExpertsProblem{T, k, H, I, num_experts}, dtype, grads,
+                        flags);
 }
 
 MOE_API moe_status_t moe_experts_forward(const moe_context_t *ctx,
@@ -281,7 +316,8 @@ MOE_API moe_status_t moe_experts_forward(const moe_context_t *ctx,
     const int64_t os[2] = {a.p.tokens, a.p.hidden};
     MOE_TRY(check::shape(*out, "out", "[T, H]", os, "T and H from hidden_states"));
     MOE_TRY(check::output(*out, "out"));
-    MOE_TRY(check::workspace(*ctx, experts_ws(ctx->device_type, a.p), "moe_experts_forward"));
+    MOE_TRY(check::workspace(*ctx, experts_fwd_ws(ctx->device_type, a.p, a.dtype),
+                             "moe_experts_forward"));
     return MOE_DISPATCH(*ctx, experts_forward, *ctx, a.p, *hidden_states, *top_k_index,
                         *top_k_weights, *gate_up_proj, *down_proj, *plan, *h, *out);
   });
@@ -315,7 +351,10 @@ MOE_API moe_status_t moe_experts_backward(
     const int64_t w2[3] = {E, H, I};
     MOE_TRY(optional_output(grad_down_proj, "grad_down_proj", 3, "[E, H, I]", w2, a.dtype,
                             xname));
-    MOE_TRY(check::workspace(*ctx, experts_ws(ctx->device_type, a.p), "moe_experts_backward"));
+    const uint32_t grads = moe::experts_grads(grad_hidden_states, grad_top_k_weights,
+                                              grad_gate_up_proj, grad_down_proj);
+    MOE_TRY(check::workspace(*ctx, experts_bwd_ws(ctx->device_type, a.p, a.dtype, grads, ctx->flags),
+                             "moe_experts_backward"));
     return MOE_DISPATCH(*ctx, experts_backward, *ctx, a.p, *grad_out, *hidden_states,
                         *top_k_weights, *gate_up_proj, *down_proj, *plan, *h,
                         grad_hidden_states, grad_top_k_weights, grad_gate_up_proj,

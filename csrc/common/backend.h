@@ -28,6 +28,13 @@ struct ExpertsProblem {
   int64_t num_experts;   // E
 };
 
+// The MOE_GRAD_* bits of the gradients a backward call asks for (non-NULL).
+inline uint32_t experts_grads(const moe_tensor_t *dx, const moe_tensor_t *ds,
+                              const moe_tensor_t *dw1, const moe_tensor_t *dw2) {
+  return (dx ? MOE_GRAD_HIDDEN_STATES : 0u) | (ds ? MOE_GRAD_TOP_K_WEIGHTS : 0u) |
+         (dw1 ? MOE_GRAD_GATE_UP_PROJ : 0u) | (dw2 ? MOE_GRAD_DOWN_PROJ : 0u);
+}
+
 // Each backend implements this same set of functions in its own namespace.
 #define MOE_DECLARE_BACKEND(NS)                                                \
   namespace NS {                                                               \
@@ -46,7 +53,12 @@ struct ExpertsProblem {
       const moe_tensor_t &grad_out, const moe_tensor_t &input,                 \
       const moe_tensor_t &weight, const moe_tensor_t &selected_experts,        \
       const moe_tensor_t *grad_input, const moe_tensor_t *grad_weight);        \
-  size_t experts_workspace_size(const ExpertsProblem &p);                      \
+  /* dtype: the activations' moe_dtype_t, or -1 for any */                    \
+  size_t experts_forward_workspace_size(const ExpertsProblem &p,               \
+                                        int32_t dtype);                        \
+  size_t experts_backward_workspace_size(const ExpertsProblem &p,              \
+                                         int32_t dtype, uint32_t grads,        \
+                                         uint64_t flags);                      \
   moe_status_t experts_forward(                                                \
       const moe_context_t &ctx, const ExpertsProblem &p,                       \
       const moe_tensor_t &hidden_states, const moe_tensor_t &top_k_index,      \

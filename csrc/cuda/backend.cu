@@ -98,11 +98,63 @@ LinearWs linear_layout(WsArena &ar, const LinearProblem &p) {
   return L;
 }
 
+// Token windows. GEMM2's per-pair rows y and dX's per-pair rows dh W1[e] are produced a
+// token window [t0, t1) at a time into a buffer of (t1 - t0) k rows, and the combine sums
+// each token's k rows straight into out / dx (fp32, slot order, one rounding: the numerics
+// of one window). A window's pairs are one run of every expert's plan rows, written packed
+// (tile.delta) so the GEMM's stores stay dense; its tiles are cut only where the window
+// cuts a segment, so windows are used only when an expert gets about MOE_WINDOW_ROWS rows
+// a window, keeping those cut tiles few.
+#ifndef MOE_WINDOW_ROWS
+#define MOE_WINDOW_ROWS 512
+#endif
+#ifndef MOE_MAX_WINDOWS
+#define MOE_MAX_WINDOWS 4
+#endif
+struct Windows {
+  int64_t count, tokens;  // windows, tokens a window (the last may have fewer)
+};
+Windows token_windows(const ExpertsProblem &p) {
+  const int64_t T = p.tokens, n = T * p.top_k;
+  const int64_t want = n / std::max<int64_t>(1, p.num_experts * MOE_WINDOW_ROWS);
+  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(want, MOE_MAX_WINDOWS));
+  const int64_t tokens = std::max<int64_t>(1, (T + count - 1) / count);
+  return Windows{std::max<int64_t>(1, (T + tokens - 1) / tokens), tokens};
+}
+
+// Runs `row_gemm` (EPI_STORE into `buf`) and the combine into `out` window by window.
+// One window: the full tile list (already built), rows in plan order. Several: each
+// window's tiles, rows packed.
+moe_status_t windowed_store_combine(GroupedGemmArgs g, const ExpertsProblem &p,
+                                    const int32_t *off, const int32_t *sorted,
+                                    const int32_t *rows, Tile *tiles, int32_t *num_tiles,
+                                    int32_t *win_delta, const void *sw, int sw_dtype,
+                                    int64_t sw_s0, int64_t sw_s1, void *out, int64_t ldo,
+                                    uint64_t flags, cudaStream_t st) {
+  const int64_t T = p.tokens, k = p.top_k, E = p.num_experts, n = T * k;
+  const Windows W = token_windows(p);
+  g.c_scatter = false;
+  for (int64_t t0 = 0; t0 < T; t0 += W.tokens) {
+    const int64_t t1 = std::min(T, t0 + W.tokens);
+    WindowRows win{nullptr, nullptr, int(E)};
+    if (W.count > 1) {
+      build_tiles_pairs(off, sorted, int(E), n, t0 * k, t1 * k, BMT, tiles, num_tiles, win_delta,
+                        st);
+      win = WindowRows{off, win_delta, int(E)};
+    }
+    g.c_rows = (t1 - t0) * k;
+    MOE_CU_TRY(row_gemm(g, E, flags, st));
+    MOE_CU_TRY(combine_rows(g.dtype, g.C, g.ldc, g.c_rows, rows, win, sw, sw_dtype, sw_s0, sw_s1,
+                            t0, t1, int(k), g.N, out, ldo, st));
+  }
+  return MOE_OK;
+}
+
 struct FwdWs {
   PlanWs plan;
   Tile *tiles;
-  int32_t *num_tiles;
-  void *a, *y;
+  int32_t *num_tiles, *win_delta;
+  void *a, *y;  // a [n, I]; y: one token window's pair rows [tokens * k, H]
 };
 FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p) {
   const int64_t n = p.tokens * p.top_k;
@@ -110,35 +162,34 @@ FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p) {
   L.plan = plan_layout(ar, n, p.num_experts);
   L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
   L.num_tiles = ar.take<int32_t>(1);
+  L.win_delta = ar.take<int32_t>(p.num_experts);
   L.a = ar.take<uint16_t>(n * p.intermediate);
-  L.y = ar.take<uint16_t>(n * p.hidden);
+  L.y = ar.take<uint16_t>(token_windows(p).tokens * p.top_k * p.hidden);
   return L;
 }
 
-// Backward workspace. dx is computed in row windows: the per-pair rows dh W1[e] of
-// one window of plan rows go to `win` (which reuses the s*a buffer: s*a is dead once
-// dW2 is done), then are summed into an fp32 token accumulator (combine_window). With
-// nwin = 4 this holds n/4 rows instead of n, and the window shares memory with s*a.
+// Backward workspace: dh [n, 2I] (none when MOE_FLAG_OVERWRITE_H lets dh replace h), and
+// one buffer that first holds s*a [n, I] (only for dW2) and, once dW2 has read it, the dX
+// token window [tokens * k, H]; ds partials.
 struct BwdWs {
   Tile *tiles;
-  int32_t *num_tiles;
-  void *dh, *sa;  // sa: [n, I] s*a, then the dx row window [win_rows, H]
-  float *acc;     // [T, H] fp32 dx accumulator (nwin > 1)
+  int32_t *num_tiles, *win_delta;
+  void *dh;   // null: dh overwrites h
+  void *buf;  // s*a, then the dx window
   float *ds_part;
   int ds_ld;
-  int nwin;
-  int64_t win_rows;
 };
-BwdWs bwd_layout(WsArena &ar, const ExpertsProblem &p) {
+BwdWs bwd_layout(WsArena &ar, const ExpertsProblem &p, uint32_t grads, uint64_t flags) {
   const int64_t n = p.tokens * p.top_k;
   BwdWs L;
-  L.nwin = n >= 1024 ? 4 : 1;
-  L.win_rows = (n + L.nwin - 1) / L.nwin;
   L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
   L.num_tiles = ar.take<int32_t>(1);
-  L.dh = ar.take<uint16_t>(n * 2 * p.intermediate);
-  L.sa = ar.take<uint16_t>(std::max(n * p.intermediate, L.win_rows * p.hidden));
-  L.acc = L.nwin > 1 ? ar.take<float>(p.tokens * p.hidden) : nullptr;
+  L.win_delta = ar.take<int32_t>(p.num_experts);
+  L.dh = (flags & MOE_FLAG_OVERWRITE_H) ? nullptr : ar.take<uint16_t>(n * 2 * p.intermediate);
+  const int64_t sa = (grads & MOE_GRAD_DOWN_PROJ) ? n * p.intermediate : 0;
+  const int64_t win = (grads & MOE_GRAD_HIDDEN_STATES)
+                          ? token_windows(p).tokens * p.top_k * p.hidden : 0;
+  L.buf = ar.take<uint16_t>(std::max(sa, win));
   L.ds_ld = grouped_gemm_col_tiles(EPI_DSWIGLU, int(std::min<int64_t>(p.intermediate, 1 << 30)));
   L.ds_part = ar.take<float>(n * std::max(L.ds_ld, 1));
   return L;
@@ -310,12 +361,21 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
 
 // ---- fused experts layer ---------------------------------------------------------------
 
-size_t experts_workspace_size(const ExpertsProblem &p) {
-  WsArena f(nullptr), b(nullptr), f32(nullptr);
-  fwd_layout(f, p);
-  bwd_layout(b, p);
-  f32.take<char>(int64_t(std::max(f32_experts_bwd_bytes(p), f32_experts_fwd_bytes(p))));
-  return std::max({f.required(), b.required(), f32.required()});
+// dtype < 0: any dtype. float32 runs the SIMT path (its own scratch after the plan's).
+size_t experts_forward_workspace_size(const ExpertsProblem &p, int32_t dtype) {
+  WsArena f(nullptr), f32(nullptr);
+  if (dtype != MOE_DTYPE_F32) fwd_layout(f, p);
+  else plan_layout(f, p.tokens * p.top_k, p.num_experts);
+  if (dtype < 0 || dtype == MOE_DTYPE_F32) f32.take<char>(int64_t(f32_experts_fwd_bytes(p)));
+  return std::max(f.required(), f32.required());
+}
+
+size_t experts_backward_workspace_size(const ExpertsProblem &p, int32_t dtype, uint32_t grads,
+                                       uint64_t flags) {
+  WsArena b(nullptr), f32(nullptr);
+  if (dtype != MOE_DTYPE_F32) bwd_layout(b, p, grads, flags);
+  if (dtype < 0 || dtype == MOE_DTYPE_F32) f32.take<char>(int64_t(f32_experts_bwd_bytes(p)));
+  return std::max(b.required(), f32.required());
 }
 
 moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
@@ -378,6 +438,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g.k = int(k);
   MOE_CU_TRY(row_gemm(g, E, ctx.flags, st));
 
+  // y = a W2[e] per pair, a token window at a time, each token's k rows combined into out.
   GroupedGemmArgs g2 = g;
   g2.epilogue = EPI_STORE;
   g2.A = L.a;
@@ -391,12 +452,9 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g2.C = L.y;
   g2.ldc = H;
   g2.C2 = nullptr;
-  g2.c_scatter = false;
-  MOE_CU_TRY(row_gemm(g2, E, ctx.flags, st));
-
-  return combine_rows(hidden_states.dtype, L.y, H, rows, top_k_weights.data, top_k_weights.dtype,
-                      top_k_weights.strides[0], top_k_weights.strides[1], T, int(k), H, out.data,
-                      out.strides[0], st);
+  return windowed_store_combine(g2, p, off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
+                                top_k_weights.data, top_k_weights.dtype, top_k_weights.strides[0],
+                                top_k_weights.strides[1], out.data, out.strides[0], ctx.flags, st);
 }
 
 moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
@@ -426,8 +484,10 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   const int64_t T = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
                 E = p.num_experts, n = T * k;
   cudaStream_t st = stream_of(ctx);
+  const uint32_t grads =
+      experts_grads(grad_hidden_states, grad_top_k_weights, grad_gate_up_proj, grad_down_proj);
   WsArena ar(ctx.workspace);
-  BwdWs L = bwd_layout(ar, p);
+  BwdWs L = bwd_layout(ar, p, grads, ctx.flags);
   const int32_t *off = static_cast<const int32_t *>(plan.expert_offsets.data);
   const int32_t *sorted = static_cast<const int32_t *>(plan.sorted_pairs.data);
   const int32_t *rows = static_cast<const int32_t *>(plan.pair_rows.data);
@@ -441,7 +501,11 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   build_tiles(off, int(E), n, BMT, L.tiles, L.num_tiles, st);
   MOE_CU_TRY(launch_status("moe_experts_backward (tiles)"));
 
-  // dA' = dout W2[e] (gathered), epilogue: dh, s*a, ds partials.
+  // dA' = dout W2[e] (gathered), epilogue: dh (over h itself in the in-place mode: each
+  // element of h is read before its dh is written, and nothing reads h afterwards), s*a
+  // (only for dW2), ds partials.
+  void *dh = L.dh ? L.dh : h.data;
+  const int64_t ldd = L.dh ? 2 * I : h.strides[0];
   GroupedGemmArgs g{};
   g.dtype = hidden_states.dtype;
   g.epilogue = EPI_DSWIGLU;
@@ -459,9 +523,9 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   g.tiles = L.tiles;
   g.num_tiles = L.num_tiles;
   g.max_tiles = max_tiles(n, E, BMT);
-  g.C = L.dh;
-  g.ldc = 2 * I;
-  g.C2 = L.sa;
+  g.C = dh;
+  g.ldc = ldd;
+  g.C2 = grad_down_proj ? L.buf : nullptr;
   g.ldc2 = I;
   g.Hin = h.data;
   g.ldh = h.strides[0];
@@ -486,7 +550,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     w.A = grad_out.data;
     w.lda = grad_out.strides[0];
     w.a_div = int(k);
-    w.B = L.sa;
+    w.B = L.buf;
     w.ldb = I;
     w.b_div = 0;
     w.n_rows = n;
@@ -503,8 +567,8 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   if (grad_gate_up_proj) {
     WgradArgs w{};
     w.dtype = hidden_states.dtype;
-    w.A = L.dh;
-    w.lda = 2 * I;
+    w.A = dh;
+    w.lda = ldd;
     w.a_div = 0;
     w.B = hidden_states.data;
     w.ldb = hidden_states.strides[0];
@@ -521,14 +585,14 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     MOE_CU_TRY(weight_grad(w, ctx.flags, st));
   }
   if (grad_hidden_states) {
-    // dx rows = dh W1[e] per plan row, in row windows (s*a, now dead, holds the window),
-    // then summed per token over its k slots (fp32, deterministic order).
+    // dx = sum over the k slots of dh W1[e], a token window at a time (the buffer's s*a is
+    // dead once dW2 has run): each token's k rows combined into dx, fp32, slot order.
     GroupedGemmArgs d{};
     d.dtype = hidden_states.dtype;
     d.epilogue = EPI_STORE;
     d.b_kn = true;  // W1[e] read as [K = 2I][N = H]
-    d.A = L.dh;
-    d.lda = 2 * I;
+    d.A = dh;
+    d.lda = ldd;
     d.a_div = 0;
     d.B = gate_up_proj.data;
     d.ldb = gate_up_proj.strides[1];
@@ -540,24 +604,12 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     d.tiles = L.tiles;
     d.num_tiles = L.num_tiles;
     d.max_tiles = max_tiles(n, E, BMT);
-    d.C = L.sa;
+    d.C = L.buf;
     d.ldc = H;
-    d.c_scatter = false;
     d.k = int(k);
-    for (int w = 0; w < L.nwin; ++w) {
-      const int64_t lo = w * L.win_rows, hi = std::min<int64_t>(n, lo + L.win_rows);
-      d.c_row0 = lo;
-      if (L.nwin > 1) build_tiles_window(off, int(E), n, lo, hi, BMT, L.tiles, L.num_tiles, st);
-      MOE_CU_TRY(row_gemm(d, E, ctx.flags, st));
-      if (L.nwin == 1)
-        MOE_CU_TRY(combine_rows(hidden_states.dtype, L.sa, H, rows, nullptr, MOE_DTYPE_F32, 0, 0,
-                                T, int(k), H, grad_hidden_states->data,
-                                grad_hidden_states->strides[0], st));
-      else
-        MOE_CU_TRY(combine_window(hidden_states.dtype, L.sa, H, rows, lo, hi, T, int(k), H, L.acc,
-                                  w == 0, w == L.nwin - 1, grad_hidden_states->data,
-                                  grad_hidden_states->strides[0], st));
-    }
+    MOE_CU_TRY(windowed_store_combine(d, p, off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
+                                      nullptr, MOE_DTYPE_F32, 0, 0, grad_hidden_states->data,
+                                      grad_hidden_states->strides[0], ctx.flags, st));
   }
   return MOE_OK;
 }

@@ -1,5 +1,6 @@
 // Deterministic per-token reductions over the k slots (no atomics):
-//   combine_rows: out[t] = sum_j w_tj * Y[rows[t*k+j]]   (fp32, slot order)
+//   combine_rows: out[t] = sum_j w_tj * Y[row(t, j)]   (fp32, slot order), Y holding every
+//                 plan row or one token window's rows packed by build_tiles_pairs
 //   reduce_ds:    grad_s[t,j] = sum_i ds_part[rows[t*k+j], i]  (i ascending)
 #include <algorithm>
 
@@ -11,17 +12,30 @@ namespace {
 
 constexpr int kMaxK = 64;
 
+// The expert whose segment holds plan row r: the last e with offsets[e] <= r.
+__device__ __forceinline__ int segment_of(const int32_t *offsets, int E, int64_t r) {
+  int lo = 0, hi = E;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int m = (lo + hi) / 2;
+    if (offsets[m] <= r) lo = m;
+    else hi = m;
+  }
+  return lo;
+}
+
 template <class T>
-__global__ void combine_kernel(const T *Y, int64_t ldy, const int32_t *rows, const void *sw,
-                               int sw_dtype, int64_t sw_s0, int64_t sw_s1, int64_t n, int k,
-                               int64_t H, T *out, int64_t ldo, bool vec) {
-  const int64_t t = blockIdx.x;
+__global__ void combine_kernel(const T *Y, int64_t ldy, int64_t ny, const int32_t *rows,
+                               WindowRows win, const void *sw, int sw_dtype, int64_t sw_s0,
+                               int64_t sw_s1, int64_t t0, int k, int64_t H, T *out, int64_t ldo,
+                               bool vec) {
+  const int64_t t = t0 + blockIdx.x;
   __shared__ int64_t srow[kMaxK];
   __shared__ float sw_s[kMaxK];
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
     const int64_t p = t * k + j;
     int64_t r = rows[p];
-    r = r < 0 ? 0 : (r >= n ? n - 1 : r);
+    if (win.offsets) r += win.win_delta[segment_of(win.offsets, win.E, r)];
+    r = r < 0 ? 0 : (r >= ny ? ny - 1 : r);
     srow[j] = r;
     sw_s[j] = sw ? load_weight(sw, sw_dtype, t * sw_s0 + j * sw_s1) : 1.f;
   }
@@ -54,83 +68,27 @@ __global__ void reduce_ds_kernel(const float *ds_part, int ds_ld, int ncols, con
   store_weight(gs, gs_dtype, off, acc);
 }
 
-template <class T>
-__global__ void combine_window_kernel(const T *Yw, int64_t ldy, const int32_t *rows, int64_t lo,
-                                      int64_t hi, int64_t n, int k, int64_t H, float *acc,
-                                      bool first, bool last, T *out, int64_t ldo, bool vec) {
-  const int64_t t = blockIdx.x;
-  __shared__ int64_t srow[kMaxK];
-  for (int j = threadIdx.x; j < k; j += blockDim.x) {
-    int64_t r = rows[t * k + j];
-    r = r < 0 ? 0 : (r >= n ? n - 1 : r);
-    srow[j] = (r >= lo && r < hi) ? r - lo : -1;
-  }
-  __syncthreads();
-  for (int64_t c = int64_t(threadIdx.x) * 8; c < H; c += int64_t(blockDim.x) * 8) {
-    const int nv = int(std::min<int64_t>(8, H - c));
-    float a[8];
-    float *ap = acc + t * H + c;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) a[i] = (!first && i < nv) ? ap[i] : 0.f;
-    for (int j = 0; j < k; ++j) {
-      if (srow[j] < 0) continue;
-      float v[8];
-      load8<T>(v, Yw + srow[j] * ldy + c, nv, vec);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] += v[i];
-    }
-    if (last) {
-      store8<T>(out + t * ldo + c, a, nv, vec);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        if (i < nv) ap[i] = a[i];
-    }
-  }
-}
-
 bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
 
-moe_status_t combine_window(int dtype, const void *Yw, int64_t ldy, const int32_t *rows,
-                            int64_t lo, int64_t hi, int64_t T, int k, int64_t H, float *acc,
-                            bool first, bool last, void *out, int64_t ldo, cudaStream_t stream) {
-  if (T <= 0 || H <= 0) return MOE_OK;
+moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, const int32_t *rows,
+                          WindowRows win, const void *sw, int sw_dtype, int64_t sw_s0,
+                          int64_t sw_s1, int64_t t0, int64_t t1, int k, int64_t H, void *out,
+                          int64_t ldo, cudaStream_t stream) {
+  if (t1 <= t0 || H <= 0 || ny <= 0) return MOE_OK;
   if (k > kMaxK) return set_error(MOE_ERR_UNSUPPORTED, "CUDA: top_k %d > %d", k, kMaxK);
-  const bool vec = H % 8 == 0 && ldy % 8 == 0 && ldo % 8 == 0 && aligned16(Yw) && aligned16(out);
-  const int threads = int(std::min<int64_t>(256, std::max<int64_t>(32, (H + 7) / 8)));
-  const int64_t n = T * k;
-  if (dtype == MOE_DTYPE_BF16)
-    combine_window_kernel<__nv_bfloat16><<<unsigned(T), threads, 0, stream>>>(
-        static_cast<const __nv_bfloat16 *>(Yw), ldy, rows, lo, hi, n, k, H, acc, first, last,
-        static_cast<__nv_bfloat16 *>(out), ldo, vec);
-  else if (dtype == MOE_DTYPE_F16)
-    combine_window_kernel<__half><<<unsigned(T), threads, 0, stream>>>(
-        static_cast<const __half *>(Yw), ldy, rows, lo, hi, n, k, H, acc, first, last,
-        static_cast<__half *>(out), ldo, vec);
-  else
-    return set_error(MOE_ERR_DTYPE, "CUDA combine: unsupported dtype %d", dtype);
-  return launch_status("combine_window");
-}
-
-moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, const int32_t *rows,
-                          const void *sw, int sw_dtype, int64_t sw_s0, int64_t sw_s1,
-                          int64_t T, int k, int64_t H, void *out, int64_t ldo,
-                          cudaStream_t stream) {
-  if (T <= 0 || H <= 0) return MOE_OK;
-  if (k > kMaxK) return set_error(MOE_ERR_UNSUPPORTED, "CUDA: top_k %d > %d", k, kMaxK);
-  if (T > 2147483647) return set_error(MOE_ERR_UNSUPPORTED, "CUDA: too many tokens");
+  if (t1 - t0 > 2147483647) return set_error(MOE_ERR_UNSUPPORTED, "CUDA: too many tokens");
   const bool vec = H % 8 == 0 && ldy % 8 == 0 && ldo % 8 == 0 && aligned16(Y) && aligned16(out);
   const int threads = int(std::min<int64_t>(256, std::max<int64_t>(32, (H + 7) / 8)));
-  const int64_t n = T * k;
+  const unsigned blocks = unsigned(t1 - t0);
   if (dtype == MOE_DTYPE_BF16)
-    combine_kernel<__nv_bfloat16><<<unsigned(T), threads, 0, stream>>>(
-        static_cast<const __nv_bfloat16 *>(Y), ldy, rows, sw, sw_dtype, sw_s0, sw_s1, n, k, H,
-        static_cast<__nv_bfloat16 *>(out), ldo, vec);
+    combine_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(
+        static_cast<const __nv_bfloat16 *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1,
+        t0, k, H, static_cast<__nv_bfloat16 *>(out), ldo, vec);
   else if (dtype == MOE_DTYPE_F16)
-    combine_kernel<__half><<<unsigned(T), threads, 0, stream>>>(
-        static_cast<const __half *>(Y), ldy, rows, sw, sw_dtype, sw_s0, sw_s1, n, k, H,
+    combine_kernel<__half><<<blocks, threads, 0, stream>>>(
+        static_cast<const __half *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1, t0, k, H,
         static_cast<__half *>(out), ldo, vec);
   else
     return set_error(MOE_ERR_DTYPE, "CUDA combine: unsupported dtype %d", dtype);

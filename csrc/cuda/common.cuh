@@ -220,7 +220,7 @@ struct Tile {
   int32_t expert;
   int32_t row0;  // first plan row of the tile
   int32_t row1;  // one past the segment's last row (the tile covers [row0, min(row0+BM, row1)))
-  int32_t pad;
+  int32_t delta;  // EPI_STORE writes plan row r to C row r + delta (token windows; else 0)
 };
 
 // Upper bound of the number of BM-row tiles over E segments of n rows in all.

@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
           const float4 x1 = *reinterpret_cast<const float4 *>(Cs + row * CS_ST + col + 4);
           v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
           v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
-          const int64_t orow = a.c_scatter ? clamp_row(a.sorted[r], a.n_rows) : r - a.c_row0;
+          const int64_t orow =
+              clamp_row(a.c_scatter ? a.sorted[r] : r + tile.delta, a.c_rows);
           store8<T>(C + orow * a.ldc + gn, v, N - gn, a.vec_c);
         }
       }
@@ -200,9 +201,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
 #pragma unroll
           for (int i = 0; i < 8; ++i) o[i] = d[i] * g[i];  // du = da silu(g)
           store8<T>(dr + N + gn, o, N - gn, a.vec_c);
+          if (SA) {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) o[i] = s * g[i] * u[i];  // s a
-          store8<T>(SA + int64_t(r) * a.ldc2 + gn, o, N - gn, a.vec_c);
+            for (int i = 0; i < 8; ++i) o[i] = s * g[i] * u[i];  // s a
+            store8<T>(SA + int64_t(r) * a.ldc2 + gn, o, N - gn, a.vec_c);
+          }
         }
 #pragma unroll
         for (int o = BN / 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
@@ -260,6 +263,7 @@ moe_status_t grouped_gemm(const GroupedGemmArgs &args, cudaStream_t stream) {
     a.vec_b = a.N % 8 == 0 && a.ldb % 8 == 0 && a.strideBE % 8 == 0 && aligned16(a.B);
   else
     a.vec_b = a.K % 8 == 0 && a.ldb % 8 == 0 && a.strideBE % 8 == 0 && aligned16(a.B);
+  if (a.c_rows <= 0) a.c_rows = a.n_rows;
   a.vec_c = a.N % 8 == 0 && a.ldc % 8 == 0 && aligned16(a.C);
   if (a.epilogue != EPI_STORE) a.vec_c = a.vec_c && a.ldc2 % 8 == 0 && aligned16(a.C2);
   a.vec_h = a.epilogue == EPI_DSWIGLU && a.N % 8 == 0 && a.ldh % 8 == 0 && aligned16(a.Hin);

@@ -32,14 +32,18 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
 // to [0, n], made monotone): tiles[max_tiles(n,E,BM)], num_tiles[1].
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
                  int32_t *num_tiles, cudaStream_t stream);
-// The same, with every segment clipped to the plan-row window [lo, hi).
-void build_tiles_window(const int32_t *offsets, int E, int64_t n, int64_t lo, int64_t hi, int BM,
-                        Tile *tiles, int32_t *num_tiles, cudaStream_t stream);
+// The same over the rows of the pairs [p0, p1) only (a token window [t0, t1) is the
+// pairs [t0 k, t1 k)): plan rows ascend in p within a segment, so each expert's rows of
+// the window are one run [lo_e, hi_e), found by binary search in sorted[]. The runs are
+// packed in expert order: tile.delta = win_delta[e] = (window rows before e) - lo_e.
+void build_tiles_pairs(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
+                       int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
+                       int32_t *win_delta, cudaStream_t stream);
 
 // ---- grouped_gemm.cu -----------------------------------------------------------
 
 enum Epilogue : int {
-  EPI_STORE = 0,    // C[row] = acc (row = r, or sorted[r] when c_scatter)
+  EPI_STORE = 0,    // C[row] = acc (row = r + tile.delta, or sorted[r] when c_scatter)
   EPI_SWIGLU = 1,   // C = h: [g;u] (g at col n, u at col I+n, I = N); C2 = a = silu(g)*u
   EPI_DSWIGLU = 2,  // acc = dA'; h from Hin; C = dh, C2 = s*a, ds_part[r, tile_n] = <dA', a>
 };
@@ -67,9 +71,11 @@ struct GroupedGemmArgs {
   // epilogue
   void *C;
   int64_t ldc;
+  // EPI_STORE: C row = c_scatter ? sorted[r] : r + tile.delta, clamped to [0, c_rows)
+  // (c_rows = 0: n_rows). A token window's rows go packed to a buffer of c_rows rows.
   bool c_scatter;
-  int64_t c_row0;  // EPI_STORE without scatter: C row = r - c_row0 (row windows)
-  void *C2;
+  int64_t c_rows;
+  void *C2;  // EPI_DSWIGLU: may be null (s*a not wanted)
   int64_t ldc2;
   const void *Hin;
   int64_t ldh;
@@ -110,19 +116,20 @@ moe_status_t wgrad_gemm(const WgradArgs &a, cudaStream_t stream);
 
 // ---- combine.cu ------------------------------------------------------------------
 
-// out[t, :] = sum_j w_tj * Y[rows[t*k+j], :]  (fp32 sum in slot order; w = 1 when sw
-// is null). Y: [n, H] row stride ldy; out row stride ldo.
-moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, const int32_t *rows,
-                          const void *sw, int sw_dtype, int64_t sw_s0, int64_t sw_s1,
-                          int64_t T, int k, int64_t H, void *out, int64_t ldo,
-                          cudaStream_t stream);
-// Row-window form of combine_rows (w = 1): over the plan rows [lo, hi) held in Yw
-// (row r at Yw[(r - lo) * ldy]), acc[t] (fp32 [T, H]) = (first ? 0 : acc[t]) + sum of
-// the token's slots j (ascending) whose row lies in the window; on the last window the
-// sum goes to out (its dtype) instead of acc. Deterministic: window order, then slots.
-moe_status_t combine_window(int dtype, const void *Yw, int64_t ldy, const int32_t *rows,
-                            int64_t lo, int64_t hi, int64_t T, int k, int64_t H, float *acc,
-                            bool first, bool last, void *out, int64_t ldo, cudaStream_t stream);
+// For the tokens t in [t0, t1): out[t, :] = sum_j w_tj * Y[row(t, j), :] (fp32 sum in
+// slot order, one rounding; w = 1 when sw is null). r = rows[t*k+j] is the pair's plan
+// row; row(t, j) = r, or, for a token window packed by build_tiles_pairs, r + win_delta[e]
+// with e the expert whose segment [offsets[e], offsets[e+1]) holds r. Y has ny rows, row
+// stride ldy; out row stride ldo.
+struct WindowRows {
+  const int32_t *offsets;    // [E + 1]; null: Y holds every plan row
+  const int32_t *win_delta;  // [E]
+  int E;
+};
+moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, const int32_t *rows,
+                          WindowRows win, const void *sw, int sw_dtype, int64_t sw_s0,
+                          int64_t sw_s1, int64_t t0, int64_t t1, int k, int64_t H, void *out,
+                          int64_t ldo, cudaStream_t stream);
 // grad_s[t, j] = sum_i ds_part[rows[t*k+j], i] (i ascending), in gs_dtype.
 moe_status_t reduce_ds(const float *ds_part, int ds_ld, int ncols, const int32_t *rows,
                        int64_t T, int k, void *gs, int gs_dtype, int64_t gs_s0,

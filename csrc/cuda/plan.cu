@@ -123,11 +123,26 @@ __global__ void plan_scatter(const Idx *idx, int64_t s0, int64_t s1, int k, int6
   }
 }
 
-// One block: per-expert tile counts (segments clamped to [0, n] and made
-// monotone), their scan, the tile entries, and the tile count.
-__global__ void tiles_kernel(const int32_t *offsets, int E, int64_t n, int64_t lo, int64_t hi,
-                             int BM, Tile *tiles, int32_t *num_tiles, int64_t maxT) {
-  int carry = 0;
+// First row r in [s, t) with sorted[r] >= p (sorted ascends within a segment; on a
+// corrupt plan the answer is still inside [s, t)).
+__device__ __forceinline__ int lower_row(const int32_t *sorted, int s, int t, int64_t p) {
+  while (s < t) {
+    const int m = s + (t - s) / 2;
+    if (sorted[m] < p) s = m + 1;
+    else t = m;
+  }
+  return s;
+}
+
+// One block: per-expert tile counts (segments clamped to [0, n] and made monotone,
+// then clipped to the pairs [p0, p1) when sorted is given), their scan, the tile
+// entries, and the tile count. With sorted, the window's runs are also packed back to
+// back (expert order): delta[e] = (rows of the window before e) - lo_e, in every tile
+// of e and in win_delta[e], so C row r + delta is dense in [0, window pairs).
+__global__ void tiles_kernel(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
+                             int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
+                             int32_t *win_delta, int64_t maxT) {
+  int carry = 0, row_carry = 0;
   for (int b = 0; b < E; b += blockDim.x) {
     const int e = b + threadIdx.x;
     int s = 0, t = 0, cnt = 0;
@@ -136,18 +151,24 @@ __global__ void tiles_kernel(const int32_t *offsets, int E, int64_t n, int64_t l
       s = static_cast<int>(lo_e < 0 ? 0 : (lo_e > n ? n : lo_e));
       const int64_t t64 = hi_e < s ? s : (hi_e > n ? n : hi_e);
       t = static_cast<int>(t64);
-      // clip to the row window [lo, hi)
-      s = static_cast<int>(s < lo ? lo : s);
-      t = static_cast<int>(t > hi ? hi : t);
+      if (sorted) {  // the window's pairs are one contiguous run of every segment
+        const int s2 = p0 > 0 ? lower_row(sorted, s, t, p0) : s;
+        t = p1 < n ? lower_row(sorted, s2, t, p1) : t;
+        s = s2;
+      }
       cnt = t > s ? (t - s + BM - 1) / BM : 0;
     }
-    int tot;
+    int tot, rows_tot;
     const int ex = block_exclusive_scan(cnt, &tot);
+    const int rex = block_exclusive_scan(t - s, &rows_tot);
+    const int delta = sorted ? row_carry + rex - s : 0;
+    if (win_delta && e < E) win_delta[e] = delta;
     for (int i = 0; i < cnt; ++i) {
       const int64_t slot = int64_t(carry) + ex + i;
-      if (slot < maxT) tiles[slot] = Tile{e, s + i * BM, t, 0};
+      if (slot < maxT) tiles[slot] = Tile{e, s + i * BM, t, delta};
     }
     carry += tot;
+    row_carry += rows_tot;
   }
   if (threadIdx.x == 0) *num_tiles = static_cast<int32_t>(carry < maxT ? carry : maxT);
 }
@@ -193,13 +214,15 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
 
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
                  int32_t *num_tiles, cudaStream_t stream) {
-  build_tiles_window(offsets, E, n, 0, n, BM, tiles, num_tiles, stream);
+  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, nullptr, E, n, 0, n, BM, tiles, num_tiles,
+                                       nullptr, max_tiles(n, E, BM));
 }
 
-void build_tiles_window(const int32_t *offsets, int E, int64_t n, int64_t lo, int64_t hi, int BM,
-                        Tile *tiles, int32_t *num_tiles, cudaStream_t stream) {
-  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, E, n, lo, hi, BM, tiles, num_tiles,
-                                       max_tiles(n, E, BM));
+void build_tiles_pairs(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
+                       int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
+                       int32_t *win_delta, cudaStream_t stream) {
+  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles,
+                                       win_delta, max_tiles(n, E, BM));
 }
 
 }  // namespace cuda

@@ -2,8 +2,8 @@
 // thread per output element with plain fp32 loops. Correctness, not speed:
 // bf16/fp16 are the fast paths. Deterministic (fixed loop orders, no atomics).
 // Workspace: the backward keeps dh [n, 2I] f32 (it fits in the bf16 layout's
-// dh + s*a + dx-per-pair buffers whenever H >= I; experts_workspace_size also
-// covers it otherwise).
+// dh + s*a + dx-window buffers in most shapes; the workspace queries also
+// cover it otherwise).
 #include "cuda/simt_f32.h"
 
 namespace moe {

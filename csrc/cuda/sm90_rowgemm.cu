@@ -5,7 +5,7 @@
 // with the portable kernels' epilogues and rounding (grouped_gemm.cu):
 //   EPI_SWIGLU   GEMM1: B rows = 128 gate rows + the same 128 up rows; h = [g; u] and
 //                a = silu(g) * u from the rounded g, u, each staged in smem and stored in rows
-//   EPI_STORE    GEMM2, dX, linear: C row r - c_row0 (or sorted[r]), staged the same way
+//   EPI_STORE    GEMM2, dX, linear: C row c_scatter ? sorted[r] : r + tile.delta, staged the same way
 //   EPI_DSWIGLU  dA': reloads h (TMA, in 64-column chunks), writes dh = dSwiGLU(s dA'), s*a,
 //                and the tile's partial of ds = <dA', a> in ds_part[r, column tile]
 // B_e is [N][K] (K-major, TMA box {64, 128}) or, B_MN, [K][N] (N-major, four TMA boxes
@@ -67,7 +67,7 @@ struct RowParams {
   void *c;
   int64_t ldc;
   bool c_scatter;
-  int64_t c_row0;
+  int32_t c_rows;
   void *c2;
   int64_t ldc2;
   const void *hin;
@@ -315,9 +315,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
           for (int m = 0; m < 8; ++m) {
             const int r = rbase + (tid_wg >> 4) + 8 * m;
-            orow[m] = r >= t.row1    ? -1
-                      : p.c_scatter ? clamp_row(p.sorted[r], p.n_rows)
-                                    : r - p.c_row0;
+            orow[m] = r >= t.row1 ? -1
+                                  : clamp_row(p.c_scatter ? p.sorted[r] : r + t.delta, p.c_rows);
           }
 #pragma unroll
           for (int half = 0; half < 2; ++half)
@@ -336,7 +335,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         // h comes by TMA in chunks of kHC columns (g and u, this warpgroup's 64 rows, swizzled
         // by 2 kHC bytes), two buffers deep: chunk q + 2 loads while q + 1 is used. dg and du
         // overwrite g and u in the chunk buffer (each thread the bytes it read), which then
-        // goes out in 16-byte row stores; s*a is stored from registers.
+        // goes out in 16-byte row stores; s*a is stored from registers (when wanted: SA null
+        // skips it). dH may be h itself (the backward's in-place mode): a chunk's dh is stored
+        // only after its TMA read of h has completed, and no other tile reads those bytes.
         T *dH = static_cast<T *>(p.c);
         T *SA = static_cast<T *>(p.c2);
         const int n0 = nt * BN + (lane & 3) * 2;
@@ -375,7 +376,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 }
                 sts32(hb + off, pack2<T>(dg[0], dg[1]));
                 sts32(hb + kHChunk / 2 + off, pack2<T>(du[0], du[1]));
-                *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
+                if (SA) *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
               }
             }
           }
@@ -489,7 +490,10 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   if (!aligned16(g.A) || g.lda % 8 != 0) return false;
   const int64_t c_cols = swiglu ? 2 * N : N;
   if (!aligned16(g.C) || g.ldc % 8 != 0 || g.ldc < c_cols) return false;
-  if (g.epilogue != EPI_STORE && (!aligned16(g.C2) || g.ldc2 % 8 != 0 || g.ldc2 < N)) return false;
+  if (g.epilogue != EPI_STORE && (!aligned16(g.C2) || g.ldc2 % 8 != 0 || g.ldc2 < N) &&
+      (g.C2 || g.epilogue == EPI_SWIGLU))  // dA' without s*a: C2 null, ldc2 unused
+    return false;
+  if (g.c_rows >= (int64_t(1) << 31)) return false;
   if (g.epilogue == EPI_DSWIGLU && (!aligned16(g.Hin) || g.ldh % 8 != 0 || g.ldh < 2 * N))
     return false;
   if (g.epilogue == EPI_DSWIGLU && g.ds_ld < N / BN) return false;
@@ -527,7 +531,7 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.c = g.C;
   p.ldc = g.ldc;
   p.c_scatter = g.c_scatter;
-  p.c_row0 = g.c_row0;
+  p.c_rows = int32_t(g.c_rows > 0 ? g.c_rows : g.n_rows);
   p.c2 = g.C2;
   p.ldc2 = g.ldc2;
   p.hin = g.Hin;

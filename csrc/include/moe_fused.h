@@ -41,7 +41,7 @@ extern "C" {
 #endif
 
 /* Bumped on any incompatible change; the Python loader refuses a mismatch. */
-#define MOE_ABI_VERSION 1
+#define MOE_ABI_VERSION 2
 
 /* Status codes. The Python layer maps each to an exception class (named). */
 typedef enum {
@@ -97,6 +97,12 @@ typedef struct {
 /* Use the portable (mma.sync) CUDA kernels even where an arch-specific path
  * exists. Equivalent to the environment variable MOE_FUSED_PORTABLE=1. */
 #define MOE_FLAG_FORCE_PORTABLE (1ull << 0)
+
+/* moe_experts_backward may overwrite h, which it reads once and needs no more: the
+ * CUDA path writes dh over it instead of into the workspace (T*k*2I elements less;
+ * ask moe_experts_backward_workspace_size with this flag). h holds no defined values
+ * afterwards, so a caller that runs the backward twice on one h must not pass it. */
+#define MOE_FLAG_OVERWRITE_H (1ull << 1)
 
 /* The routing plan: the T*k (token, slot) pairs sorted by expert.
  * A pair is identified by p = t*k + j. Within one expert, pairs keep
@@ -163,9 +169,25 @@ MOE_API moe_status_t moe_linear_backward(const moe_context_t *ctx,
  * and h; it recomputes a and y. Every gradient is optional (NULL = skip) and
  * overwritten: grad_hidden_states [T,H], grad_top_k_weights [T,k],
  * grad_gate_up_proj [E,2I,H], grad_down_proj [E,H,I]. */
+/* Workspace bytes enough for either call, every gradient, any flags. */
 MOE_API size_t moe_experts_workspace_size(int32_t device_type, int64_t T,
                                           int64_t k, int64_t H, int64_t I,
                                           int64_t num_experts);
+/* The bytes each call needs, for activations of dtype `dtype` (moe_dtype_t; -1: any):
+ * the forward's, and the backward's for the gradients it is asked for (MOE_GRAD_*
+ * bits, OR-ed) under ctx flags `flags`. A backward given non-NULL gradients beyond
+ * `grads`, or without a flag counted here, needs more. */
+#define MOE_GRAD_HIDDEN_STATES (1u << 0)
+#define MOE_GRAD_TOP_K_WEIGHTS (1u << 1)
+#define MOE_GRAD_GATE_UP_PROJ (1u << 2)
+#define MOE_GRAD_DOWN_PROJ (1u << 3)
+MOE_API size_t moe_experts_forward_workspace_size(int32_t device_type, int32_t dtype,
+                                                  int64_t T, int64_t k, int64_t H,
+                                                  int64_t I, int64_t num_experts);
+MOE_API size_t moe_experts_backward_workspace_size(int32_t device_type, int32_t dtype,
+                                                   int64_t T, int64_t k, int64_t H,
+                                                   int64_t I, int64_t num_experts,
+                                                   uint32_t grads, uint64_t flags);
 MOE_API moe_status_t moe_experts_forward(const moe_context_t *ctx,
                                          const moe_tensor_t *hidden_states,
                                          const moe_tensor_t *top_k_index,

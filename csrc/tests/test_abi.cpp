@@ -264,8 +264,17 @@ TEST(Abi, DeviceTypes) {
 
 TEST(Abi, NegativeSizesInQueries) {
   EXPECT_EQ(moe_experts_workspace_size(MOE_DEVICE_CPU, -1, 2, 8, 4, 4), 0u);
+  EXPECT_EQ(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, -1, 4, 2, -8, 4, 4), 0u);
+  EXPECT_EQ(moe_experts_backward_workspace_size(MOE_DEVICE_CPU, -1, 4, 2, 8, -4, 4, 0xf, 0), 0u);
   EXPECT_EQ(moe_linear_workspace_size(MOE_DEVICE_CPU, 3, -2, 8, 4), 0u);
   EXPECT_EQ(moe_routing_plan_workspace_size(MOE_DEVICE_CPU, 3, -1), 0u);
+}
+
+TEST(Abi, PerCallWorkspaceQueriesFitTheCombinedOne) {
+  const size_t both = moe_experts_workspace_size(MOE_DEVICE_CPU, 9, 2, 8, 4, 4);
+  EXPECT_GT(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4), 0u);
+  EXPECT_LE(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4), both);
+  EXPECT_LE(moe_experts_backward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4, 0xf, 0), both);
 }
 
 TEST(Abi, ErrorMessagePersistsAfterSuccess) {

@@ -29,6 +29,7 @@ from ctypes import (
     c_char_p,
     c_int32,
     c_int64,
+    c_uint32,
     c_size_t,
     c_uint64,
     c_void_p,
@@ -36,7 +37,7 @@ from ctypes import (
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_DIMS = 4
 LIBRARY_ENV = "MOE_FUSED_LIBRARY"
 _LIB_NAME = "libmoe_fused.so"
@@ -99,6 +100,11 @@ MOE_DEVICE_CPU = 0
 MOE_DEVICE_CUDA = 1
 
 MOE_FLAG_FORCE_PORTABLE = 1 << 0
+MOE_FLAG_OVERWRITE_H = 1 << 1
+MOE_GRAD_HIDDEN_STATES = 1 << 0
+MOE_GRAD_TOP_K_WEIGHTS = 1 << 1
+MOE_GRAD_GATE_UP_PROJ = 1 << 2
+MOE_GRAD_DOWN_PROJ = 1 << 3
 
 # Workspace alignment the ABI asks for.
 WORKSPACE_ALIGN = 256
@@ -155,6 +161,14 @@ _SIGNATURES = {
     "moe_linear_forward": (c_int32, [_C, _T, _T, _T, _T]),
     "moe_linear_backward": (c_int32, [_C, _T, _T, _T, _T, _T, _T]),
     "moe_experts_workspace_size": (c_size_t, [c_int32, c_int64, c_int64, c_int64, c_int64, c_int64]),
+    "moe_experts_forward_workspace_size": (
+        c_size_t,
+        [c_int32, c_int32, c_int64, c_int64, c_int64, c_int64, c_int64],
+    ),
+    "moe_experts_backward_workspace_size": (
+        c_size_t,
+        [c_int32, c_int32, c_int64, c_int64, c_int64, c_int64, c_int64, c_uint32, c_uint64],
+    ),
     "moe_experts_forward": (c_int32, [_C, _T, _T, _T, _T, _T, _P, _T, _T]),
     "moe_experts_backward": (c_int32, [_C, _T, _T, _T, _T, _T, _P, _T, _T, _T, _T, _T]),
 }
@@ -389,6 +403,16 @@ def _experts_ws(dev_type: int, T: int, k: int, H: int, I: int, E: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
+def _experts_fwd_ws(dev_type: int, dt: int, T: int, k: int, H: int, I: int, E: int) -> int:
+    return int(lib().moe_experts_forward_workspace_size(dev_type, dt, T, k, H, I, E))
+
+
+@functools.lru_cache(maxsize=1024)
+def _experts_bwd_ws(dev_type: int, dt: int, T: int, k: int, H: int, I: int, E: int, grads: int, flags: int) -> int:
+    return int(lib().moe_experts_backward_workspace_size(dev_type, dt, T, k, H, I, E, grads, flags))
+
+
+@functools.lru_cache(maxsize=1024)
 def _linear_ws(dev_type: int, n: int, E: int, in_f: int, out_f: int) -> int:
     return int(lib().moe_linear_workspace_size(dev_type, n, E, in_f, out_f))
 
@@ -401,9 +425,28 @@ def experts_workspace_size(device: torch.device, T: int, k: int, H: int, I: int,
     return _experts_ws(device_type(device), int(T), int(k), int(H), int(I), int(E))
 
 
+def experts_forward_workspace_size(
+    device: torch.device, dtype: torch.dtype, T: int, k: int, H: int, I: int, E: int
+) -> int:
+    """Bytes of moe_experts_forward on activations of `dtype`."""
+    return _experts_fwd_ws(device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), int(T), int(k), int(H), int(I), int(E))
+
+
+def experts_backward_workspace_size(
+    device: torch.device, dtype: torch.dtype, T: int, k: int, H: int, I: int, E: int, grads: int, flags: int
+) -> int:
+    """Bytes of moe_experts_backward on activations of `dtype`, asked for the MOE_GRAD_* bits
+    `grads` under context flags `flags` (as passed to :func:`context`; the device flags are
+    added here too)."""
+    return _experts_bwd_ws(
+        device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), int(T), int(k), int(H), int(I), int(E), int(grads),
+        int(flags) | _dev_flags(),
+    )
+
+
 def linear_workspace_size(device: torch.device, n: int, E: int, in_f: int, out_f: int) -> int:
     return _linear_ws(device_type(device), int(n), int(E), int(in_f), int(out_f))
 
 
-def context(device: torch.device, nbytes: int) -> Context:
-    return Context(device, nbytes, _dev_flags())
+def context(device: torch.device, nbytes: int, flags: int = 0) -> Context:
+    return Context(device, nbytes, flags | _dev_flags())

@@ -29,6 +29,13 @@ check is turned off (``moe_fused.ops.set_cuda_index_check(False)`` or the enviro
 variable ``MOE_FUSED_CHECK_INDICES=0``; indices from a top-k router are always in range, and
 the sync stops the host from running ahead of the GPU): out-of-range indices are then the
 caller's responsibility. Nothing else in these ops syncs with the host.
+
+Saved h, overwritten: in plain eager mode on CUDA the experts backward writes dh over the
+saved h (it reads h once and needs it no more), which saves a [T*k, 2I] buffer at the
+backward's peak. A second backward through the same graph (``retain_graph=True``) then
+raises a RuntimeError that says so; ``set_backward_overwrite_h(False)`` (or the environment
+variable ``MOE_FUSED_OVERWRITE_H=0``) keeps h intact. The registered op (torch.compile and
+the other non-eager paths) never overwrites its inputs.
 """
 
 from __future__ import annotations
@@ -42,9 +49,25 @@ import torch
 
 from . import _lib
 
-__all__ = ["moe_experts", "moe_fused_linear", "set_cuda_index_check", "cuda_index_check"]
+__all__ = [
+    "moe_experts",
+    "moe_fused_linear",
+    "set_cuda_index_check",
+    "cuda_index_check",
+    "set_backward_overwrite_h",
+]
 
 _cuda_index_check = os.environ.get("MOE_FUSED_CHECK_INDICES", "1") != "0"
+_overwrite_h = os.environ.get("MOE_FUSED_OVERWRITE_H", "1") != "0"
+
+
+def set_backward_overwrite_h(enabled: bool) -> bool:
+    """Let the eager CUDA experts backward write dh over the saved h (the default: less
+    memory at the backward's peak, one backward per forward) or keep h intact (for
+    ``retain_graph=True`` and repeated backward). Returns the previous setting."""
+    global _overwrite_h
+    previous, _overwrite_h = _overwrite_h, bool(enabled)
+    return previous
 
 
 def set_cuda_index_check(enabled: bool) -> bool:
@@ -250,7 +273,7 @@ def _experts_forward_impl(x, idx, w, w1, w2):
     x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
     lib = _lib.lib()
     nbytes = max(
-        _lib.experts_workspace_size(dev, T, k, H, I, E),
+        _lib.experts_forward_workspace_size(dev, x.dtype, T, k, H, I, E),
         _lib.routing_plan_workspace_size(dev, T * k, E),
     )
     ctx = _lib.context(dev, nbytes)
@@ -298,7 +321,10 @@ def _experts_backward_fake(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h,
     return like(x, n_x), like(w, n_w), like(w1, n_w1), like(w2, n_w2)
 
 
-def _experts_backward_impl(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2):
+def _experts_backward_impl(
+    g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2, overwrite_h=False
+):
+    # overwrite_h (the eager fast path only, never the op): the C call may write dh over h.
     dev = x.device
 
     def alloc(t, need):
@@ -317,7 +343,15 @@ def _experts_backward_impl(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h,
         else:
             g, x, w = g.contiguous(), x.contiguous(), w.contiguous()
             lib = _lib.lib()
-            ctx = _lib.context(dev, _lib.experts_workspace_size(dev, T, k, H, I, E))
+            flags = _lib.MOE_FLAG_OVERWRITE_H if overwrite_h else 0
+            want = (
+                (_lib.MOE_GRAD_HIDDEN_STATES if n_x else 0)
+                | (_lib.MOE_GRAD_TOP_K_WEIGHTS if n_w else 0)
+                | (_lib.MOE_GRAD_GATE_UP_PROJ if n_w1 else 0)
+                | (_lib.MOE_GRAD_DOWN_PROJ if n_w2 else 0)
+            )
+            nbytes = _lib.experts_backward_workspace_size(dev, x.dtype, T, k, H, I, E, want, flags)
+            ctx = _lib.context(dev, nbytes, flags)
             plan = _lib.plan(offsets, sorted_pairs, pair_rows)
             t, o = _lib.tensor, _lib.optional_tensor
             dx, dw, dw1, dw2 = grads
@@ -432,11 +466,25 @@ class _ExpertsFunction(torch.autograd.Function):
         ctx.save_for_backward(x, w, w1, w2, offsets, sorted_pairs, pair_rows, h)
         ctx.set_materialize_grads(False)
         ctx.device = x.device
+        # Decided at the forward, so that a setting changed in between cannot apply half-way.
+        ctx.overwrite_h = _overwrite_h and x.device.type == "cuda"
+        ctx.h_overwritten = False
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _experts_grads(ctx, grad_out, _kernel(_experts_backward_impl, ctx.device))
+        if ctx.h_overwritten:
+            raise RuntimeError(
+                "moe_fused: a second backward through the same moe_experts call "
+                "(retain_graph=True?): the first one wrote its gradients over the saved "
+                "activations h to save memory. Call moe_fused.ops.set_backward_overwrite_h(False) "
+                "(or set MOE_FUSED_OVERWRITE_H=0) before the forward to keep them."
+            )
+        kernel = _kernel(_experts_backward_impl, ctx.device)
+        overwrite = ctx.overwrite_h
+        grads = _experts_grads(ctx, grad_out, lambda *args: kernel(*args, overwrite))
+        ctx.h_overwritten = overwrite and any(g is not None for g in grads)
+        return grads
 
 
 # ---- linear: fake and real --------------------------------------------------------------
@@ -548,6 +596,9 @@ class _LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, sel)
         ctx.set_materialize_grads(False)
         ctx.device = x.device
+        # Decided at the forward, so that a setting changed in between cannot apply half-way.
+        ctx.overwrite_h = _overwrite_h and x.device.type == "cuda"
+        ctx.h_overwritten = False
         return out
 
     @staticmethod
