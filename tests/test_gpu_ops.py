@@ -81,8 +81,9 @@ CASES = [
     (300, 8, 192, 96, 16, "skewed"),  # ragged + many empty experts
     (37, 3, 136, 40, 7, "random"),  # odd-ish sizes (multiples of 8)
     (129, 2, 512, 256, 3, "random"),  # tiles crossing expert boundaries
-    # token windows (GEMM2 and dX a window of tokens at a time, >= 512 rows an expert a window)
-    (2048, 2, 128, 64, 2, "random"),  # 4 windows of 512 tokens
+    # token windows (GEMM2 and dX a window of tokens at a time: ceil(H / I) of them while an
+    # expert gets >= 256 rows a window)
+    (2048, 4, 256, 64, 4, "random"),  # 4 windows of 512 tokens
     (4099, 2, 128, 64, 8, "skewed"),  # 2 windows (2050 + 2049 tokens), 5 experts empty
 ]
 
@@ -149,11 +150,14 @@ def _kernel_names(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@pytest.mark.parametrize("T,E,windows", [(2048, 2, 4), (4099, 8, 2), (1000, 8, 1)])
-def test_token_windows_taken(T, E, windows):
-    """GEMM2 and dX run a token window at a time once an expert gets >= 2 x 512 rows:
-    one combine per window in the forward and one in the backward."""
-    d = make_experts(T, 2, 128, 64, E, torch.bfloat16, seed=5)
+@pytest.mark.parametrize(
+    "T,H,I,E,windows",
+    [(2048, 256, 64, 2, 4), (2048, 128, 64, 2, 2), (4099, 128, 64, 8, 2), (1000, 128, 64, 8, 1), (4096, 128, 128, 2, 1)],
+)
+def test_token_windows_taken(T, H, I, E, windows):
+    """GEMM2 and dX run in ceil(H / I) token windows (at most 4, and only while an expert gets
+    >= 256 rows a window): one combine per window in the forward and one in the backward."""
+    d = make_experts(T, 2, H, I, E, torch.bfloat16, seed=5)
     names = _kernel_names(lambda: run_experts(d, DEV))
     assert sum("combine_kernel" in n for n in names) == 2 * windows, names
     assert sum("tiles_kernel" in n for n in names) == (1 + 1 + 2 * windows if windows > 1 else 2)
@@ -180,10 +184,10 @@ def _backward_peak(d, overwrite, need=(True, True, True, True)):
 def test_backward_overwriting_h_saves_its_buffer():
     """dh written over the saved h: the backward's peak drops by one [T*k, 2I] buffer, and
     the gradients are bit-identical to those of the backward that keeps h."""
-    T, k, H, I, E = 4096, 4, 256, 512, 8  # 4 token windows
+    T, k, H, I, E = 4096, 4, 256, 512, 8  # one token window (H <= I)
     d = make_experts(T, k, H, I, E, torch.bfloat16, seed=9)
     n = T * k
-    dh_bytes, sa_bytes, win_bytes = n * 2 * I * 2, n * I * 2, n // 4 * H * 2
+    dh_bytes, sa_bytes, win_bytes = n * 2 * I * 2, n * I * 2, n * H * 2
     slack = 2**21  # the caching allocator rounds large blocks to 2 MiB
     for need in [(True, True, True, True), (True, True, False, False)]:
         kept, g_kept = _backward_peak(d, False, need)

@@ -256,6 +256,7 @@ BWD_CASES = CASES + [
     (37, 3, 256, 512, 7, "random"),  # odd T, 2 column tiles of a
     (1000, 8, 1024, 512, 32, "random"),  # many tiles and k-blocks per expert
     (3000, 2, 256, 256, 2, "random"),  # long segments: ~3000 rows per expert
+    (3000, 2, 512, 256, 2, "random"),  # GEMM2 and dX in 2 token windows
 ]
 BWD_IDS = ["T{}k{}H{}I{}E{}{}".format(*c) for c in BWD_CASES]
 GRADS = ["out", "dx", "ds", "dw1", "dw2"]

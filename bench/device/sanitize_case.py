@@ -11,7 +11,7 @@ from moe_fused import moe_experts, moe_fused_linear
 
 torch.manual_seed(0)
 for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5), (70, 4, 256, 256, 8),
-                        (1030, 2, 128, 64, 2), (1030, 2, 256, 256, 2)]:
+                        (1030, 2, 128, 64, 2), (1030, 2, 512, 256, 2)]:
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     idx = torch.randint(0, E // 2 + 1, (T, k), device="cuda")
     s = torch.rand(T, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
