@@ -3,6 +3,7 @@ plain PyTorch per-expert loops in float64 (tests/reference.py), on every device.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -572,18 +573,34 @@ def test_experts_second_backward_after_h_overwritten(device):
     fail loudly, naming the switch, not compute from garbage. The CPU core never overwrites."""
     from moe_fused import ops
 
-    assert ops.set_backward_overwrite_h(True) is True, "overwriting h is the default"
-    if device == "cuda":
-        with pytest.raises(RuntimeError, match="set_backward_overwrite_h"):
-            _experts_twice(device)
-    else:
-        once, twice = _experts_twice(device)
+    previous = ops.set_backward_overwrite_h(True)
+    try:
+        if device == "cuda":
+            with pytest.raises(RuntimeError, match="set_backward_overwrite_h"):
+                _experts_twice(device)
+        else:
+            once, twice = _experts_twice(device)
+            for name in once:
+                assert torch.equal(twice[name], once[name] + once[name]), name
+        with _PassThroughMode():  # the registered op never overwrites its inputs
+            once, twice = _experts_twice(device)
         for name in once:
             assert torch.equal(twice[name], once[name] + once[name]), name
-    with _PassThroughMode():  # the registered op never overwrites its inputs
-        once, twice = _experts_twice(device)
-    for name in once:
-        assert torch.equal(twice[name], once[name] + once[name]), name
+    finally:
+        ops.set_backward_overwrite_h(previous)
+
+
+def test_experts_overwrite_h_is_the_default():
+    import subprocess
+    import sys
+
+    code = "from moe_fused import ops; print(ops._overwrite_h)"
+    env = dict(os.environ)
+    env.pop("MOE_FUSED_OVERWRITE_H", None)
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env["MOE_FUSED_OVERWRITE_H"] = "0"
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert (on.stdout.strip(), off.stdout.strip()) == ("True", "False")
 
 
 @pytest.mark.parametrize("device", DEVICES)

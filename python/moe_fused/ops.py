@@ -596,9 +596,6 @@ class _LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, sel)
         ctx.set_materialize_grads(False)
         ctx.device = x.device
-        # Decided at the forward, so that a setting changed in between cannot apply half-way.
-        ctx.overwrite_h = _overwrite_h and x.device.type == "cuda"
-        ctx.h_overwritten = False
         return out
 
     @staticmethod
