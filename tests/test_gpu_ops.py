@@ -202,6 +202,22 @@ def test_backward_overwriting_h_saves_its_buffer():
     assert full - lean >= weight_grads + sa_bytes - win_bytes - slack, (full, lean)
 
 
+def test_weight_grad_buffer_holds_the_backward_scratch():
+    """A dense grad_gate_up_proj holds s*a and dX's per-pair rows until dW1 writes it: the
+    backward needs no buffer of its own for them, and every gradient is bit-identical to the
+    run whose scratch is the workspace (dW1 not asked for)."""
+    T, k, H, I, E = 1024, 4, 256, 512, 8  # s*a [4096, 512] and dx rows [4096, 256] fit in [8, 1024, 256]
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=13)
+    full, g_full = _backward_peak(d, True)
+    lean, g_lean = _backward_peak(d, True, (True, True, False, True))
+    n = T * k
+    w1_grad = E * 2 * I * H * 2
+    # Without the scratch the workspace holds s*a (n I) or the rows (n H), whichever is larger.
+    assert full - w1_grad <= lean - n * max(I, H) * 2 + 2**21, (full, lean)
+    for i in (0, 1, 3):
+        assert torch.equal(g_full[i], g_lean[i]), i
+
+
 def test_backward_workspace_queries():
     from moe_fused import _lib
 

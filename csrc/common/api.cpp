@@ -351,7 +351,7 @@ MOE_API moe_status_t moe_experts_backward(
     const int64_t w2[3] = {E, H, I};
     MOE_TRY(optional_output(grad_down_proj, "grad_down_proj", 3, "[E, H, I]", w2, a.dtype,
                             xname));
-    const uint32_t grads = moe::experts_grads(grad_hidden_states, grad_top_k_weights,
+    const uint32_t grads = moe::experts_grads(a.p, grad_hidden_states, grad_top_k_weights,
                                               grad_gate_up_proj, grad_down_proj);
     MOE_TRY(check::workspace(*ctx, experts_bwd_ws(ctx->device_type, a.p, a.dtype, grads, ctx->flags),
                              "moe_experts_backward"));

@@ -28,11 +28,17 @@ struct ExpertsProblem {
   int64_t num_experts;   // E
 };
 
-// The MOE_GRAD_* bits of the gradients a backward call asks for (non-NULL).
-inline uint32_t experts_grads(const moe_tensor_t *dx, const moe_tensor_t *ds,
-                              const moe_tensor_t *dw1, const moe_tensor_t *dw2) {
+// The MOE_GRAD_* bits of the gradients a backward call asks for (non-NULL), as the
+// workspace queries count them: MOE_GRAD_GATE_UP_PROJ only for a dense [E, 2I, H]
+// grad_gate_up_proj, which the CUDA backward also uses as scratch before writing it.
+inline uint32_t experts_grads(const ExpertsProblem &p, const moe_tensor_t *dx,
+                              const moe_tensor_t *ds, const moe_tensor_t *dw1,
+                              const moe_tensor_t *dw2) {
+  const bool dense_dw1 = dw1 && dw1->ndim == 3 && dw1->strides[2] == 1 &&
+                         dw1->strides[1] == p.hidden &&
+                         dw1->strides[0] == 2 * p.intermediate * p.hidden;
   return (dx ? MOE_GRAD_HIDDEN_STATES : 0u) | (ds ? MOE_GRAD_TOP_K_WEIGHTS : 0u) |
-         (dw1 ? MOE_GRAD_GATE_UP_PROJ : 0u) | (dw2 ? MOE_GRAD_DOWN_PROJ : 0u);
+         (dense_dw1 ? MOE_GRAD_GATE_UP_PROJ : 0u) | (dw2 ? MOE_GRAD_DOWN_PROJ : 0u);
 }
 
 // Each backend implements this same set of functions in its own namespace.

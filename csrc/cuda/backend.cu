@@ -128,14 +128,13 @@ Windows token_windows(const ExpertsProblem &p) {
 // Runs `row_gemm` (EPI_STORE into `buf`) and the combine into `out` window by window.
 // One window: the full tile list (already built), rows in plan order. Several: each
 // window's tiles, rows packed.
-moe_status_t windowed_store_combine(GroupedGemmArgs g, const ExpertsProblem &p,
+moe_status_t windowed_store_combine(GroupedGemmArgs g, const ExpertsProblem &p, Windows W,
                                     const int32_t *off, const int32_t *sorted,
                                     const int32_t *rows, Tile *tiles, int32_t *num_tiles,
                                     int32_t *win_delta, const void *sw, int sw_dtype,
                                     int64_t sw_s0, int64_t sw_s1, void *out, int64_t ldo,
                                     uint64_t flags, cudaStream_t st) {
   const int64_t T = p.tokens, k = p.top_k, E = p.num_experts, n = T * k;
-  const Windows W = token_windows(p);
   g.c_scatter = false;
   for (int64_t t0 = 0; t0 < T; t0 += W.tokens) {
     const int64_t t1 = std::min(T, t0 + W.tokens);
@@ -172,27 +171,47 @@ FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p) {
 }
 
 // Backward workspace: dh [n, 2I] (none when MOE_FLAG_OVERWRITE_H lets dh replace h), and
-// one buffer that first holds s*a [n, I] (only for dW2) and, once dW2 has read it, the dX
-// token window [tokens * k, H]; ds partials.
+// one buffer that first holds s*a [n, I] (only for dW2) and, once dW2 has read it, dX's
+// per-pair rows (a token window's); ds partials. A dense grad_gate_up_proj (bit
+// MOE_GRAD_GATE_UP_PROJ, see experts_grads) is written last, by dW1, so until then it can
+// hold s*a and dX's rows instead (all of them at once when they fit: one window).
+struct BwdPlan {
+  bool sa_in_dw1, rows_in_dw1;
+  Windows dx;  // dX's token windows
+};
+BwdPlan bwd_plan(const ExpertsProblem &p, uint32_t grads) {
+  const int64_t n = p.tokens * p.top_k;
+  const int64_t scratch = (grads & MOE_GRAD_GATE_UP_PROJ)
+                              ? p.num_experts * 2 * p.intermediate * p.hidden : 0;
+  const int64_t sa = (grads & MOE_GRAD_DOWN_PROJ) ? n * p.intermediate : 0;
+  BwdPlan b;
+  b.dx = n * p.hidden <= scratch ? Windows{1, p.tokens} : token_windows(p);
+  const int64_t rows = (grads & MOE_GRAD_HIDDEN_STATES) ? b.dx.tokens * p.top_k * p.hidden : 0;
+  b.sa_in_dw1 = sa > 0 && sa <= scratch;
+  b.rows_in_dw1 = rows > 0 && rows <= scratch;
+  return b;
+}
+
 struct BwdWs {
   Tile *tiles;
   int32_t *num_tiles, *win_delta;
   void *dh;   // null: dh overwrites h
-  void *buf;  // s*a, then the dx window
+  void *buf;  // s*a, then dX's rows (each unless it is in grad_gate_up_proj)
   float *ds_part;
   int ds_ld;
 };
 BwdWs bwd_layout(WsArena &ar, const ExpertsProblem &p, uint32_t grads, uint64_t flags) {
   const int64_t n = p.tokens * p.top_k;
+  const BwdPlan b = bwd_plan(p, grads);
   BwdWs L;
   L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
   L.num_tiles = ar.take<int32_t>(1);
   L.win_delta = ar.take<int32_t>(p.num_experts);
   L.dh = (flags & MOE_FLAG_OVERWRITE_H) ? nullptr : ar.take<uint16_t>(n * 2 * p.intermediate);
-  const int64_t sa = (grads & MOE_GRAD_DOWN_PROJ) ? n * p.intermediate : 0;
-  const int64_t win = (grads & MOE_GRAD_HIDDEN_STATES)
-                          ? token_windows(p).tokens * p.top_k * p.hidden : 0;
-  L.buf = ar.take<uint16_t>(std::max(sa, win));
+  const int64_t sa = (grads & MOE_GRAD_DOWN_PROJ) && !b.sa_in_dw1 ? n * p.intermediate : 0;
+  const int64_t rows = (grads & MOE_GRAD_HIDDEN_STATES) && !b.rows_in_dw1
+                           ? b.dx.tokens * p.top_k * p.hidden : 0;
+  L.buf = ar.take<uint16_t>(std::max(sa, rows));
   L.ds_ld = grouped_gemm_col_tiles(EPI_DSWIGLU, int(std::min<int64_t>(p.intermediate, 1 << 30)));
   L.ds_part = ar.take<float>(n * std::max(L.ds_ld, 1));
   return L;
@@ -455,7 +474,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g2.C = L.y;
   g2.ldc = H;
   g2.C2 = nullptr;
-  return windowed_store_combine(g2, p, off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
+  return windowed_store_combine(g2, p, token_windows(p), off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
                                 top_k_weights.data, top_k_weights.dtype, top_k_weights.strides[0],
                                 top_k_weights.strides[1], out.data, out.strides[0], ctx.flags, st);
 }
@@ -488,9 +507,12 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
                 E = p.num_experts, n = T * k;
   cudaStream_t st = stream_of(ctx);
   const uint32_t grads =
-      experts_grads(grad_hidden_states, grad_top_k_weights, grad_gate_up_proj, grad_down_proj);
+      experts_grads(p, grad_hidden_states, grad_top_k_weights, grad_gate_up_proj, grad_down_proj);
   WsArena ar(ctx.workspace);
   BwdWs L = bwd_layout(ar, p, grads, ctx.flags);
+  const BwdPlan bp = bwd_plan(p, grads);
+  void *sa = bp.sa_in_dw1 ? grad_gate_up_proj->data : L.buf;
+  void *dx_rows = bp.rows_in_dw1 ? grad_gate_up_proj->data : L.buf;
   const int32_t *off = static_cast<const int32_t *>(plan.expert_offsets.data);
   const int32_t *sorted = static_cast<const int32_t *>(plan.sorted_pairs.data);
   const int32_t *rows = static_cast<const int32_t *>(plan.pair_rows.data);
@@ -528,7 +550,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   g.max_tiles = max_tiles(n, E, BMT);
   g.C = dh;
   g.ldc = ldd;
-  g.C2 = grad_down_proj ? L.buf : nullptr;
+  g.C2 = grad_down_proj ? sa : nullptr;
   g.ldc2 = I;
   g.Hin = h.data;
   g.ldh = h.strides[0];
@@ -553,7 +575,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     w.A = grad_out.data;
     w.lda = grad_out.strides[0];
     w.a_div = int(k);
-    w.B = L.buf;
+    w.B = sa;
     w.ldb = I;
     w.b_div = 0;
     w.n_rows = n;
@@ -567,6 +589,36 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     w.strideCE = grad_down_proj->strides[0];
     MOE_CU_TRY(weight_grad(w, ctx.flags, st));
   }
+  if (grad_hidden_states) {
+    // dx = sum over the k slots of dh W1[e], a token window at a time (s*a, where the rows
+    // may go, is dead once dW2 has run): each token's k rows combined into dx, fp32, slot
+    // order.
+    GroupedGemmArgs d{};
+    d.dtype = hidden_states.dtype;
+    d.epilogue = EPI_STORE;
+    d.b_kn = true;  // W1[e] read as [K = 2I][N = H]
+    d.A = dh;
+    d.lda = ldd;
+    d.a_div = 0;
+    d.B = gate_up_proj.data;
+    d.ldb = gate_up_proj.strides[1];
+    d.strideBE = gate_up_proj.strides[0];
+    d.n_rows = n;
+    d.N = int(H);
+    d.K = int(2 * I);
+    d.sorted = sorted;
+    d.tiles = L.tiles;
+    d.num_tiles = L.num_tiles;
+    d.max_tiles = max_tiles(n, E, BMT);
+    d.C = dx_rows;
+    d.ldc = H;
+    d.k = int(k);
+    MOE_CU_TRY(windowed_store_combine(d, p, bp.dx, off, sorted, rows, L.tiles, L.num_tiles,
+                                      L.win_delta, nullptr, MOE_DTYPE_F32, 0, 0,
+                                      grad_hidden_states->data, grad_hidden_states->strides[0],
+                                      ctx.flags, st));
+  }
+  // dW1 last: until here grad_gate_up_proj may have held s*a and dX's rows.
   if (grad_gate_up_proj) {
     WgradArgs w{};
     w.dtype = hidden_states.dtype;
@@ -586,33 +638,6 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     w.ldc = grad_gate_up_proj->strides[1];
     w.strideCE = grad_gate_up_proj->strides[0];
     MOE_CU_TRY(weight_grad(w, ctx.flags, st));
-  }
-  if (grad_hidden_states) {
-    // dx = sum over the k slots of dh W1[e], a token window at a time (the buffer's s*a is
-    // dead once dW2 has run): each token's k rows combined into dx, fp32, slot order.
-    GroupedGemmArgs d{};
-    d.dtype = hidden_states.dtype;
-    d.epilogue = EPI_STORE;
-    d.b_kn = true;  // W1[e] read as [K = 2I][N = H]
-    d.A = dh;
-    d.lda = ldd;
-    d.a_div = 0;
-    d.B = gate_up_proj.data;
-    d.ldb = gate_up_proj.strides[1];
-    d.strideBE = gate_up_proj.strides[0];
-    d.n_rows = n;
-    d.N = int(H);
-    d.K = int(2 * I);
-    d.sorted = sorted;
-    d.tiles = L.tiles;
-    d.num_tiles = L.num_tiles;
-    d.max_tiles = max_tiles(n, E, BMT);
-    d.C = L.buf;
-    d.ldc = H;
-    d.k = int(k);
-    MOE_CU_TRY(windowed_store_combine(d, p, off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
-                                      nullptr, MOE_DTYPE_F32, 0, 0, grad_hidden_states->data,
-                                      grad_hidden_states->strides[0], ctx.flags, st));
   }
   return MOE_OK;
 }

@@ -176,7 +176,10 @@ MOE_API size_t moe_experts_workspace_size(int32_t device_type, int64_t T,
 /* The bytes each call needs, for activations of dtype `dtype` (moe_dtype_t; -1: any):
  * the forward's, and the backward's for the gradients it is asked for (MOE_GRAD_*
  * bits, OR-ed) under ctx flags `flags`. A backward that asks for more gradients than
- * `grads`, or runs without a flag that `flags` had, may need more (it checks). */
+ * `grads`, or runs without a flag that `flags` had, may need more (it checks).
+ * The CUDA backward uses a contiguous grad_gate_up_proj as scratch before it writes
+ * it (s*a and dx's per-pair rows live there), so its workspace is smaller with
+ * MOE_GRAD_GATE_UP_PROJ; a strided grad_gate_up_proj needs the size without the bit. */
 #define MOE_GRAD_HIDDEN_STATES (1u << 0)
 #define MOE_GRAD_TOP_K_WEIGHTS (1u << 1)
 #define MOE_GRAD_GATE_UP_PROJ (1u << 2)
