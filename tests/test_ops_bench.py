@@ -100,3 +100,17 @@ def test_cuda_bench_leaves_the_index_check_on(tmp_path):
         assert ops.set_cuda_index_check(True) is True
     finally:
         ops.set_cuda_index_check(prev)
+
+
+def test_memory_table_shows_the_forward_peak():
+    """The memory table prints, per implementation, the fwd+bwd peak without the weight grads,
+    the forward's own peak and the bytes saved for the backward (CUDA runs record them)."""
+    from moe_fused.bench import _table
+
+    rec = dict(shape="s", T=8, H=4, I=2, E=2, k=1, impl="moe_fused", mode="fwd+bwd", ms=1.0, runs=3,
+               tflops=1.0, peak_extra_bytes=5 * 2**20, weight_grad_bytes=2 * 2**20,
+               peak_extra_without_weight_grads_bytes=3 * 2**20, forward_peak_extra_bytes=4 * 2**20,
+               saved_bytes=1 * 2**20)
+    text = _table([rec])
+    assert "without weight grads / forward alone / saved for backward" in text
+    assert "3.0 /       4.0 /       1.0" in text

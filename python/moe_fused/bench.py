@@ -215,22 +215,26 @@ def _time_interleaved(fns, device, warmup, iters, max_seconds):
 
 def _memory(forward, device):
     """CUDA only: (peak extra bytes of one forward+backward, bytes the forward keeps for
-    backward beyond its output), over the allocation baseline just before the call.
-    The gradients it allocates (weights included) count, for every implementation alike."""
+    backward beyond its output, peak extra bytes of the forward alone), over the allocation
+    baseline just before the call. The gradients it allocates (weights included) count, for
+    every implementation alike. "Peak minus the weight grads" is the backward's peak whenever
+    the weight grads exist; the forward's own peak is reported beside it, since without
+    weight grads (frozen experts) it can be the larger."""
     if device.type != "cuda":
-        return None, None
+        return None, None, None
     _sync(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     out, backward = forward()
     _sync(device)
+    fwd_peak = torch.cuda.max_memory_allocated(device) - base
     kept = torch.cuda.memory_allocated(device) - base - out.numel() * out.element_size()
     backward(out)
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del out
-    return int(peak), int(kept)
+    return int(peak), int(kept), int(fwd_peak)
 
 
 def _rel_err(a, b):
@@ -397,13 +401,15 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
             mem = ""
             if mode == "fwd+bwd" and device.type == "cuda":
                 with impl_env(impl):
-                    peak, kept = _memory(forward_for_memory(impl), device)
+                    peak, kept, fwd_peak = _memory(forward_for_memory(impl), device)
                 clear()
                 wg = sum(p.numel() * p.element_size() for p in params)
                 rec.update(peak_extra_bytes=peak, saved_bytes=kept, weight_grad_bytes=wg,
-                           peak_extra_without_weight_grads_bytes=peak - wg)
+                           peak_extra_without_weight_grads_bytes=peak - wg,
+                           forward_peak_extra_bytes=fwd_peak)
                 mem = (f"  peak +{peak / 2**20:9.1f} MiB (without the weight grads "
-                       f"+{(peak - wg) / 2**20:9.1f})  saved {kept / 2**20:9.1f} MiB")
+                       f"+{(peak - wg) / 2**20:9.1f}; forward alone +{fwd_peak / 2**20:9.1f})  "
+                       f"saved {kept / 2**20:9.1f} MiB")
             results.append(rec)
             log(f"  {impl:18s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
 
@@ -477,16 +483,17 @@ def _table(results):
     if mem:
         lines.append("")
         mem_impls = [i for i in impls if any(r["impl"] == i for r in mem)]
-        hdr = (f"{'shape':12s} {'T':>6s} fwd+bwd peak extra MiB (without weight grads) / saved for backward MiB: "
-               + ", ".join(mem_impls))
+        hdr = (f"{'shape':12s} {'T':>6s} peak extra MiB, fwd+bwd without weight grads / forward alone / "
+               "saved for backward: " + ", ".join(mem_impls))
         lines.append(hdr)
         lines.append("-" * len(hdr))
         for shape, T in sorted({(r["shape"], r["T"]) for r in mem}):
             cells = []
             for impl in mem_impls:
                 r = [r for r in mem if (r["shape"], r["T"], r["impl"]) == (shape, T, impl)]
-                cells.append(f"{r[0]['peak_extra_without_weight_grads_bytes'] / 2**20:9.1f} / {r[0]['saved_bytes'] / 2**20:9.1f}"
-                             if r else f"{'-':>21s}")
+                cells.append(f"{r[0]['peak_extra_without_weight_grads_bytes'] / 2**20:9.1f} / "
+                             f"{r[0].get('forward_peak_extra_bytes', 0) / 2**20:9.1f} / {r[0]['saved_bytes'] / 2**20:9.1f}"
+                             if r else f"{'-':>33s}")
             lines.append(f"{shape:12s} {T:6d} " + "   ".join(cells))
     first = [r for r in results if r.get("first_call_ms") is not None and r["mode"] == "fwd+bwd"]
     if first:
