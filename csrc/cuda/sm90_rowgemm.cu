@@ -5,7 +5,8 @@
 // with the portable kernels' epilogues and rounding (grouped_gemm.cu):
 //   EPI_SWIGLU   GEMM1: B rows = 128 gate rows + the same 128 up rows; h = [g; u] and
 //                a = silu(g) * u from the rounded g, u, each staged in smem and stored in rows
-//   EPI_STORE    GEMM2, dX, linear: C row c_scatter ? sorted[r] : r + tile.delta, staged the same way
+//   EPI_STORE    GEMM2, dX, linear: C row (c_scatter ? sorted[r] : r + tile.delta), staged
+//                the same way
 //   EPI_DSWIGLU  dA': reloads h (TMA, in 64-column chunks), writes dh = dSwiGLU(s dA'), s*a,
 //                and the tile's partial of ds = <dA', a> in ds_part[r, column tile]
 // B_e is [N][K] (K-major, TMA box {64, 128}) or, B_MN, [K][N] (N-major, four TMA boxes
