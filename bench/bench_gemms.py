@@ -9,9 +9,9 @@ moe_fused's forward+backward, measured alone, against torch._grouped_mm on the s
 The six GEMMs (n = T*k (token, slot) pairs sorted by expert; per expert e its rows):
 
     GEMM1  h = x W1[e]^T       [n,H]  x [E,H,2I] -> [n,2I]   (ours: x rows gathered, SwiGLU epilogue)
-    GEMM2  y = a W2[e]^T       [n,I]  x [E,I,H]  -> [n,H]
+    GEMM2  y = a W2[e]^T       [n,I]  x [E,I,H]  -> [n,H]    (ours: in token windows at large T)
     dA'    dout W2[e]          [n,H]  x [E,H,I]  -> [n,I]    (ours: dSwiGLU epilogue)
-    dX     dh W1[e]            [n,2I] x [E,2I,H] -> [n,H]    (ours: possibly several row windows)
+    dX     dh W1[e]            [n,2I] x [E,2I,H] -> [n,H]    (ours: possibly several token windows)
     dW1    dh_e^T x_e          K-grouped         -> [E,2I,H]
     dW2    dout_e^T (s a)_e    K-grouped         -> [E,H,I]
 
