@@ -22,7 +22,8 @@ both expert weights), round-robin (one run of each in turn, so background load h
 alike). Reported: median ms, effective TFLOP/s (forward 6*T*k*H*I flops,
 forward+backward 18*T*k*H*I), on CUDA the peak extra memory of one forward+backward over
 the baseline (with and without the weight gradients, which every implementation allocates
-alike) and the memory the forward keeps for backward (beyond its output), and the ratios
+alike), the forward's own peak, and the memory the forward keeps for backward (beyond its
+output), and the ratios
 of moe_fused (and of moe_fused-portable and sonicmoe) against each other path, plus the
 wall time of each implementation's first forward+backward at each shape and T.
 A table is printed; JSON and a PNG plot are saved to --out (bench/results by default).
