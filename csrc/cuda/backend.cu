@@ -193,6 +193,7 @@ BwdPlan bwd_plan(const ExpertsProblem &p, uint32_t grads) {
 }
 
 struct BwdWs {
+  BwdPlan plan;
   Tile *tiles;
   int32_t *num_tiles, *win_delta;
   void *dh;   // null: dh overwrites h
@@ -202,8 +203,9 @@ struct BwdWs {
 };
 BwdWs bwd_layout(WsArena &ar, const ExpertsProblem &p, uint32_t grads, uint64_t flags) {
   const int64_t n = p.tokens * p.top_k;
-  const BwdPlan b = bwd_plan(p, grads);
   BwdWs L;
+  L.plan = bwd_plan(p, grads);
+  const BwdPlan &b = L.plan;
   L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
   L.num_tiles = ar.take<int32_t>(1);
   L.win_delta = ar.take<int32_t>(p.num_experts);
@@ -510,7 +512,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
       experts_grads(p, grad_hidden_states, grad_top_k_weights, grad_gate_up_proj, grad_down_proj);
   WsArena ar(ctx.workspace);
   BwdWs L = bwd_layout(ar, p, grads, ctx.flags);
-  const BwdPlan bp = bwd_plan(p, grads);
+  const BwdPlan &bp = L.plan;
   void *sa = bp.sa_in_dw1 ? grad_gate_up_proj->data : L.buf;
   void *dx_rows = bp.rows_in_dw1 ? grad_gate_up_proj->data : L.buf;
   const int32_t *off = static_cast<const int32_t *>(plan.expert_offsets.data);
