@@ -36,11 +36,11 @@ namespace {
 constexpr int BM = 128, BN = kSm90BN, BK = 64, NC = 2, THREADS = 128 * (NC + 1);
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
 // dA': h arrives in chunks of kHC columns of g and the same of u, 64 rows (a warpgroup's),
-// two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage; A/B on
-// the H100 (30B-A3B, before dg / du went out through the chunk buffer): 5% faster at T=4096,
-// 1-3% slower at T=16384, so 64 stays the default.
+// two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage: A/B on
+// the H100 (30B-A3B, in-place dg / du epilogue, two rounds): dA' 1.04 / 1.00 ms vs 1.12 / 1.08
+// at T=16384, 0.355 vs 0.364 ms at T=4096. (Before that epilogue 64 had won at T=16384.)
 #ifndef MOE_SM90_DA_HC
-#define MOE_SM90_DA_HC 64
+#define MOE_SM90_DA_HC 32
 #endif
 constexpr int kHC = MOE_SM90_DA_HC;
 static_assert(kHC == 32 || kHC == 64, "dA' h chunk: 32 or 64 columns");
@@ -347,22 +347,38 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int q = 0; q < BN / kHC; ++q) {
           mbar_wait(hbar(c, q & 1), (q >> 1) & 1);
           const uint32_t hb = sHbuf(c, q & 1);
+          // This thread's g, u of the chunk, all loaded before any dg, du store: each store
+          // (a memory clobber) kept the next load behind it, and so behind the previous load
+          // and its math: one smem latency a column pair, the epilogue's main stall (ncu);
+          // A/B on the H100 at 30B T=16384: dA' 0.99 vs 1.07 ms.
+          constexpr int JJ = kHC / 8;
+          auto hoff = [&](int hh, int jj) {
+            const int lr = warp * 16 + (lane >> 2) + hh * 8;  // row in the chunk buffer
+            // the TMA's swizzle: 16-byte chunk jj of row lr XOR (row bits of the atom)
+            const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
+            return uint32_t(lr * (kHC * 2) + ((jj ^ sw) << 4) + (lane & 3) * 4);
+          };
+          uint32_t gv[2][JJ], uv[2][JJ];
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int jj = 0; jj < JJ; ++jj) {
+              gv[hh][jj] = lds32(hb + hoff(hh, jj));
+              uv[hh][jj] = lds32(hb + kHChunk / 2 + hoff(hh, jj));
+            }
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const int r = t.row0 + rfrag + hh * 8;
-            const int lr = warp * 16 + (lane >> 2) + hh * 8;  // row in the chunk buffer
             if (r < t.row1) {
               const float s = sw[hh];
               T *sar = SA + int64_t(r) * p.ldc2 + n0;
 #pragma unroll
-              for (int jj = 0; jj < kHC / 8; ++jj) {
-                const int j = q * (kHC / 8) + jj;
-                // the TMA's swizzle: 16-byte chunk jj of row lr XOR (row bits of the atom)
-                const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
-                const uint32_t off = lr * (kHC * 2) + ((jj ^ sw) << 4) + (lane & 3) * 4;
+              for (int jj = 0; jj < JJ; ++jj) {
+                const int j = q * JJ + jj;
+                const uint32_t off = hoff(hh, jj);
                 float g[2], u[2], dg[2], du[2], sa[2];
-                unpack2<T>(lds32(hb + off), g[0], g[1]);
-                unpack2<T>(lds32(hb + kHChunk / 2 + off), u[0], u[1]);
+                unpack2<T>(gv[hh][jj], g[0], g[1]);
+                unpack2<T>(uv[hh][jj], u[0], u[1]);
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
                   float d = acc[j * 4 + hh * 2 + i];
