@@ -7,7 +7,8 @@
 # ARCHS as run_all.sh (default 90a). dev/ab/ is git-ignored: pass the device tool
 # carry: ["dev/ab"] for an overlay kept there.
 #   bash bench/device/ab.sh "bn=-DMOE_GEMM_BN=256" "old=+dev/ab/old"
-# T values: AB_T (default "4096 16384").
+# T values: AB_T (default "4096 16384"). AB_TESTS (e.g. tests/test_gpu_sm90.py) runs those tests
+# against each variant's library before any timing: a variant that fails them is not timed.
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"
@@ -25,6 +26,14 @@ for i in "${!names[@]}"; do
     -DCMAKE_CUDA_FLAGS="$f" > "$OUT/ab_build_${names[$i]}.log" 2>&1 \
     && cmake --build $d -j16 >> "$OUT/ab_build_${names[$i]}.log" 2>&1 || { echo "build ${names[$i]} FAILED"; tail -20 "$OUT/ab_build_${names[$i]}.log"; exit 1; }
 done
+if [ -n "${AB_TESTS:-}" ]; then
+  for i in "${!names[@]}"; do
+    PYTHONPATH="${pys[$i]}" MOE_FUSED_LIBRARY="$PWD/build/ab-${names[$i]}/libmoe_fused.so" timeout 200 \
+      python3 -m pytest -q -x -p no:cacheprovider $AB_TESTS > "$OUT/ab_tests_${names[$i]}.log" 2>&1
+    r=$?; echo "tests ${names[$i]}: exit $r, $(tail -1 "$OUT/ab_tests_${names[$i]}.log")"
+    [ $r -ne 0 ] && { echo "variant ${names[$i]} fails its tests: not timed"; exit 1; }
+  done
+fi
 for round in 1 2; do
   for i in "${!names[@]}"; do
     echo "== round $round: ${names[$i]} (${flags[$i]:-no flags})"

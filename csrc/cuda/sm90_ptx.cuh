@@ -126,13 +126,16 @@ __device__ __forceinline__ void named_bar(int id, int n) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
-// wgmma smem descriptor: K-major, 128-byte swizzle (layout type 1), SBO 1024 B, LBO unused.
-__device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
+// wgmma smem descriptor: K-major, rows of SW bytes (128: 64 elements, layout type 1; 64: 32
+// elements, layout type 2) swizzled by as many, 8-row groups SBO = 8 * SW bytes apart, LBO
+// unused.
+template <int SW = 128> __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
+  static_assert(SW == 128 || SW == 64, "128- or 64-byte swizzle");
   uint64_t d = 0;
   d |= uint64_t((saddr & 0x3FFFF) >> 4);
   d |= uint64_t(1) << 16;
-  d |= uint64_t(1024 >> 4) << 32;
-  d |= uint64_t(1) << 62;
+  d |= uint64_t(8 * SW >> 4) << 32;
+  d |= uint64_t(SW == 128 ? 1 : 2) << 62;
   return d;
 }
 

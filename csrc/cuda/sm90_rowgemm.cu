@@ -33,8 +33,20 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
-constexpr int BM = 128, BN = kSm90BN, BK = 64, NC = 2, THREADS = 128 * (NC + 1);
+// K-block: 64 elements (128-byte rows, 128-byte swizzle), or -DMOE_SM90_ROW_BK=32 (64-byte rows
+// and swizzle for the K-major tiles, twice the stages in the same smem: more bytes in flight
+// while the consumers hold one or two stages; an A/B candidate, see notes/hopper.md session 6).
+#ifndef MOE_SM90_ROW_BK
+#define MOE_SM90_ROW_BK 64
+#endif
+constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
+static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+constexpr int ROW = BK * 2;  // bytes of a K-major tile row, and its swizzle span
+// Chunk `ch` (16 bytes) of row `r` of a K-major tile, as the TMA's swizzle lays it out.
+__host__ __device__ constexpr uint32_t kmajor_off(int r, int ch) {
+  return uint32_t(r * ROW + ((ch ^ (BK == 64 ? (r & 7) : ((r >> 1) & 3))) << 4));
+}
 // dA': h arrives in chunks of kHC columns of g and the same of u, 64 rows (a warpgroup's),
 // two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage: A/B on
 // the H100 (30B-A3B, in-place dg / du epilogue, two rounds): dA' 1.04 / 1.00 ms vs 1.12 / 1.08
@@ -46,8 +58,10 @@ constexpr int kHC = MOE_SM90_DA_HC;
 static_assert(kHC == 32 || kHC == 64, "dA' h chunk: 32 or 64 columns");
 constexpr uint32_t kHChunk = 2 * 64 * kHC * 2;  // bytes of one chunk buffer (g and u)
 // Stages: the loads are latency-bound (consumers wait on full stages), so as many as fit:
-// 4 beside the 32 KB of staging or of 32-column h chunk buffers (3 beside 64-column ones).
-template <int EPI> constexpr int kStages = EPI == EPI_DSWIGLU && kHC == 64 ? 3 : 4;
+// 192 KB of them beside the 32 KB of staging or of 32-column h chunk buffers (144 KB beside
+// 64-column ones): 4 (3) of BK = 64, 8 (6) of BK = 32.
+template <int EPI>
+constexpr int kStages = (EPI == EPI_DSWIGLU && kHC == 64 ? 3 : 4) * (64 / BK);
 template <int EPI>
 constexpr uint32_t kEpiBytes = EPI == EPI_DSWIGLU ? NC * 2 * kHChunk : NC * kPassBytes;
 template <int EPI>
@@ -157,10 +171,10 @@ __global__ void __launch_bounds__(THREADS, 1)
 
   if (wg == 0) {  // producer
     setmaxnreg_dec<40>();
-    constexpr int RPT = BM * 8 / 128;
+    constexpr int CPR = BK / 8, RSTEP = 128 / CPR, RPT = BM / RSTEP;  // A: 16-byte chunks
     constexpr int NB = B_MN ? BN / 64 : 2;  // TMA boxes of one B stage
     const T *A = static_cast<const T *>(p.a);
-    const int chunk = tid_wg & 7, trow = tid_wg >> 3;
+    const int chunk = tid_wg & (CPR - 1), trow = tid_wg >> (BK == 64 ? 3 : 2);
     uint32_t it = 0;
     for (int w = cl; w < total; w += ncl) {
       const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
@@ -170,7 +184,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
       for (int j = 0; j < RPT; ++j) {
         // rows past the end (or of an empty tile): loaded, never stored
-        const int r = min(t.row0 + trow + j * 16, max(t.row1 - 1, t.row0));
+        const int r = min(t.row0 + trow + j * RSTEP, max(t.row1 - 1, t.row0));
         const int64_t ar = p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r;
         src[j] = A + ar * p.lda + chunk * 8;
       }
@@ -189,8 +203,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         const uint32_t a = sA + st * A_BYTES;
 #pragma unroll
         for (int j = 0; j < RPT; ++j) {
-          const int row = trow + j * 16;
-          cp_async16_u(a + row * 128 + ((chunk ^ (row & 7)) << 4), src[j] + kb * BK);
+          cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
         }
         cp_async_mbar_arrive(sFull + 8 * st);
         if (tid_wg == 0) {
@@ -229,8 +242,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       const Tile t = pair_tile(p, num_tiles, w / ntn, rank).t;
       const int nt = w % ntn;
       const int rfrag = c * 64 + warp * 16 + (lane >> 2);
-      // EPI_DSWIGLU: this thread's two rows' sorted[] entries now, their routing weights two
-      // k-blocks before the end: the epilogue then waits on neither dependent load.
+      // EPI_DSWIGLU: this thread's two rows' sorted[] entries now, their routing weights (and
+      // the first h chunks) 128 k-elements before the end: the epilogue then waits on neither
+      // dependent load.
       int32_t pr[2] = {0, 0};
       float sw[2] = {0.f, 0.f};
       if (EPI == EPI_DSWIGLU) {
@@ -243,7 +257,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       uint32_t prev = 0;
       for (int kb = 0; kb < KB; ++kb, ++it) {
         const uint32_t st = it % S, ph = (it / S) & 1;
-        if (EPI == EPI_DSWIGLU && kb == (KB > 2 ? KB - 2 : 0)) {
+        constexpr int kLead = 128 / BK;  // k-blocks
+        if (EPI == EPI_DSWIGLU && kb == (KB > kLead ? KB - kLead : 0)) {
           // h chunks 0 and 1 of this warpgroup's rows into its two buffers (free: the previous
           // item's epilogue ended with a proxy fence and a warpgroup barrier).
           if (tid_wg == 0) {
@@ -262,8 +277,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int k = 0; k < BK / 16; ++k) {
           const uint64_t db = B_MN ? make_desc_mn(sB + st * B_BYTES + k * 2048, BK * 128)
-                                   : make_desc(sB + st * B_BYTES + k * 32);
-          const uint64_t da = make_desc(sA + st * A_BYTES + c * 64 * 128 + k * 32);
+                                   : make_desc<ROW>(sB + st * B_BYTES + k * 32);
+          const uint64_t da = make_desc<ROW>(sA + st * A_BYTES + c * 64 * ROW + k * 32);
           Wgmma<T>::template m64n256<0, B_MN ? 1 : 0>(acc, da, db, (kb > 0 || k > 0) ? 1 : 0);
         }
         wgmma_commit();
@@ -524,7 +539,7 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   const bool ok = g.b_kn ? encode_2d(&map, bf16, g.B, uint64_t(N), uint64_t(E * b_rows),
                                      uint64_t(g.ldb) * 2, 64, BK)
                          : encode_2d(&map, bf16, g.B, uint64_t(K), uint64_t(E * b_rows),
-                                     uint64_t(g.ldb) * 2, BK, BN / 2);
+                                     uint64_t(g.ldb) * 2, BK, BN / 2, ROW);
   if (!ok) return false;
   // dA': h by TMA in boxes of kHC columns x 64 rows (see load_h_chunk); the other epilogues
   // take an unused copy of B's map.
