@@ -3,8 +3,9 @@
 # kernel launch in a 30B-A3B fwd+bwd, as CSV for offline sorting.
 # Usage: bench/device/ncu_source.sh NAME REGEX SKIP [T]   e.g. dw1 wgrad_sm90 1 16384
 # REGEX matches the demangled name, so template arguments pick a kernel:
-# 'row_gemm_sm90<[^,]+, .int.2' is dA' (EPI_DSWIGLU = 2, named "(int)2"; GEMM1 = 1). Launch order in one_step.py: row_gemm GEMM1, GEMM2 (one
-# per token window), dA', dX...; wgrad dW2, dW1.
+# 'row_gemm_sm90<[^,]+, .int.2' is dA' (EPI_DSWIGLU = 2, named "(int)2"; GEMM1 = 1).
+# Launch order in one_step.py: row_gemm GEMM1, GEMM2 (one per token window), dA', dX...;
+# wgrad dW2, dW1.
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-/tmp}"; name=$1; re=$2; skip=$3; T=${4:-16384}
 timeout 200 ncu --clock-control none --kernel-name-base demangled -k "regex:$re" -s "$skip" -c 1 \

@@ -15,7 +15,7 @@
 // Kernel (variant v9 of dev/sm90/gemm1_wgmma.cu, generalised): persistent grid, one CTA per
 // SM; warp-specialised: a producer warpgroup (16-byte cp.async of the gathered A rows into the
 // 128-byte swizzle; TMA of B) and two consumer warpgroups (wgmma m64n256k16, fp32
-// accumulators); a 4-stage (dA': 3) full/empty mbarrier pipeline flowing across work items,
+// accumulators); a 4-stage full/empty mbarrier pipeline (kStages) flowing across work items,
 // so the producer loads the next item while the consumers run the epilogue. Launched in clusters of
 // two CTAs that take the tile list in pairs and share an expert's B tile by TMA multicast
 // (pair_tile).
