@@ -571,24 +571,29 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
     MOE_CU_TRY(reduce_ds(L.ds_part, L.ds_ld, ds_cols, rows, T, int(k), grad_top_k_weights->data,
                          grad_top_k_weights->dtype, grad_top_k_weights->strides[0],
                          grad_top_k_weights->strides[1], st));
-  if (grad_down_proj) {
+  // What dW2 and dW1 share: the plan they reduce over and the [E][M][N] gradient they write.
+  auto wgrad_into = [&](const moe_tensor_t &grad, int64_t M, int64_t N) {
     WgradArgs w{};
     w.dtype = hidden_states.dtype;
+    w.n_rows = n;
+    w.M = int(M);
+    w.N = int(N);
+    w.E = int(E);
+    w.offsets = off;
+    w.sorted = sorted;
+    w.C = grad.data;
+    w.ldc = grad.strides[1];
+    w.strideCE = grad.strides[0];
+    return w;
+  };
+  if (grad_down_proj) {
+    WgradArgs w = wgrad_into(*grad_down_proj, H, I);
     w.A = grad_out.data;
     w.lda = grad_out.strides[0];
     w.a_div = int(k);
     w.B = sa;
     w.ldb = I;
     w.b_div = 0;
-    w.n_rows = n;
-    w.M = int(H);
-    w.N = int(I);
-    w.E = int(E);
-    w.offsets = off;
-    w.sorted = sorted;
-    w.C = grad_down_proj->data;
-    w.ldc = grad_down_proj->strides[1];
-    w.strideCE = grad_down_proj->strides[0];
     MOE_CU_TRY(weight_grad(w, ctx.flags, st));
   }
   if (grad_hidden_states) {
@@ -622,23 +627,13 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   }
   // dW1 last: until here grad_gate_up_proj may have held s*a and dX's rows.
   if (grad_gate_up_proj) {
-    WgradArgs w{};
-    w.dtype = hidden_states.dtype;
+    WgradArgs w = wgrad_into(*grad_gate_up_proj, 2 * I, H);
     w.A = dh;
     w.lda = ldd;
     w.a_div = 0;
     w.B = hidden_states.data;
     w.ldb = hidden_states.strides[0];
     w.b_div = int(k);
-    w.n_rows = n;
-    w.M = int(2 * I);
-    w.N = int(H);
-    w.E = int(E);
-    w.offsets = off;
-    w.sorted = sorted;
-    w.C = grad_gate_up_proj->data;
-    w.ldc = grad_gate_up_proj->strides[1];
-    w.strideCE = grad_gate_up_proj->strides[0];
     MOE_CU_TRY(weight_grad(w, ctx.flags, st));
   }
   return MOE_OK;
