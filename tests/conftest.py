@@ -32,6 +32,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower CPU tests")
 
 
+@pytest.fixture
+def token_windows_by_rule():
+    """The CUDA layer's token windows as its size rule takes them, not one window: by default
+    an 80 GB GPU takes one window for every test-sized shape (ops.set_one_token_window)."""
+    from moe_fused import ops
+
+    previous = ops.set_one_token_window(False)
+    yield
+    ops.set_one_token_window(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

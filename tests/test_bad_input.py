@@ -261,7 +261,7 @@ def test_abi_good_call_succeeds_and_matches_op():
 
 
 def test_abi_version_and_status_mapping():
-    assert _lib.lib().moe_abi_version() == _lib.ABI_VERSION == 2
+    assert _lib.lib().moe_abi_version() == _lib.ABI_VERSION == 3
     for status, exc in [(1, ValueError), (2, TypeError), (3, IndexError), (4, ValueError), (5, ValueError),
                         (6, ValueError), (7, ValueError), (8, RuntimeError), (9, RuntimeError), (10, RuntimeError)]:
         with pytest.raises(exc):

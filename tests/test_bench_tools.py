@@ -266,13 +266,28 @@ def test_bench_args_defaults_and_sonic_flag():
     a = bench.parse_args([])
     assert a.impls == bench.IMPLS and a.sonic_shapes is None
     a = bench.parse_args(["--device", "cuda"])
-    assert a.impls == bench.IMPLS + ["moe_fused-portable"]
+    assert a.impls == bench.IMPLS + ["moe_fused-portable", "moe_fused-windows"]
     a = bench.parse_args(["--device", "cuda", "--sonic-shapes", "30b-a3b:16384"])
     assert a.impls[-1] == "sonicmoe"
     a = bench.parse_args(["--impls", "sonicmoe", "moe_fused", "hf-grouped_mm"])
     assert a.impls == ["hf-grouped_mm", "moe_fused", "sonicmoe"]  # HF (the reference) first
     with pytest.raises(SystemExit):
         bench.parse_args(["--sonic-shapes", "30b-a3b:lots"])
+
+
+def test_bench_windows_impl_env_restores_the_setting():
+    from moe_fused import ops
+
+    previous = ops.set_one_token_window(True)
+    try:
+        with bench.impl_env("moe_fused-windows"):
+            assert ops._one_window is False
+        assert ops._one_window is True
+        with pytest.raises(RuntimeError), bench.impl_env("moe_fused-windows"):
+            raise RuntimeError("a failing call")
+        assert ops._one_window is True
+    finally:
+        ops.set_one_token_window(previous)
 
 
 def test_bench_cpu_skips_cuda_only_impls(tmp_path, capsys):

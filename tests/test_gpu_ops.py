@@ -14,7 +14,9 @@ import torch
 import moe_fused  # noqa: F401
 from moe_fused import moe_experts, moe_fused_linear
 
-pytestmark = pytest.mark.gpu
+# token_windows_by_rule: the windowed path where these shapes take windows (test_one_token_window_*
+# check the one-window path against it).
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("token_windows_by_rule")]
 
 DEV = "cuda"
 
@@ -163,6 +165,45 @@ def test_token_windows_taken(T, H, I, E, windows):
     assert sum("tiles_kernel" in n for n in names) == (1 + 1 + 2 * windows if windows > 1 else 2)
 
 
+@pytest.mark.parametrize("T,H,I,E,windows", [(2048, 256, 64, 2, 4), (4099, 128, 64, 8, 2)])
+def test_one_token_window_is_bit_identical(T, H, I, E, windows):
+    """set_one_token_window(True): one combine in the forward and one in the backward, the
+    same bits as the windowed run (fp32 sums in slot order either way)."""
+    from moe_fused import ops
+
+    d = make_experts(T, 2, H, I, E, torch.bfloat16, seed=7)
+    windowed = run_experts(d, DEV)
+    ops.set_one_token_window(True)  # the fixture restores it
+    names = _kernel_names(lambda: run_experts(d, DEV))
+    assert sum("combine_kernel" in n for n in names) == 2, names
+    one = run_experts(d, DEV)
+    lora = run_experts(d, DEV, need=(True, True, False, False))  # dX windows without dW1 scratch
+    ops.set_one_token_window(False)
+    lora_windowed = run_experts(d, DEV, need=(True, True, False, False))
+    for a, b in zip(one, windowed):
+        assert torch.equal(a, b)
+    for a, b in zip(lora[:3], lora_windowed[:3]):
+        assert torch.equal(a, b)
+
+
+def test_one_token_window_auto_rule(monkeypatch):
+    """Auto: one window while T*k*H elements fit in 1/50 of the GPU's memory."""
+    from moe_fused import _lib, ops
+
+    ops.set_one_token_window(None)
+    x = torch.empty(16384, 2048, dtype=torch.bfloat16, device=DEV)  # 30B-A3B: 512 MiB of rows at k=8
+    rows = x.numel() * 8 * 2
+    monkeypatch.setattr(ops, "_device_memory", lambda index: 50 * rows)
+    assert ops._window_flag(x, 8) == _lib.MOE_FLAG_ONE_WINDOW
+    monkeypatch.setattr(ops, "_device_memory", lambda index: 50 * rows - 50)
+    assert ops._window_flag(x, 8) == 0
+    assert ops._window_flag(x.cpu(), 8) == 0
+    ops.set_one_token_window(True)
+    assert ops._window_flag(x, 8) == _lib.MOE_FLAG_ONE_WINDOW
+    with pytest.raises(TypeError, match="enabled"):
+        ops.set_one_token_window("yes")
+
+
 def _backward_peak(d, overwrite, need=(True, True, True, True)):
     from moe_fused import ops
 
@@ -236,7 +277,8 @@ def test_backward_workspace_queries():
     # float32 (the SIMT path) has its own, larger scratch; the dtype-free query covers both
     f32 = _lib.experts_backward_workspace_size(dev, torch.float32, T, k, H, I, E, everything, 0)
     fwd = _lib.experts_forward_workspace_size(dev, bf16, T, k, H, I, E)
-    assert max(kept, f32, fwd) <= _lib.experts_workspace_size(dev, T, k, H, I, E)
+    one = _lib.experts_forward_workspace_size(dev, bf16, T, k, H, I, E, _lib.MOE_FLAG_ONE_WINDOW)
+    assert max(kept, f32, fwd, one) <= _lib.experts_workspace_size(dev, T, k, H, I, E)
 
 
 def test_plan_matches_cpu_exactly():

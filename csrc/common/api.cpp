@@ -78,11 +78,12 @@ size_t linear_ws(int32_t device, const moe::LinearProblem &p) {
   return 0;
 }
 
-size_t experts_fwd_ws(int32_t device, const moe::ExpertsProblem &p, int32_t dtype) {
+size_t experts_fwd_ws(int32_t device, const moe::ExpertsProblem &p, int32_t dtype,
+                      uint64_t flags) {
 #ifdef MOE_FUSED_WITH_CUDA
-  if (device == MOE_DEVICE_CUDA) return moe::cuda::experts_forward_workspace_size(p, dtype);
+  if (device == MOE_DEVICE_CUDA) return moe::cuda::experts_forward_workspace_size(p, dtype, flags);
 #endif
-  if (device == MOE_DEVICE_CPU) return moe::cpu::experts_forward_workspace_size(p, dtype);
+  if (device == MOE_DEVICE_CPU) return moe::cpu::experts_forward_workspace_size(p, dtype, flags);
   return 0;
 }
 
@@ -278,14 +279,17 @@ MOE_API size_t moe_experts_workspace_size(int32_t device_type, int64_t T, int64_
   const moe::ExpertsProblem p{T, k, H, I, num_experts};
   const uint32_t all = MOE_GRAD_HIDDEN_STATES | MOE_GRAD_TOP_K_WEIGHTS | MOE_GRAD_GATE_UP_PROJ |
                        MOE_GRAD_DOWN_PROJ;
-  return std::max(experts_fwd_ws(device_type, p, -1), experts_bwd_ws(device_type, p, -1, all, 0));
+  // The largest flags: dh in the workspace (no MOE_FLAG_OVERWRITE_H), one token window.
+  const uint64_t largest = MOE_FLAG_ONE_WINDOW;
+  return std::max(experts_fwd_ws(device_type, p, -1, largest),
+                  experts_bwd_ws(device_type, p, -1, all, largest));
 }
 
 MOE_API size_t moe_experts_forward_workspace_size(int32_t device_type, int32_t dtype, int64_t T,
                                                   int64_t k, int64_t H, int64_t I,
-                                                  int64_t num_experts) {
+                                                  int64_t num_experts, uint64_t flags) {
   if (bad_sizes(T, k, H, I, num_experts)) return 0;
-  return experts_fwd_ws(device_type, moe::ExpertsProblem{T, k, H, I, num_experts}, dtype);
+  return experts_fwd_ws(device_type, moe::ExpertsProblem{T, k, H, I, num_experts}, dtype, flags);
 }
 
 MOE_API size_t moe_experts_backward_workspace_size(int32_t device_type, int32_t dtype, int64_t T,
@@ -316,7 +320,7 @@ MOE_API moe_status_t moe_experts_forward(const moe_context_t *ctx,
     const int64_t os[2] = {a.p.tokens, a.p.hidden};
     MOE_TRY(check::shape(*out, "out", "[T, H]", os, "T and H from hidden_states"));
     MOE_TRY(check::output(*out, "out"));
-    MOE_TRY(check::workspace(*ctx, experts_fwd_ws(ctx->device_type, a.p, a.dtype),
+    MOE_TRY(check::workspace(*ctx, experts_fwd_ws(ctx->device_type, a.p, a.dtype, ctx->flags),
                              "moe_experts_forward"));
     return MOE_DISPATCH(*ctx, experts_forward, *ctx, a.p, *hidden_states, *top_k_index,
                         *top_k_weights, *gate_up_proj, *down_proj, *plan, *h, *out);

@@ -61,7 +61,7 @@ inline uint32_t experts_grads(const ExpertsProblem &p, const moe_tensor_t *dx,
       const moe_tensor_t *grad_input, const moe_tensor_t *grad_weight);        \
   /* dtype: the activations' moe_dtype_t, or -1 for any */                    \
   size_t experts_forward_workspace_size(const ExpertsProblem &p,               \
-                                        int32_t dtype);                        \
+                                        int32_t dtype, uint64_t flags);        \
   size_t experts_backward_workspace_size(const ExpertsProblem &p,              \
                                          int32_t dtype, uint32_t grads,        \
                                          uint64_t flags);                      \

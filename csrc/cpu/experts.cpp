@@ -333,15 +333,15 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
 }  // namespace
 
 // One layout serves both calls (the CPU path keeps no dh buffer that h could replace).
-size_t experts_forward_workspace_size(const ExpertsProblem &p, int32_t) {
+size_t experts_forward_workspace_size(const ExpertsProblem &p, int32_t, uint64_t) {
   Arena a(nullptr);
   experts_layout<double>(a, p);
   return a.required();
 }
 
 size_t experts_backward_workspace_size(const ExpertsProblem &p, int32_t dtype, uint32_t,
-                                       uint64_t) {
-  return experts_forward_workspace_size(p, dtype);
+                                       uint64_t flags) {
+  return experts_forward_workspace_size(p, dtype, flags);
 }
 
 moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,

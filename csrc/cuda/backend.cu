@@ -106,7 +106,9 @@ LinearWs linear_layout(WsArena &ar, const LinearProblem &p) {
 // (tokens k H) is no larger than the [T k, I] buffers beside it (a, s*a), so windows never
 // set the peak; but only while an expert gets MOE_WINDOW_ROWS rows a window, since each
 // window cuts every expert's segment into a partial tile (measured on the H200, 30B-A3B
-// T=16384: 2 windows -0.2 ms against the former fp32 accumulator, 3 windows +0.1 ms more).
+// T=16384: 2 windows -0.2 ms against the former fp32 accumulator, 3 windows +0.1 ms more;
+// on the H100, 3 windows 0.95 ms of GEMM2, one 0.79 ms). MOE_FLAG_ONE_WINDOW: one window,
+// the caller having the memory to spare.
 #ifndef MOE_WINDOW_ROWS
 #define MOE_WINDOW_ROWS 256
 #endif
@@ -116,8 +118,9 @@ LinearWs linear_layout(WsArena &ar, const LinearProblem &p) {
 struct Windows {
   int64_t count, tokens;  // windows, tokens a window (the last may have fewer)
 };
-Windows token_windows(const ExpertsProblem &p) {
+Windows token_windows(const ExpertsProblem &p, uint64_t flags) {
   const int64_t T = p.tokens, n = T * p.top_k;
+  if (flags & MOE_FLAG_ONE_WINDOW) return Windows{1, std::max<int64_t>(1, T)};
   const int64_t fit = (p.hidden + p.intermediate - 1) / std::max<int64_t>(1, p.intermediate);
   const int64_t rows = n / std::max<int64_t>(1, p.num_experts * MOE_WINDOW_ROWS);
   const int64_t count = std::max<int64_t>(1, std::min({fit, rows, int64_t(MOE_MAX_WINDOWS)}));
@@ -158,7 +161,7 @@ struct FwdWs {
   int32_t *num_tiles, *win_delta;
   void *a, *y;  // a [n, I]; y: one token window's pair rows [tokens * k, H]
 };
-FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p) {
+FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p, uint64_t flags) {
   const int64_t n = p.tokens * p.top_k;
   FwdWs L;
   L.plan = plan_layout(ar, n, p.num_experts);
@@ -166,7 +169,7 @@ FwdWs fwd_layout(WsArena &ar, const ExpertsProblem &p) {
   L.num_tiles = ar.take<int32_t>(1);
   L.win_delta = ar.take<int32_t>(p.num_experts);
   L.a = ar.take<uint16_t>(n * p.intermediate);
-  L.y = ar.take<uint16_t>(token_windows(p).tokens * p.top_k * p.hidden);
+  L.y = ar.take<uint16_t>(token_windows(p, flags).tokens * p.top_k * p.hidden);
   return L;
 }
 
@@ -179,13 +182,13 @@ struct BwdPlan {
   bool sa_in_dw1, rows_in_dw1;
   Windows dx;  // dX's token windows
 };
-BwdPlan bwd_plan(const ExpertsProblem &p, uint32_t grads) {
+BwdPlan bwd_plan(const ExpertsProblem &p, uint32_t grads, uint64_t flags) {
   const int64_t n = p.tokens * p.top_k;
   const int64_t scratch = (grads & MOE_GRAD_GATE_UP_PROJ)
                               ? p.num_experts * 2 * p.intermediate * p.hidden : 0;
   const int64_t sa = (grads & MOE_GRAD_DOWN_PROJ) ? n * p.intermediate : 0;
   BwdPlan b;
-  b.dx = n * p.hidden <= scratch ? Windows{1, p.tokens} : token_windows(p);
+  b.dx = n * p.hidden <= scratch ? Windows{1, p.tokens} : token_windows(p, flags);
   const int64_t rows = (grads & MOE_GRAD_HIDDEN_STATES) ? b.dx.tokens * p.top_k * p.hidden : 0;
   b.sa_in_dw1 = sa > 0 && sa <= scratch;
   b.rows_in_dw1 = rows > 0 && rows <= scratch;
@@ -204,7 +207,7 @@ struct BwdWs {
 BwdWs bwd_layout(WsArena &ar, const ExpertsProblem &p, uint32_t grads, uint64_t flags) {
   const int64_t n = p.tokens * p.top_k;
   BwdWs L;
-  L.plan = bwd_plan(p, grads);
+  L.plan = bwd_plan(p, grads, flags);
   const BwdPlan &b = L.plan;
   L.tiles = ar.take<Tile>(max_tiles(n, p.num_experts, BMT));
   L.num_tiles = ar.take<int32_t>(1);
@@ -386,9 +389,9 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
 // ---- fused experts layer ---------------------------------------------------------------
 
 // dtype < 0: any dtype. float32 runs the SIMT path (its own scratch after the plan's).
-size_t experts_forward_workspace_size(const ExpertsProblem &p, int32_t dtype) {
+size_t experts_forward_workspace_size(const ExpertsProblem &p, int32_t dtype, uint64_t flags) {
   WsArena f(nullptr), f32(nullptr);
-  if (dtype != MOE_DTYPE_F32) fwd_layout(f, p);
+  if (dtype != MOE_DTYPE_F32) fwd_layout(f, p, flags);
   else plan_layout(f, p.tokens * p.top_k, p.num_experts);
   if (dtype < 0 || dtype == MOE_DTYPE_F32) f32.take<char>(int64_t(f32_experts_fwd_bytes(p)));
   return std::max(f.required(), f32.required());
@@ -421,7 +424,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
                 E = p.num_experts, n = T * k;
   cudaStream_t st = stream_of(ctx);
   WsArena ar(ctx.workspace);
-  FwdWs L = fwd_layout(ar, p);
+  FwdWs L = fwd_layout(ar, p, ctx.flags);
   int32_t *off = static_cast<int32_t *>(plan.expert_offsets.data);
   int32_t *sorted = static_cast<int32_t *>(plan.sorted_pairs.data);
   int32_t *rows = static_cast<int32_t *>(plan.pair_rows.data);
@@ -476,7 +479,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g2.C = L.y;
   g2.ldc = H;
   g2.C2 = nullptr;
-  return windowed_store_combine(g2, p, token_windows(p), off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
+  return windowed_store_combine(g2, p, token_windows(p, ctx.flags), off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
                                 top_k_weights.data, top_k_weights.dtype, top_k_weights.strides[0],
                                 top_k_weights.strides[1], out.data, out.strides[0], ctx.flags, st);
 }

@@ -264,7 +264,7 @@ TEST(Abi, DeviceTypes) {
 
 TEST(Abi, NegativeSizesInQueries) {
   EXPECT_EQ(moe_experts_workspace_size(MOE_DEVICE_CPU, -1, 2, 8, 4, 4), 0u);
-  EXPECT_EQ(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, -1, 4, 2, -8, 4, 4), 0u);
+  EXPECT_EQ(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, -1, 4, 2, -8, 4, 4, 0), 0u);
   EXPECT_EQ(moe_experts_backward_workspace_size(MOE_DEVICE_CPU, -1, 4, 2, 8, -4, 4, 0xf, 0), 0u);
   EXPECT_EQ(moe_linear_workspace_size(MOE_DEVICE_CPU, 3, -2, 8, 4), 0u);
   EXPECT_EQ(moe_routing_plan_workspace_size(MOE_DEVICE_CPU, 3, -1), 0u);
@@ -272,10 +272,29 @@ TEST(Abi, NegativeSizesInQueries) {
 
 TEST(Abi, PerCallWorkspaceQueriesFitTheCombinedOne) {
   const size_t both = moe_experts_workspace_size(MOE_DEVICE_CPU, 9, 2, 8, 4, 4);
-  EXPECT_GT(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4), 0u);
-  EXPECT_LE(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4), both);
+  EXPECT_GT(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4, 0), 0u);
+  EXPECT_LE(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4, 0), both);
   EXPECT_LE(moe_experts_backward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, 9, 2, 8, 4, 4, 0xf, 0), both);
 }
+
+#ifdef MOE_FUSED_WITH_CUDA
+// Sizes only: no GPU needed. Qwen3-30B-A3B's layer at T = 16384 takes 3 token windows.
+TEST(Abi, OneWindowFlagAsksForTheWholeRowsBuffer) {
+  const int64_t T = 16384, k = 8, H = 2048, I = 768, E = 128;
+  const size_t lean = moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_BF16, T, k, H, I, E, 0);
+  const size_t one = moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_BF16, T, k, H, I, E,
+                                                        MOE_FLAG_ONE_WINDOW);
+  const size_t rows = size_t(T * k * H) * 2, window = size_t((T + 2) / 3 * k * H) * 2;
+  EXPECT_GE(one - lean, rows - window - 4096);
+  EXPECT_LE(one - lean, rows - window + 4096);
+  // The backward without dW1 (no grad_gate_up_proj to borrow) windows dX's rows the same way.
+  const uint32_t lora = MOE_GRAD_HIDDEN_STATES | MOE_GRAD_TOP_K_WEIGHTS;
+  EXPECT_GT(moe_experts_backward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_BF16, T, k, H, I, E, lora,
+                                                MOE_FLAG_ONE_WINDOW),
+            moe_experts_backward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_BF16, T, k, H, I, E, lora, 0));
+  EXPECT_GE(moe_experts_workspace_size(MOE_DEVICE_CUDA, T, k, H, I, E), one);
+}
+#endif
 
 TEST(Abi, ErrorMessagePersistsAfterSuccess) {
   ExpertsArgs a;

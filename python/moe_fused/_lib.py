@@ -37,7 +37,7 @@ from ctypes import (
 
 import torch
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_DIMS = 4
 LIBRARY_ENV = "MOE_FUSED_LIBRARY"
 _LIB_NAME = "libmoe_fused.so"
@@ -101,6 +101,7 @@ MOE_DEVICE_CUDA = 1
 
 MOE_FLAG_FORCE_PORTABLE = 1 << 0
 MOE_FLAG_OVERWRITE_H = 1 << 1
+MOE_FLAG_ONE_WINDOW = 1 << 2
 MOE_GRAD_HIDDEN_STATES = 1 << 0
 MOE_GRAD_TOP_K_WEIGHTS = 1 << 1
 MOE_GRAD_GATE_UP_PROJ = 1 << 2
@@ -163,7 +164,7 @@ _SIGNATURES = {
     "moe_experts_workspace_size": (c_size_t, [c_int32, c_int64, c_int64, c_int64, c_int64, c_int64]),
     "moe_experts_forward_workspace_size": (
         c_size_t,
-        [c_int32, c_int32, c_int64, c_int64, c_int64, c_int64, c_int64],
+        [c_int32, c_int32, c_int64, c_int64, c_int64, c_int64, c_int64, c_uint64],
     ),
     "moe_experts_backward_workspace_size": (
         c_size_t,
@@ -403,8 +404,8 @@ def _experts_ws(dev_type: int, T: int, k: int, H: int, I: int, E: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _experts_fwd_ws(dev_type: int, dt: int, T: int, k: int, H: int, I: int, E: int) -> int:
-    return int(lib().moe_experts_forward_workspace_size(dev_type, dt, T, k, H, I, E))
+def _experts_fwd_ws(dev_type: int, dt: int, T: int, k: int, H: int, I: int, E: int, flags: int) -> int:
+    return int(lib().moe_experts_forward_workspace_size(dev_type, dt, T, k, H, I, E, flags))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -426,10 +427,13 @@ def experts_workspace_size(device: torch.device, T: int, k: int, H: int, I: int,
 
 
 def experts_forward_workspace_size(
-    device: torch.device, dtype: torch.dtype, T: int, k: int, H: int, I: int, E: int
+    device: torch.device, dtype: torch.dtype, T: int, k: int, H: int, I: int, E: int, flags: int = 0
 ) -> int:
-    """Bytes of moe_experts_forward on activations of `dtype`."""
-    return _experts_fwd_ws(device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), int(T), int(k), int(H), int(I), int(E))
+    """Bytes of moe_experts_forward on activations of `dtype` under context flags `flags`."""
+    return _experts_fwd_ws(
+        device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), int(T), int(k), int(H), int(I), int(E),
+        int(flags) | _dev_flags(),
+    )
 
 
 def experts_backward_workspace_size(

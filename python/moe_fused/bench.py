@@ -13,6 +13,10 @@ producing (top_k_index, top_k_weights) from the hidden states, then
     moe_fused           moe_fused.moe_experts on the module's own gate_up_proj / down_proj
     moe_fused-portable  the same call with the Hopper (sm90a) kernels off: MOE_FUSED_PORTABLE=1
                         around its calls only (CUDA only; on by default there)
+    moe_fused-windows   the same call with its per-pair rows made in token windows where the
+                        layer's size rule takes them (ops.set_one_token_window(False)): less
+                        workspace at large T, where the default takes one window if the GPU
+                        has the memory (CUDA only; on by default there)
     sonicmoe            SonicMoE (CuTe-DSL Hopper kernels), when `import sonicmoe` works and
                         --sonic-shapes (or --impls sonicmoe) asks for it: its first call per
                         shape JIT-compiles, so that first call is timed apart and reported
@@ -24,7 +28,7 @@ forward+backward 18*T*k*H*I), on CUDA the peak extra memory of one forward+backw
 the baseline (with and without the weight gradients, which every implementation allocates
 alike), the forward's own peak, and the memory the forward keeps for backward (beyond its
 output), and the ratios
-of moe_fused (and of moe_fused-portable and sonicmoe) against each other path, plus the
+of moe_fused (and of moe_fused-portable, moe_fused-windows and sonicmoe) against each other path, plus the
 wall time of each implementation's first forward+backward at each shape and T.
 A table is printed; JSON and a PNG plot are saved to --out (bench/results by default).
 
@@ -58,9 +62,9 @@ DEFAULTS = {
     "cuda": dict(shapes=["30b-a3b", "235b-a22b"], tokens=[512, 4096, 16384], dtype="bfloat16"),
 }
 IMPLS = ["hf-eager", "hf-grouped_mm", "moe_fused"]  # the default set on every device
-EXTRA_IMPLS = ["moe_fused-portable", "sonicmoe"]  # CUDA only (portable: default there)
+EXTRA_IMPLS = ["moe_fused-portable", "moe_fused-windows", "sonicmoe"]  # CUDA only (the first two: default there)
 ALL_IMPLS = IMPLS + EXTRA_IMPLS
-OURS = ("moe_fused", "moe_fused-portable")
+OURS = ("moe_fused", "moe_fused-portable", "moe_fused-windows")
 PORTABLE_ENV = "MOE_FUSED_PORTABLE"  # read by libmoe_fused at every call
 
 
@@ -80,9 +84,26 @@ def portable_env():
             os.environ[PORTABLE_ENV] = old
 
 
+@contextlib.contextmanager
+def token_windows_env():
+    """moe_fused's token windows by its size rule inside, never one window for memory's sake
+    (ops.set_one_token_window(False)); the previous setting restored on the way out."""
+    from moe_fused import ops
+
+    previous = ops.set_one_token_window(False)
+    try:
+        yield
+    finally:
+        ops.set_one_token_window(previous)
+
+
 def impl_env(impl):
     """The environment an implementation's calls (forward and backward) run in."""
-    return portable_env() if impl == "moe_fused-portable" else contextlib.nullcontext()
+    if impl == "moe_fused-portable":
+        return portable_env()
+    if impl == "moe_fused-windows":
+        return token_windows_env()
+    return contextlib.nullcontext()
 
 
 def sonic_selected(spec, shape, T):
@@ -286,7 +307,7 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
     token_idx = torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(k)
 
     def call(impl, x, w):
-        if impl in OURS:  # moe_fused-portable: the caller holds impl_env(impl)
+        if impl in OURS:  # moe_fused-portable / -windows: the caller holds impl_env(impl)
             return moe_experts(x, top_k_index, w, experts.gate_up_proj, experts.down_proj)
         if impl == "sonicmoe":
             return _sonic_call(sonicmoe, x, top_k_index, w, experts.gate_up_proj, experts.down_proj, token_idx)
@@ -415,7 +436,7 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
             log(f"  {impl:18s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
 
     # ratios: time of each other path / time of this one (> 1 means this one is faster),
-    # for moe_fused (keys as before), moe_fused-portable and sonicmoe
+    # for moe_fused (keys as before), moe_fused-portable, moe_fused-windows and sonicmoe
     for impl in OURS + ("sonicmoe",):
         ours = {r["mode"]: r for r in results if r["impl"] == impl and "ms" in r}
         for r in results:
@@ -460,6 +481,8 @@ def _table(results):
     sp_cols = [("moe_fused speedup vs eager / grouped_mm", "moe_fused", ("speedup_vs_hf-eager", "speedup_vs_hf-grouped_mm"))]
     if "moe_fused-portable" in impls:
         sp_cols.append(("portable vs grouped_mm", "moe_fused-portable", ("speedup_vs_hf-grouped_mm",)))
+    if "moe_fused-windows" in impls:
+        sp_cols.append(("windows vs grouped_mm", "moe_fused-windows", ("speedup_vs_hf-grouped_mm",)))
     if "sonicmoe" in impls:
         sp_cols.append(("sonicmoe vs grouped_mm", "sonicmoe", ("speedup_vs_hf-grouped_mm",)))
         sp_cols.append(("moe_fused vs sonicmoe", "moe_fused", ("speedup_vs_sonicmoe",)))
@@ -557,7 +580,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", "-T", nargs="+", type=int, help="token counts (default: 256 1024 4096 on cpu; 512 4096 16384 on cuda)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--impls", nargs="+", choices=ALL_IMPLS,
-                   help=f"default: {' '.join(IMPLS)} (cuda: + moe_fused-portable; + sonicmoe with --sonic-shapes)")
+                   help=f"default: {' '.join(IMPLS)} (cuda: + moe_fused-portable moe_fused-windows; + sonicmoe with --sonic-shapes)")
     p.add_argument("--sonic-shapes", nargs="+", metavar="SHAPE[:T]",
                    help="run SonicMoE (CUDA, if importable) at these points only: 'all', a shape (every T) "
                    "or shape:T, e.g. 30b-a3b:16384. Its first call per shape JIT-compiles (10-90 s), "
@@ -579,7 +602,7 @@ def parse_args(argv=None):
         t = spec.partition(":")[2]
         if t and not t.isdigit():
             p.error(f"--sonic-shapes {spec!r}: T must be an integer (SHAPE:T)")
-    impls = args.impls or (IMPLS + ["moe_fused-portable"] if args.device == "cuda" else list(IMPLS))
+    impls = args.impls or (IMPLS + ["moe_fused-portable", "moe_fused-windows"] if args.device == "cuda" else list(IMPLS))
     if args.sonic_shapes and "sonicmoe" not in impls:
         impls = impls + ["sonicmoe"]
     args.impls = [i for i in ALL_IMPLS if i in impls]  # HF paths first (the reference), then moe_fused, ...

@@ -36,6 +36,15 @@ backward's peak. A second backward through the same graph (``retain_graph=True``
 raises a RuntimeError that says so; ``set_backward_overwrite_h(False)`` (or the environment
 variable ``MOE_FUSED_OVERWRITE_H=0``) keeps h intact. The registered op (torch.compile and
 the other non-eager paths) never overwrites its inputs.
+
+Token windows: at large T the CUDA layer may produce its down-projection's per-pair rows
+(T*k rows of H, and the backward's dX rows) a token window at a time, so that buffer never
+outgrows the [T*k, I] ones beside it. One window is faster (Qwen3-30B-A3B, T=16384 on the
+H100: 0.16 ms a forward) and costs up to T*k*H elements of workspace. By default ("auto")
+one window is taken when that buffer is at most 1/50 of the GPU's memory (Qwen3-30B-A3B at
+T=16384, 512 MiB: one window on an 80 GB card, windows on a 24 GB one);
+``set_one_token_window(True / False / None)`` or ``MOE_FUSED_ONE_WINDOW=1 / 0 / auto``
+decide it instead. Results are bit-identical either way.
 """
 
 from __future__ import annotations
@@ -55,10 +64,17 @@ __all__ = [
     "set_cuda_index_check",
     "cuda_index_check",
     "set_backward_overwrite_h",
+    "set_one_token_window",
 ]
 
 _cuda_index_check = os.environ.get("MOE_FUSED_CHECK_INDICES", "1") != "0"
 _overwrite_h = os.environ.get("MOE_FUSED_OVERWRITE_H", "1") != "0"
+_ONE_WINDOW_ENV = {"1": True, "0": False, "auto": None}
+if os.environ.get("MOE_FUSED_ONE_WINDOW", "auto") not in _ONE_WINDOW_ENV:
+    raise ValueError(
+        f"MOE_FUSED_ONE_WINDOW must be 1, 0 or auto, got {os.environ['MOE_FUSED_ONE_WINDOW']!r}"
+    )
+_one_window = _ONE_WINDOW_ENV[os.environ.get("MOE_FUSED_ONE_WINDOW", "auto")]
 
 
 def set_backward_overwrite_h(enabled: bool) -> bool:
@@ -68,6 +84,34 @@ def set_backward_overwrite_h(enabled: bool) -> bool:
     global _overwrite_h
     previous, _overwrite_h = _overwrite_h, bool(enabled)
     return previous
+
+
+def set_one_token_window(enabled):
+    """True: the CUDA experts layer makes its per-pair rows in one token window (faster, up
+    to T*k*H elements more workspace); False: in windows no larger than its [T*k, I]
+    buffers; None: by the GPU's memory (the default, see the module's docstring). Returns
+    the previous setting."""
+    global _one_window
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_one_token_window: enabled must be True, False or None, got {enabled!r}")
+    previous, _one_window = _one_window, enabled
+    return previous
+
+
+@functools.lru_cache(maxsize=64)
+def _device_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def _window_flag(x, k: int) -> int:
+    """MOE_FLAG_ONE_WINDOW when one token window is wanted for x [T, H] with k slots."""
+    if x.device.type != "cuda":
+        return 0
+    one = _one_window
+    if one is None:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        one = x.numel() * k * x.element_size() <= _device_memory(index) // 50
+    return _lib.MOE_FLAG_ONE_WINDOW if one else 0
 
 
 def set_cuda_index_check(enabled: bool) -> bool:
@@ -272,11 +316,12 @@ def _experts_forward_impl(x, idx, w, w1, w2):
     _check_index_range("top_k_index", idx, E)
     x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
     lib = _lib.lib()
+    flags = _window_flag(x, k)
     nbytes = max(
-        _lib.experts_forward_workspace_size(dev, x.dtype, T, k, H, I, E),
+        _lib.experts_forward_workspace_size(dev, x.dtype, T, k, H, I, E, flags),
         _lib.routing_plan_workspace_size(dev, T * k, E),
     )
-    ctx = _lib.context(dev, nbytes)
+    ctx = _lib.context(dev, nbytes, flags)
     plan = _lib.plan(offsets, sorted_pairs, pair_rows)
     t = _lib.tensor
     status = lib.moe_experts_forward(
@@ -343,7 +388,7 @@ def _experts_backward_impl(
         else:
             g, x, w = g.contiguous(), x.contiguous(), w.contiguous()
             lib = _lib.lib()
-            flags = _lib.MOE_FLAG_OVERWRITE_H if overwrite_h else 0
+            flags = (_lib.MOE_FLAG_OVERWRITE_H if overwrite_h else 0) | _window_flag(x, k)
             want = (
                 (_lib.MOE_GRAD_HIDDEN_STATES if n_x else 0)
                 | (_lib.MOE_GRAD_TOP_K_WEIGHTS if n_w else 0)
