@@ -2,16 +2,20 @@
 moe-fused once, aligned (16-byte) and odd (scalar) paths, ragged and empty experts; on an
 sm90 device the third experts shape and the third linear shape run the sm90a kernels (the
 first two fall back to the portable ones). The last two shapes (an expert gets > 1024 rows)
-run GEMM2 and dX in two token windows, on the portable and the sm90a kernels. Every
-backward writes dh over h (the eager default)."""
+run GEMM2 and dX in two token windows, on the portable and the sm90a kernels, and then again
+in one window (MOE_FLAG_ONE_WINDOW, the default on a GPU with the memory). Every backward
+writes dh over h (the eager default)."""
 import torch
 
 import moe_fused  # noqa: F401
-from moe_fused import moe_experts, moe_fused_linear
+from moe_fused import moe_experts, moe_fused_linear, ops
 
 torch.manual_seed(0)
-for (T, k, H, I, E) in [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5), (70, 4, 256, 256, 8),
-                        (1030, 2, 128, 64, 2), (1030, 2, 512, 256, 2)]:
+SHAPES = [(70, 4, 128, 64, 8), (9, 2, 50, 27, 5), (70, 4, 256, 256, 8)]
+WINDOWED = [(1030, 2, 128, 64, 2), (1030, 2, 512, 256, 2)]  # 2 token windows, unless one is asked for
+CASES = [(c, False) for c in SHAPES + WINDOWED] + [(c, True) for c in WINDOWED]
+for (T, k, H, I, E), one_window in CASES:
+    ops.set_one_token_window(one_window)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     idx = torch.randint(0, E // 2 + 1, (T, k), device="cuda")
     s = torch.rand(T, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
