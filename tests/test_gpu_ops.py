@@ -304,7 +304,11 @@ def test_determinism_bit_identical():
         assert torch.equal(x, y)
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("one_window", [False, None], ids=["windows-by-rule", "auto"])
+def test_cuda_graph_capture_and_replay(one_window):
+    from moe_fused import ops
+
+    ops.set_one_token_window(one_window)  # the fixture restores it
     T, k, H, I, E = 256, 4, 256, 128, 16
     d = make_experts(T, k, H, I, E, torch.bfloat16, seed=31)
     x = d["x"].cuda().requires_grad_()
@@ -330,6 +334,7 @@ def test_cuda_graph_capture_and_replay():
     graph = torch.cuda.CUDAGraph()
     for t in (x, s, w1, w2):
         t.grad = None
+    ops._device_memory.cache_clear()  # auto: the GPU's memory is first asked for while capturing
     with torch.cuda.graph(graph):
         out_g = moe_experts(x, idx, s, w1, w2)
         out_g.backward(dout)
