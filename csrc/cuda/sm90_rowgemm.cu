@@ -125,6 +125,19 @@ __device__ __forceinline__ PairTile pair_tile(const RowParams &p, int num_tiles,
 }
 // dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
+// -DMOE_SM90_DA_H_PREFETCH=1: dA' asks L2 for its tile's h chunks 2 and up halfway through
+// the mainloop, so the epilogue's chunk loads (issued one chunk ahead) hit L2, not HBM.
+#ifndef MOE_SM90_DA_H_PREFETCH
+#define MOE_SM90_DA_H_PREFETCH 0
+#endif
+__device__ __forceinline__ void prefetch_h_chunks(const CUtensorMap *map, const RowParams &p,
+                                                  const Tile &t, int c, int nt) {
+  const int row = t.row0 + c * 64;
+  for (int q = 2; q < BN / kHC; ++q) {
+    tma_prefetch_2d(map, nt * BN + q * kHC, row);
+    tma_prefetch_2d(map, p.N + nt * BN + q * kHC, row);
+  }
+}
 __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowParams &p, uint32_t buf,
                                              uint32_t bar, const Tile &t, int c, int nt, int q) {
   const int col = nt * BN + q * kHC, row = t.row0 + c * 64;
@@ -271,6 +284,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             sw[hh] = load_weight(p.sw, p.sw_dtype, (v / p.k) * p.sw_s0 + (v % p.k) * p.sw_s1);
           }
         }
+        if (EPI == EPI_DSWIGLU && MOE_SM90_DA_H_PREFETCH && kb == KB / 2 && tid_wg == 0)
+          prefetch_h_chunks(&tmapH, p, t, c, nt);
         mbar_wait(sFull + 8 * st, ph);
         fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
         wgmma_fence();
