@@ -123,8 +123,6 @@ __device__ __forceinline__ PairTile pair_tile(const RowParams &p, int num_tiles,
   const Tile t1 = has1 ? p.tiles[2 * j + 1] : Tile{t0.expert, t0.row0, t0.row0, 0};
   return PairTile{rank == 0 ? t0 : t1, has1 && t1.expert == t0.expert};
 }
-// dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
-// 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
 // -DMOE_SM90_DA_H_PREFETCH=1: dA' asks L2 for its tile's h chunks 2 and up halfway through
 // the mainloop, so the epilogue's chunk loads (issued one chunk ahead) hit L2, not HBM.
 #ifndef MOE_SM90_DA_H_PREFETCH
@@ -138,6 +136,8 @@ __device__ __forceinline__ void prefetch_h_chunks(const CUtensorMap *map, const 
     tma_prefetch_2d(map, p.N + nt * BN + q * kHC, row);
   }
 }
+// dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
+// 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
 __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowParams &p, uint32_t buf,
                                              uint32_t bar, const Tile &t, int c, int nt, int q) {
   const int col = nt * BN + q * kHC, row = t.row0 + c * 64;
