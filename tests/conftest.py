@@ -36,11 +36,10 @@ def pytest_configure(config):
 def token_windows_by_rule():
     """The CUDA layer's token windows as its size rule takes them, not one window: by default
     an 80 GB GPU takes one window for every test-sized shape (ops.set_one_token_window)."""
-    from moe_fused import ops
+    from moe_fused.ops import one_token_window
 
-    previous = ops.set_one_token_window(False)
-    yield
-    ops.set_one_token_window(previous)
+    with one_token_window(False):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

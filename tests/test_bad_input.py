@@ -360,3 +360,25 @@ def test_cuda_index_check_toggle():
     finally:
         ops.set_cuda_index_check(prev)
     assert ops.set_cuda_index_check(prev) == prev
+
+
+def test_one_token_window_setting_and_block():
+    from moe_fused import ops
+
+    with pytest.raises(TypeError, match="enabled"):
+        ops.set_one_token_window("yes")
+    prev = ops.set_one_token_window(None)
+    try:
+        with pytest.raises(RuntimeError), ops.one_token_window(True):
+            assert ops.set_one_token_window(True) is True
+            raise RuntimeError("a failing block")
+        assert ops.set_one_token_window(None) is None  # restored after the exception
+        assert ops._window_flag(torch.zeros(4, 8), 2) == 0  # CPU tensors: no flag
+    finally:
+        ops.set_one_token_window(prev)
+
+
+def test_one_token_window_env_value_is_checked():
+    env = dict(os.environ, MOE_FUSED_ONE_WINDOW="yes")
+    r = subprocess.run([sys.executable, "-c", "import moe_fused.ops"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "MOE_FUSED_ONE_WINDOW must be 1, 0 or auto" in r.stderr

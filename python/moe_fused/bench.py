@@ -84,25 +84,14 @@ def portable_env():
             os.environ[PORTABLE_ENV] = old
 
 
-@contextlib.contextmanager
-def token_windows_env():
-    """moe_fused's token windows by its size rule inside, never one window for memory's sake
-    (ops.set_one_token_window(False)); the previous setting restored on the way out."""
-    from moe_fused import ops
-
-    previous = ops.set_one_token_window(False)
-    try:
-        yield
-    finally:
-        ops.set_one_token_window(previous)
-
-
 def impl_env(impl):
     """The environment an implementation's calls (forward and backward) run in."""
     if impl == "moe_fused-portable":
         return portable_env()
-    if impl == "moe_fused-windows":
-        return token_windows_env()
+    if impl == "moe_fused-windows":  # token windows by the layer's size rule, never one for speed
+        from moe_fused.ops import one_token_window
+
+        return one_token_window(False)
     return contextlib.nullcontext()
 
 

@@ -65,16 +65,16 @@ __all__ = [
     "cuda_index_check",
     "set_backward_overwrite_h",
     "set_one_token_window",
+    "one_token_window",
 ]
 
 _cuda_index_check = os.environ.get("MOE_FUSED_CHECK_INDICES", "1") != "0"
 _overwrite_h = os.environ.get("MOE_FUSED_OVERWRITE_H", "1") != "0"
 _ONE_WINDOW_ENV = {"1": True, "0": False, "auto": None}
-if os.environ.get("MOE_FUSED_ONE_WINDOW", "auto") not in _ONE_WINDOW_ENV:
-    raise ValueError(
-        f"MOE_FUSED_ONE_WINDOW must be 1, 0 or auto, got {os.environ['MOE_FUSED_ONE_WINDOW']!r}"
-    )
-_one_window = _ONE_WINDOW_ENV[os.environ.get("MOE_FUSED_ONE_WINDOW", "auto")]
+_one_window_env = os.environ.get("MOE_FUSED_ONE_WINDOW", "auto")
+if _one_window_env not in _ONE_WINDOW_ENV:
+    raise ValueError(f"MOE_FUSED_ONE_WINDOW must be 1, 0 or auto, got {_one_window_env!r}")
+_one_window = _ONE_WINDOW_ENV[_one_window_env]
 
 
 def set_backward_overwrite_h(enabled: bool) -> bool:
@@ -123,14 +123,24 @@ def set_cuda_index_check(enabled: bool) -> bool:
 
 
 @contextlib.contextmanager
-def cuda_index_check(enabled: bool):
-    """``with cuda_index_check(False): ...`` -- :func:`set_cuda_index_check` for a block,
-    the previous setting restored when it ends (also on an exception)."""
-    previous = set_cuda_index_check(enabled)
+def _setting_for_block(setter, value):
+    """setter(value) for a block, the previous setting restored when it ends (also on an
+    exception); setter returns the previous setting."""
+    previous = setter(value)
     try:
         yield
     finally:
-        set_cuda_index_check(previous)
+        setter(previous)
+
+
+def cuda_index_check(enabled: bool):
+    """``with cuda_index_check(False): ...`` -- :func:`set_cuda_index_check` for a block."""
+    return _setting_for_block(set_cuda_index_check, enabled)
+
+
+def one_token_window(enabled):
+    """``with one_token_window(False): ...`` -- :func:`set_one_token_window` for a block."""
+    return _setting_for_block(set_one_token_window, enabled)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
