@@ -14,13 +14,14 @@
 //
 // Kernel (variant v9 of dev/sm90/gemm1_wgmma.cu, generalised): persistent grid, one CTA per
 // SM; warp-specialised: a producer warpgroup (16-byte cp.async of the gathered A rows into the
-// 128-byte swizzle; TMA of B) and two consumer warpgroups (wgmma m64n256k16, fp32
-// accumulators); a 4-stage full/empty mbarrier pipeline (kStages) flowing across work items,
+// 128-byte swizzle, or one TMA box where A is not gathered; TMA of B) and two consumer
+// warpgroups (wgmma m64n256k16, fp32 accumulators); a 4-stage full/empty mbarrier pipeline (kStages) flowing across work items,
 // so the producer loads the next item while the consumers run the epilogue. Launched in clusters of
 // two CTAs that take the tile list in pairs and share an expert's B tile by TMA multicast
 // (pair_tile).
 // Device code only where the arch has the sm_90a features; elsewhere an empty stub.
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/sm90.h"
 #include "cuda/sm90_epilogue.cuh"
@@ -39,6 +40,17 @@ namespace {
 #ifndef MOE_SM90_ROW_BK
 #define MOE_SM90_ROW_BK 64
 #endif
+// Where A's rows are not gathered (GEMM2 and dX read the plan-ordered a and dh rows), one
+// thread loads them as a TMA box a stage instead of 128 threads' cp.async: no per-row address
+// math in the producer, and the consumers skip the generic-to-async proxy fence that cp.async
+// writes need before wgmma reads them. A/B on the H100 (30B-A3B, notes/hopper.md session 8):
+// T=4096 dX 0.44 vs 0.48 ms, GEMM2 0.240 vs 0.248; T=16384 within that run's noise.
+// -DMOE_SM90_TMA_A=0 keeps cp.async for them.
+#ifndef MOE_SM90_TMA_A
+#define MOE_SM90_TMA_A 1
+#endif
+template <int EPI>
+constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
 constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
 static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -93,6 +105,7 @@ struct RowParams {
   int sw_dtype;
   int64_t sw_s0, sw_s1;
   int k;
+  bool tma_a;  // A's rows not gathered (a_div == 0): loaded by TMA boxes, not cp.async
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -123,19 +136,6 @@ __device__ __forceinline__ PairTile pair_tile(const RowParams &p, int num_tiles,
   const Tile t1 = has1 ? p.tiles[2 * j + 1] : Tile{t0.expert, t0.row0, t0.row0, 0};
   return PairTile{rank == 0 ? t0 : t1, has1 && t1.expert == t0.expert};
 }
-// -DMOE_SM90_DA_H_PREFETCH=1: dA' asks L2 for its tile's h chunks 2 and up halfway through
-// the mainloop, so the epilogue's chunk loads (issued one chunk ahead) hit L2, not HBM.
-#ifndef MOE_SM90_DA_H_PREFETCH
-#define MOE_SM90_DA_H_PREFETCH 0
-#endif
-__device__ __forceinline__ void prefetch_h_chunks(const CUtensorMap *map, const RowParams &p,
-                                                  const Tile &t, int c, int nt) {
-  const int row = t.row0 + c * 64;
-  for (int q = 2; q < BN / kHC; ++q) {
-    tma_prefetch_2d(map, nt * BN + q * kHC, row);
-    tma_prefetch_2d(map, p.N + nt * BN + q * kHC, row);
-  }
-}
 // dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
 __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowParams &p, uint32_t buf,
@@ -150,7 +150,7 @@ __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowPa
 template <class T, int EPI, bool B_MN>
 __global__ void __launch_bounds__(THREADS, 1)
     row_gemm_sm90(const __grid_constant__ CUtensorMap tmapB, const __grid_constant__ CUtensorMap tmapH,
-                  const RowParams p) {
+                  const __grid_constant__ CUtensorMap tmapA, const RowParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Static shared memory only in the real kernel: the host tells it from the stub by it.
   constexpr int S = kStages<EPI>;
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(sFull + 8 * s, 128 + 1);
+      mbar_init(sFull + 8 * s, kTmaA<EPI> && p.tma_a ? 1 : 128 + 1);  // + 128 cp.async arrivals
       mbar_init(sEmpty + 8 * s, 2 * NC);  // both CTAs' consumers: a stage is free in both
     }
     for (int b = 0; b < NC * 2; ++b) mbar_init(smem_u32(s_hbars) + 8 * b, 1);
@@ -188,58 +188,75 @@ __global__ void __launch_bounds__(THREADS, 1)
     constexpr int NB = B_MN ? BN / 64 : 2;  // TMA boxes of one B stage
     const T *A = static_cast<const T *>(p.a);
     const int chunk = tid_wg & (CPR - 1), trow = tid_wg >> (BK == 64 ? 3 : 2);
-    uint32_t it = 0;
-    for (int w = cl; w < total; w += ncl) {
-      const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
-      const Tile t = pt.t;
-      const int nt = w % ntn;
-      const T *src[RPT];
+    // Two loops, one per way of loading A (p.tma_a: thread 0 alone, one box a stage), each
+    // within the producer's 40 registers.
+    auto produce = [&](auto tma_tag) {
+      constexpr bool TMA_A = decltype(tma_tag)::value;
+      if (TMA_A && tid_wg != 0) return;
+      uint32_t it = 0;
+      for (int w = cl; w < total; w += ncl) {
+        const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
+        const Tile t = pt.t;
+        const int nt = w % ntn;
+        const T *src[TMA_A ? 1 : RPT];
+        if constexpr (!TMA_A) {
 #pragma unroll
-      for (int j = 0; j < RPT; ++j) {
-        // rows past the end (or of an empty tile): loaded, never stored
-        const int r = min(t.row0 + trow + j * RSTEP, max(t.row1 - 1, t.row0));
-        const int64_t ar = p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r;
-        src[j] = A + ar * p.lda + chunk * 8;
-      }
-      // B rows (K-major) or columns (N-major) of this item in the TMA tensor.
-      int b0, b1;
-      if (EPI == EPI_SWIGLU) {
-        b0 = t.expert * p.b_rows + nt * (BN / 2);
-        b1 = b0 + p.N;  // the same columns of the up half
-      } else {
-        b0 = B_MN ? nt * BN : t.expert * p.b_rows + nt * BN;
-        b1 = b0 + BN / 2;
-      }
-      for (int kb = 0; kb < KB; ++kb, ++it) {
-        const uint32_t st = it % S, ph = (it / S) & 1;
-        mbar_wait(sEmpty + 8 * st, ph ^ 1);
-        const uint32_t a = sA + st * A_BYTES;
-#pragma unroll
-        for (int j = 0; j < RPT; ++j) {
-          cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
+          for (int j = 0; j < RPT; ++j) {
+            // rows past the end (or of an empty tile): loaded, never stored
+            const int r = min(t.row0 + trow + j * RSTEP, max(t.row1 - 1, t.row0));
+            const int64_t ar = p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r;
+            src[j] = A + ar * p.lda + chunk * 8;
+          }
         }
-        cp_async_mbar_arrive(sFull + 8 * st);
-        if (tid_wg == 0) {
-          const uint32_t bar = sFull + 8 * st, b = sB + st * B_BYTES;
-          mbar_expect_tx(bar, B_BYTES);  // the whole tile: both halves when shared
-          // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
-          auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
-            if (!pt.shared)
-              tma_load_2d(dst, &tmapB, c0, c1, bar);
-            else if ((q * 2) / NB == int(rank))
-              tma_load_2d_mc(dst, &tmapB, c0, c1, bar, 0x3);
-          };
-          if (B_MN) {
-            const int krow = t.expert * p.b_rows + kb * BK;
+        // B rows (K-major) or columns (N-major) of this item in the TMA tensor.
+        int b0, b1;
+        if (EPI == EPI_SWIGLU) {
+          b0 = t.expert * p.b_rows + nt * (BN / 2);
+          b1 = b0 + p.N;  // the same columns of the up half
+        } else {
+          b0 = B_MN ? nt * BN : t.expert * p.b_rows + nt * BN;
+          b1 = b0 + BN / 2;
+        }
+        for (int kb = 0; kb < KB; ++kb, ++it) {
+          const uint32_t st = it % S, ph = (it / S) & 1;
+          mbar_wait(sEmpty + 8 * st, ph ^ 1);
+          const uint32_t a = sA + st * A_BYTES;
+          if constexpr (!TMA_A) {
 #pragma unroll
-            for (int q = 0; q < NB; ++q) load_b(q, b + q * (BK * 128), b0 + q * 64, krow);
-          } else {
-            load_b(0, b, kb * BK, b0);
-            load_b(1, b + B_BYTES / 2, kb * BK, b1);
+            for (int j = 0; j < RPT; ++j) {
+              cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
+            }
+            cp_async_mbar_arrive(sFull + 8 * st);
+          }
+          if (tid_wg == 0) {
+            const uint32_t bar = sFull + 8 * st, b = sB + st * B_BYTES;
+            // B: the whole tile (both halves when shared). TMA A: rows past the tensor come
+            // as zeros, those of the next tile are loaded and never stored.
+            mbar_expect_tx(bar, B_BYTES + (TMA_A ? A_BYTES : 0));
+            if (TMA_A) tma_load_2d(a, &tmapA, kb * BK, t.row0, bar);
+            // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
+            auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
+              if (!pt.shared)
+                tma_load_2d(dst, &tmapB, c0, c1, bar);
+              else if ((q * 2) / NB == int(rank))
+                tma_load_2d_mc(dst, &tmapB, c0, c1, bar, 0x3);
+            };
+            if (B_MN) {
+              const int krow = t.expert * p.b_rows + kb * BK;
+#pragma unroll
+              for (int q = 0; q < NB; ++q) load_b(q, b + q * (BK * 128), b0 + q * 64, krow);
+            } else {
+              load_b(0, b, kb * BK, b0);
+              load_b(1, b + B_BYTES / 2, kb * BK, b1);
+            }
           }
         }
       }
-    }
+    };
+    if (kTmaA<EPI> && p.tma_a)
+      produce(std::true_type{});
+    else
+      produce(std::false_type{});
     asm volatile("cp.async.wait_group 0;" ::: "memory");
   } else {  // consumers
     setmaxnreg_inc<232>();
@@ -284,10 +301,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             sw[hh] = load_weight(p.sw, p.sw_dtype, (v / p.k) * p.sw_s0 + (v % p.k) * p.sw_s1);
           }
         }
-        if (EPI == EPI_DSWIGLU && MOE_SM90_DA_H_PREFETCH && kb == KB / 2 && tid_wg == 0)
-          prefetch_h_chunks(&tmapH, p, t, c, nt);
         mbar_wait(sFull + 8 * st, ph);
-        fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+        if (!(kTmaA<EPI> && p.tma_a)) fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < BK / 16; ++k) {
@@ -475,7 +490,7 @@ template <class T, int EPI, bool B_MN> KernelGate &gate() {
 }
 
 template <class T, int EPI, bool B_MN>
-bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const RowParams &p, int64_t max_items,
+bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const CUtensorMap &mapA, const RowParams &p, int64_t max_items,
             cudaStream_t stream, moe_status_t *status) {
   auto kern = row_gemm_sm90<T, EPI, B_MN>;
   constexpr size_t smem = kSmem<EPI>;
@@ -498,22 +513,23 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const RowParams &p,
   at.val.clusterDim.z = 1;
   cfg.attrs = &at;
   cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kern, map, mapH, p);
+  cudaLaunchKernelEx(&cfg, kern, map, mapH, mapA, p);
   *status = launch_status("sm90 row GEMM");
   return true;
 }
 
 template <class T>
 bool dispatch(const GroupedGemmArgs &g, const CUtensorMap &map, const CUtensorMap &mapH,
-              const RowParams &p, int64_t max_items, cudaStream_t st, moe_status_t *status) {
+              const CUtensorMap &mapA, const RowParams &p, int64_t max_items, cudaStream_t st,
+              moe_status_t *status) {
   switch (g.epilogue) {
     case EPI_SWIGLU:
-      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, mapH, p, max_items, st, status);
+      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, mapH, mapA, p, max_items, st, status);
     case EPI_DSWIGLU:
-      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, mapH, p, max_items, st, status);
+      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, mapH, mapA, p, max_items, st, status);
     case EPI_STORE:
-      return g.b_kn ? launch<T, EPI_STORE, true>(map, mapH, p, max_items, st, status)
-                    : launch<T, EPI_STORE, false>(map, mapH, p, max_items, st, status);
+      return g.b_kn ? launch<T, EPI_STORE, true>(map, mapH, mapA, p, max_items, st, status)
+                    : launch<T, EPI_STORE, false>(map, mapH, mapA, p, max_items, st, status);
     default:
       return false;
   }
@@ -564,6 +580,12 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                  kHC, 64, kHC * 2))
     return false;
 
+  // A's rows in plan order (a_div == 0): a TMA tensor of n_rows rows, boxes {BK, BM}.
+  CUtensorMap mapA = map;
+  const bool tma_a = MOE_SM90_TMA_A && g.epilogue == EPI_STORE && g.a_div == 0 &&
+                     encode_2d(&mapA, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
+                               uint64_t(g.lda) * 2, BK, BM, ROW);
+
   RowParams p{};
   p.a = g.A;
   p.lda = g.lda;
@@ -590,9 +612,10 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.sw_s0 = g.sw_s0;
   p.sw_s1 = g.sw_s1;
   p.k = g.k > 0 ? g.k : 1;
+  p.tma_a = tma_a;
   const int64_t max_items = g.max_tiles * sm90_col_tiles(g.epilogue, int(N));
-  return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, p, max_items, stream, status)
-              : dispatch<__half>(g, map, mapH, p, max_items, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, mapA, p, max_items, stream, status)
+              : dispatch<__half>(g, map, mapH, mapA, p, max_items, stream, status);
 }
 
 }  // namespace cuda
