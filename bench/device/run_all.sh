@@ -8,6 +8,8 @@
 #   sonic   installs SonicMoE from ./.sonic-wheels (made by ../shared/tools/sonicmoe-wheels.sh;
 #           pass carry [".sonic-wheels"], 55 MB); then bench / benchfull also time SonicMoE at
 #           SONIC_SHAPES (default 30b-a3b) / SONIC_SHAPES_FULL (default all), JIT warm-up reported.
+#           Its autotuning takes many minutes per shape and T: its choices are kept across
+#           calls through $OUT/sonic_autotune.tar -> .sonic-tune/ (see the step).
 #   gemms   bench/bench_gemms.py: each GEMM of the layer alone vs torch._grouped_mm, both paths
 #           (GEMMS_ARGS adds arguments, e.g. "--shapes 30b-a3b -T 4096"); gemms.json / gemms.log.
 # e.g. one call: bash bench/device/run_all.sh build sonic gemms bench
@@ -40,6 +42,19 @@ if has sonic; then
     r=$?
     if [ $r -eq 0 ] && timeout 120 python3 -c "import sonicmoe, sonicmoe.enums; print('sonicmoe', sonicmoe.__version__)" >> "$OUT/sonic_install.log" 2>&1; then
       SONIC_OK=1; echo "sonic: installed in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/sonic_install.log")"
+      # SonicMoE's GEMMs (QuACK) autotune at each new shape and T: each compiles its 9-22
+      # configs in subprocesses (68-133 s a GEMM on the H100 machine, notes/hopper.md session
+      # 8), then times them. The choices (small JSON files) are kept: saved to
+      # $OUT/sonic_autotune.tar on exit, read back from .sonic-tune/sonic_autotune.tar (copy it
+      # there and carry .sonic-tune), so a later call compiles only the chosen configs.
+      export QUACK_CACHE_AUTOTUNING=1 QUACK_CACHE_DIR=/tmp/quack_cache QUACK_COMPILE_WORKERS=16 \
+        QUACK_PRINT_AUTOTUNING=1 CUTE_DSL_CACHE_DIR=/tmp/cute_cache
+      mkdir -p "$QUACK_CACHE_DIR"
+      if [ -f .sonic-tune/sonic_autotune.tar ]; then
+        tar -C "$QUACK_CACHE_DIR" -xf .sonic-tune/sonic_autotune.tar
+        echo "sonic: $(tar -tf .sonic-tune/sonic_autotune.tar | grep -c 'autotune.json$') autotune choices read back"
+      fi
+      trap '(cd "$QUACK_CACHE_DIR" && find . -name "*.autotune.json" | tar -cf "$OUT/sonic_autotune.tar" -T -)' EXIT
     else
       echo "sonic: install or import FAILED (exit $r); SonicMoE not benchmarked"; tail -15 "$OUT/sonic_install.log"
     fi
