@@ -51,6 +51,16 @@ namespace {
 #endif
 template <int EPI>
 constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
+// -DMOE_SM90_SHARE_A=1 (with TMA A, an even number of column tiles): the cluster's two CTAs
+// take one row tile at two neighbouring column tiles and share its A rows (each loads 64 of
+// the 128 by multicast), instead of two row tiles sharing B (pair_tile). SonicMoE's autotuner
+// chose that cluster shape (1 x 2) for GEMM2 at 30B-A3B T=16384: 0.654 ms against 0.712 for
+// 2 x 1 (bench/results/sonic_autotune_30b_t16384_h100_session8.log). Not yet measured here.
+#ifndef MOE_SM90_SHARE_A
+#define MOE_SM90_SHARE_A 0
+#endif
+template <int EPI>
+constexpr bool kShareA = MOE_SM90_SHARE_A && kTmaA<EPI>;
 constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
 static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -105,7 +115,8 @@ struct RowParams {
   int sw_dtype;
   int64_t sw_s0, sw_s1;
   int k;
-  bool tma_a;  // A's rows not gathered (a_div == 0): loaded by TMA boxes, not cp.async
+  bool tma_a;    // A's rows not gathered (a_div == 0): loaded by TMA boxes, not cp.async
+  bool share_a;  // with tma_a: the cluster's CTAs share A, not B (MOE_SM90_SHARE_A)
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -135,6 +146,19 @@ __device__ __forceinline__ PairTile pair_tile(const RowParams &p, int num_tiles,
   const bool has1 = 2 * j + 1 < num_tiles;
   const Tile t1 = has1 ? p.tiles[2 * j + 1] : Tile{t0.expert, t0.row0, t0.row0, 0};
   return PairTile{rank == 0 ? t0 : t1, has1 && t1.expert == t0.expert};
+}
+// Work item w of a CTA of the cluster: its tile, column tile and whether B is shared.
+// share_a: w = (tile, pair of column tiles), rank r takes column tile 2 * pair + r.
+struct Item {
+  Tile t;
+  int nt;
+  bool share_b;
+};
+__device__ __forceinline__ Item item_of(const RowParams &p, int num_tiles, int ntn, int w,
+                                        uint32_t rank, bool share_a) {
+  if (share_a) return Item{p.tiles[w / (ntn / 2)], 2 * (w % (ntn / 2)) + int(rank), false};
+  const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
+  return Item{pt.t, w % ntn, pt.shared};
 }
 // dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
@@ -178,7 +202,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int KB = p.K / BK;
   const int ntn = EPI == EPI_SWIGLU ? p.N / (BN / 2) : p.N / BN;
   const int num_tiles = *p.num_tiles;
-  const int total = (num_tiles + 1) / 2 * ntn;  // pair items
+  const bool share_a = kShareA<EPI> && p.share_a;
+  const int total = share_a ? num_tiles * (ntn / 2) : (num_tiles + 1) / 2 * ntn;  // pair items
   const uint32_t rank = cluster_ctarank(), peer = rank ^ 1;
   const int cl = int(cluster_id_x()), ncl = int(cluster_count_x());
 
@@ -195,9 +220,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (TMA_A && tid_wg != 0) return;
       uint32_t it = 0;
       for (int w = cl; w < total; w += ncl) {
-        const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
-        const Tile t = pt.t;
-        const int nt = w % ntn;
+        const Item item = item_of(p, num_tiles, ntn, w, rank, share_a);
+        const Tile t = item.t;
+        const int nt = item.nt;
         const T *src[TMA_A ? 1 : RPT];
         if constexpr (!TMA_A) {
 #pragma unroll
@@ -233,10 +258,14 @@ __global__ void __launch_bounds__(THREADS, 1)
             // B: the whole tile (both halves when shared). TMA A: rows past the tensor come
             // as zeros, those of the next tile are loaded and never stored.
             mbar_expect_tx(bar, B_BYTES + (TMA_A ? A_BYTES : 0));
-            if (TMA_A) tma_load_2d(a, &tmapA, kb * BK, t.row0, bar);
+            if (TMA_A && share_a)  // this CTA's 64 rows of the pair's A, written to both CTAs
+              tma_load_2d_mc(a + rank * (A_BYTES / 2), &tmapA, kb * BK, t.row0 + int(rank) * (BM / 2),
+                             bar, 0x3);
+            else if (TMA_A)
+              tma_load_2d(a, &tmapA, kb * BK, t.row0, bar);
             // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
             auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
-              if (!pt.shared)
+              if (!item.share_b)
                 tma_load_2d(dst, &tmapB, c0, c1, bar);
               else if ((q * 2) / NB == int(rank))
                 tma_load_2d_mc(dst, &tmapB, c0, c1, bar, 0x3);
@@ -269,8 +298,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_arrive_cluster(sEmpty + 8 * st, peer);
     };
     for (int w = cl; w < total; w += ncl) {
-      const Tile t = pair_tile(p, num_tiles, w / ntn, rank).t;
-      const int nt = w % ntn;
+      const Item item = item_of(p, num_tiles, ntn, w, rank, share_a);
+      const Tile t = item.t;
+      const int nt = item.nt;
       const int rfrag = c * 64 + warp * 16 + (lane >> 2);
       // EPI_DSWIGLU: this thread's two rows' sorted[] entries now, their routing weights (and
       // the first h chunks) 128 k-elements before the end: the epilogue then waits on neither
@@ -580,11 +610,13 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                  kHC, 64, kHC * 2))
     return false;
 
-  // A's rows in plan order (a_div == 0): a TMA tensor of n_rows rows, boxes {BK, BM}.
+  // A's rows in plan order (a_div == 0): a TMA tensor of n_rows rows, boxes {BK, BM}, or
+  // {BK, BM / 2} when the cluster's CTAs share them (an even number of column tiles).
   CUtensorMap mapA = map;
+  const bool share_a = MOE_SM90_SHARE_A && (N / BN) % 2 == 0;
   const bool tma_a = MOE_SM90_TMA_A && g.epilogue == EPI_STORE && g.a_div == 0 &&
                      encode_2d(&mapA, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
-                               uint64_t(g.lda) * 2, BK, BM, ROW);
+                               uint64_t(g.lda) * 2, BK, share_a ? BM / 2 : BM, ROW);
 
   RowParams p{};
   p.a = g.A;
@@ -613,6 +645,7 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.sw_s1 = g.sw_s1;
   p.k = g.k > 0 ? g.k : 1;
   p.tma_a = tma_a;
+  p.share_a = tma_a && share_a;
   const int64_t max_items = g.max_tiles * sm90_col_tiles(g.epilogue, int(N));
   return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, mapA, p, max_items, stream, status)
               : dispatch<__half>(g, map, mapH, mapA, p, max_items, stream, status);
