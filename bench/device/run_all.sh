@@ -9,7 +9,8 @@
 #           pass carry [".sonic-wheels"], 55 MB); then bench / benchfull also time SonicMoE at
 #           SONIC_SHAPES (default 30b-a3b) / SONIC_SHAPES_FULL (default all), JIT warm-up reported.
 #           Its autotuning takes many minutes per shape and T: its choices are kept across
-#           calls through $OUT/sonic_autotune.tar -> .sonic-tune/ (see the step).
+#           calls through $OUT/sonic_autotune.tar -> .sonic-tune/ (see the step). One T a
+#           call: SONIC_SHAPES=30b-a3b:16384 BENCH_TOKENS=16384 run_all.sh build sonic bench
 #   gemms   bench/bench_gemms.py: each GEMM of the layer alone vs torch._grouped_mm, both paths
 #           (GEMMS_ARGS adds arguments, e.g. "--shapes 30b-a3b -T 4096"); gemms.json / gemms.log.
 # e.g. one call: bash bench/device/run_all.sh build sonic gemms bench
@@ -103,7 +104,7 @@ if has gemms; then
 fi
 SONIC_ARGS=(); [ $SONIC_OK -eq 1 ] && SONIC_ARGS=(--sonic-shapes ${SONIC_SHAPES:-30b-a3b})
 if has bench; then
-  timeout $([ $SONIC_OK -eq 1 ] && echo 500 || echo 400) python3 bench/bench_layer.py --device cuda --shapes 30b-a3b --tokens 4096 16384 \
+  timeout $([ $SONIC_OK -eq 1 ] && echo 500 || echo 400) python3 bench/bench_layer.py --device cuda --shapes 30b-a3b --tokens ${BENCH_TOKENS:-4096 16384} \
     --impls hf-grouped_mm moe_fused moe_fused-windows moe_fused-portable --iters 10 --max-seconds 5 ${SONIC_ARGS[@]+"${SONIC_ARGS[@]}"} \
     --out "$OUT" --name layer_cuda_quick --no-plot > "$OUT/bench.log" 2>&1
   echo "bench: exit $?"; tail -40 "$OUT/bench.log"
