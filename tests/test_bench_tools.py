@@ -447,3 +447,42 @@ def test_wgrad_template_args_cross_check_launch_order():
     assert att["gemms"]["dW2"]["ms"] == pytest.approx(0.6)
     att = bg.attribute_step([(dw1, 0.0, 1100.0), (dw2, 2000.0, 600.0)])  # launched the other way round
     assert sum("by launch order, but its template arguments say" in w for w in att["warnings"]) == 2
+
+
+def _ab_log(rounds):
+    """profile_kernels.py's output for rounds of {T: {label: ms}} (labels '' = unlabeled)."""
+    out = []
+    for r in rounds:
+        for T, ks in r.items():
+            out.append(f"== 30b-a3b T={T}: fwd 1.000 ms (300 TF/s)  fwd+bwd {sum(ks.values()):.3f} ms "
+                       f"(300 TF/s); kernels sum {sum(ks.values()):.3f} ms/step")
+            for (label, name), ms in ks.items():
+                out.append(f"  {ms:8.3f} ms {10.0:5.1f}%  x1  {label:16s} {name}")
+    return "\n".join(out) + "\n"
+
+
+def test_ab_summary_reads_rounds_and_normalizes_by_the_reference(tmp_path):
+    spec = importlib.util.spec_from_file_location("ab_summary", _ROOT / "bench" / "device" / "ab_summary.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    g1 = ("GEMM1/sm90", "void moe::cuda::sm90::row_gemm_sm90<bf16, 1, false>(...)")
+    dx = ("dX/sm90", "void moe::cuda::sm90::row_gemm_sm90<bf16, 0, true>(...)")
+    wa = ("dW2+dW1/sm90", "void moe::cuda::sm90::wgrad_sm90<bf16, true, true, 64>(...)")
+    wb = ("dW2+dW1/sm90", "void moe::cuda::sm90::wgrad_sm90<bf16, true, false, 64>(...)")
+    cb = ("", "void moe::cuda::(anonymous namespace)::combine_kernel<__nv_bfloat16>(...)")
+    base = [{4096: {g1: 9.0, dx: 9.0, wa: 9.0, wb: 9.0, cb: 9.0}},  # warm-up round: left out
+            {4096: {g1: 1.0, dx: 1.0, wa: 0.5, wb: 0.25, cb: 0.1}}]
+    # the variant's round ran 10% slower clocks: every kernel x1.1, and dX also 0.8x its own
+    var = [{4096: {g1: 9.0, dx: 9.0, wa: 9.0, wb: 9.0, cb: 9.0}},
+           {4096: {g1: 1.1, dx: 0.88, wa: 0.55, wb: 0.275, cb: 0.11}}]
+    (tmp_path / "ab_base.log").write_text(_ab_log(base))
+    (tmp_path / "ab_v.log").write_text(_ab_log(var))
+    runs = ab.parse(tmp_path / "ab_base.log")
+    assert len(runs[4096]) == 2
+    assert runs[4096][1]["dW2+dW1/sm90"] == 0.5 and runs[4096][1]["dW2+dW1/sm90'"] == 0.25
+    assert runs[4096][1]["combine_kernel"] == 0.1
+    text = ab.summarize(tmp_path, ["base", "v"], "GEMM1/sm90")
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:]}
+    assert rows["dX/sm90"][1:] == ["1.000", "0.880", "0.880", "0.800"]  # base, v, ratio, vs ref
+    assert rows["dW2+dW1/sm90'"][1:] == ["0.250", "0.275", "1.100", "1.000"]
+    assert rows["combine_kernel"][-1] == "1.000" and rows["GEMM1/sm90"][-1] == "1.000"
