@@ -15,10 +15,10 @@
 // Kernel (variant v9 of dev/sm90/gemm1_wgmma.cu, generalised): persistent grid, one CTA per
 // SM; warp-specialised: a producer warpgroup (16-byte cp.async of the gathered A rows into the
 // 128-byte swizzle, or one TMA box where A is not gathered; TMA of B) and two consumer
-// warpgroups (wgmma m64n256k16, fp32 accumulators); a 4-stage full/empty mbarrier pipeline (kStages) flowing across work items,
-// so the producer loads the next item while the consumers run the epilogue. Launched in clusters of
-// two CTAs that take the tile list in pairs and share an expert's B tile by TMA multicast
-// (pair_tile).
+// warpgroups (wgmma m64n256k16, fp32 accumulators); a 4-stage full/empty mbarrier pipeline
+// (kStages) flowing across work items, so the producer loads the next item while the
+// consumers run the epilogue. Launched in clusters of two CTAs that take the tile list in
+// pairs and share an expert's B tile by TMA multicast (pair_tile).
 // Device code only where the arch has the sm_90a features; elsewhere an empty stub.
 #include <algorithm>
 #include <type_traits>
@@ -44,7 +44,8 @@ namespace {
 // thread loads them as a TMA box a stage instead of 128 threads' cp.async: no per-row address
 // math in the producer, and the consumers skip the generic-to-async proxy fence that cp.async
 // writes need before wgmma reads them. A/B on the H100 (30B-A3B, notes/hopper.md session 8):
-// T=4096 dX 0.44 vs 0.48 ms, GEMM2 0.240 vs 0.248; T=16384 within that run's noise.
+// T=4096 dX 0.44 vs 0.48 ms, GEMM2 0.240 vs 0.248; at T=16384 the clock drifted by up to 7%
+// between rounds, more than any change there.
 // -DMOE_SM90_TMA_A=0 keeps cp.async for them.
 #ifndef MOE_SM90_TMA_A
 #define MOE_SM90_TMA_A 1
@@ -259,8 +260,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             // as zeros, those of the next tile are loaded and never stored.
             mbar_expect_tx(bar, B_BYTES + (TMA_A ? A_BYTES : 0));
             if (TMA_A && share_a)  // this CTA's 64 rows of the pair's A, written to both CTAs
-              tma_load_2d_mc(a + rank * (A_BYTES / 2), &tmapA, kb * BK, t.row0 + int(rank) * (BM / 2),
-                             bar, 0x3);
+              tma_load_2d_mc(a + rank * (A_BYTES / 2), &tmapA, kb * BK,
+                             t.row0 + int(rank) * (BM / 2), bar, 0x3);
             else if (TMA_A)
               tma_load_2d(a, &tmapA, kb * BK, t.row0, bar);
             // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
@@ -332,7 +333,8 @@ __global__ void __launch_bounds__(THREADS, 1)
           }
         }
         mbar_wait(sFull + 8 * st, ph);
-        if (!(kTmaA<EPI> && p.tma_a)) fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+        // cp.async (generic proxy) writes -> wgmma (async proxy) reads; TMA writes need none
+        if (!(kTmaA<EPI> && p.tma_a)) fence_proxy_async();
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < BK / 16; ++k) {
@@ -520,8 +522,8 @@ template <class T, int EPI, bool B_MN> KernelGate &gate() {
 }
 
 template <class T, int EPI, bool B_MN>
-bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const CUtensorMap &mapA, const RowParams &p, int64_t max_items,
-            cudaStream_t stream, moe_status_t *status) {
+bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const CUtensorMap &mapA,
+            const RowParams &p, int64_t max_items, cudaStream_t stream, moe_status_t *status) {
   auto kern = row_gemm_sm90<T, EPI, B_MN>;
   constexpr size_t smem = kSmem<EPI>;
   int sms = 0;
