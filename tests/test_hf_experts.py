@@ -128,15 +128,21 @@ def _run(module, impl, x, idx, w):
     w = w.detach().clone().requires_grad_(True)
     assert _get_impl(module.config) == impl and module.config._experts_implementation == impl
     out = module(x, idx, w)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device)
     (out * g).sum().backward()
     grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
     return out.detach(), x.grad, w.grad, grads
 
 
+# CUDA: fp32, where the op runs its exact SIMT kernels, against eager's fp32 cuBLAS GEMMs.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("model_name", "cls_name"), CLASSES, ids=[f"{m}-{c}" for m, c in CLASSES])
-def test_experts_match_eager_or_refuse(model_name, cls_name, monkeypatch):
-    module = _build(model_name, cls_name)
+def test_experts_match_eager_or_refuse(model_name, cls_name, device, monkeypatch):
+    module = _build(model_name, cls_name).to(device)
     assert hf.is_experts_module(module)
     path, why = hf.experts_path(module)
     if model_name in MUST_FUSE:
@@ -156,9 +162,9 @@ def test_experts_match_eager_or_refuse(model_name, cls_name, monkeypatch):
     H = hf.experts_weights(module)[1].size(1) if hasattr(module, "gate_up_proj") else module.config.hidden_size
     T, k = 10, min(2, E)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, H, generator=g)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    w = torch.softmax(torch.randn(T, k, generator=g), -1)
+    x = torch.randn(T, H, generator=g).to(device)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(device)
+    w = torch.softmax(torch.randn(T, k, generator=g), -1).to(device)
     calls = []
     for op in ("_moe_experts", "_moe_fused_linear"):
         real = getattr(hf.experts, op)
