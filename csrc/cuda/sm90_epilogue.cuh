@@ -68,6 +68,35 @@ __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Va
     if (d != nullptr) *reinterpret_cast<uint4 *>(d + chunk * 8) = lds128(buf + pass_off(lr, chunk));
   }
 }
+// The same pass with all 64 rows going to consecutive rows of a tensor by TMA: the fragment
+// into two 64-column halves laid out as the tensor map's 128-byte swizzle ({64, 64} boxes,
+// 8 KB each; conflict-free for the fragment's writes, as pass_off), then thread 0 stores both
+// boxes at (col, row) as one bulk group. The buffer is reused only after the previous
+// group's smem reads: thread 0 waits for them before the first barrier (so must a thread
+// pass that follows one of these in the same buffer).
+template <class T, class Val>
+__device__ __forceinline__ void store_pass_tma(uint32_t buf, int bar, int tid_wg, Val v,
+                                               const CUtensorMap *map, int col, int row) {
+  const int warp = tid_wg >> 5, lane = tid_wg & 31;
+  if (tid_wg == 0) bulk_wait_read0();
+  named_bar(bar, 128);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int lr = warp * 16 + (lane >> 2) + hh * 8;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      sts32(buf + uint32_t(j >> 3) * 8192 + uint32_t(lr) * 128 + uint32_t(((j & 7) ^ (lr & 7)) << 4) +
+                (lane & 3) * 4,
+            pack2<T>(v(j, hh, 0), v(j, hh, 1)));
+  }
+  fence_proxy_async();  // the generic-proxy writes, before the TMA (async proxy) reads them
+  named_bar(bar, 128);
+  if (tid_wg == 0) {
+    tma_store_2d(map, buf, col, row);
+    tma_store_2d(map, buf + 8192, col + 64, row);
+    bulk_commit();
+  }
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace sm90

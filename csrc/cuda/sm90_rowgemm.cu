@@ -62,6 +62,15 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #endif
 template <int EPI>
 constexpr bool kShareA = MOE_SM90_SHARE_A && kTmaA<EPI>;
+// -DMOE_SM90_TMA_STORE=1: GEMM2 / dX (EPI_STORE, rows not scattered) send a warpgroup's 64
+// output rows by TMA when all are the tile's (store_pass_tma): one thread issues the stores
+// and they drain while the next item's mainloop runs, instead of every thread copying 16-byte
+// chunks smem -> global. Partial row blocks keep the thread copies. Not yet measured.
+#ifndef MOE_SM90_TMA_STORE
+#define MOE_SM90_TMA_STORE 0
+#endif
+template <int EPI>
+constexpr bool kTmaStore = MOE_SM90_TMA_STORE && EPI == EPI_STORE;
 constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
 static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -118,6 +127,7 @@ struct RowParams {
   int k;
   bool tma_a;    // A's rows not gathered (a_div == 0): loaded by TMA boxes, not cp.async
   bool share_a;  // with tma_a: the cluster's CTAs share A, not B (MOE_SM90_SHARE_A)
+  bool tma_c;    // C rows not scattered: full 64-row blocks go out by TMA (MOE_SM90_TMA_STORE)
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -175,7 +185,8 @@ __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowPa
 template <class T, int EPI, bool B_MN>
 __global__ void __launch_bounds__(THREADS, 1)
     row_gemm_sm90(const __grid_constant__ CUtensorMap tmapB, const __grid_constant__ CUtensorMap tmapH,
-                  const __grid_constant__ CUtensorMap tmapA, const RowParams p) {
+                  const __grid_constant__ CUtensorMap tmapA, const __grid_constant__ CUtensorMap tmapC,
+                  const RowParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Static shared memory only in the real kernel: the host tells it from the stub by it.
   constexpr int S = kStages<EPI>;
@@ -387,7 +398,17 @@ __global__ void __launch_bounds__(THREADS, 1)
                 const int r = rbase + lr;
                 return r < t.row1 ? aout + int64_t(r) * p.ldc2 + nt * (BN / 2) : nullptr;
               });
+        } else if (kTmaStore<EPI> && p.tma_c && rbase + 64 <= t.row1) {
+          // C row = r + delta for all 64: TMA boxes at (columns, rbase + delta)
+#pragma unroll
+          for (int half = 0; half < 2; ++half)
+            store_pass_tma<T>(
+                buf, 1 + c, tid_wg,
+                [&](int j, int hh, int i) { return acc[(half * 16 + j) * 4 + hh * 2 + i]; }, &tmapC,
+                nt * BN + half * 128, rbase + t.delta);
         } else {
+          // the buffer's last TMA stores have read it (see store_pass_tma)
+          if (kTmaStore<EPI> && tid_wg == 0) bulk_wait_read0();
           // this thread's eight store rows' destinations, looked up once
           int64_t orow[8];
 #pragma unroll
@@ -511,6 +532,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
       }
     }
+    if (kTmaStore<EPI> && tid_wg == 0) bulk_wait0();  // smem stays until the stores are done
   }
   cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -523,7 +545,8 @@ template <class T, int EPI, bool B_MN> KernelGate &gate() {
 
 template <class T, int EPI, bool B_MN>
 bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const CUtensorMap &mapA,
-            const RowParams &p, int64_t max_items, cudaStream_t stream, moe_status_t *status) {
+            const CUtensorMap &mapC, const RowParams &p, int64_t max_items, cudaStream_t stream,
+            moe_status_t *status) {
   auto kern = row_gemm_sm90<T, EPI, B_MN>;
   constexpr size_t smem = kSmem<EPI>;
   int sms = 0;
@@ -545,23 +568,23 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const CUtensorMap &
   at.val.clusterDim.z = 1;
   cfg.attrs = &at;
   cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kern, map, mapH, mapA, p);
+  cudaLaunchKernelEx(&cfg, kern, map, mapH, mapA, mapC, p);
   *status = launch_status("sm90 row GEMM");
   return true;
 }
 
 template <class T>
 bool dispatch(const GroupedGemmArgs &g, const CUtensorMap &map, const CUtensorMap &mapH,
-              const CUtensorMap &mapA, const RowParams &p, int64_t max_items, cudaStream_t st,
-              moe_status_t *status) {
+              const CUtensorMap &mapA, const CUtensorMap &mapC, const RowParams &p,
+              int64_t max_items, cudaStream_t st, moe_status_t *status) {
   switch (g.epilogue) {
     case EPI_SWIGLU:
-      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, mapH, mapA, p, max_items, st, status);
+      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, mapH, mapA, mapC, p, max_items, st, status);
     case EPI_DSWIGLU:
-      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, mapH, mapA, p, max_items, st, status);
+      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, mapH, mapA, mapC, p, max_items, st, status);
     case EPI_STORE:
-      return g.b_kn ? launch<T, EPI_STORE, true>(map, mapH, mapA, p, max_items, st, status)
-                    : launch<T, EPI_STORE, false>(map, mapH, mapA, p, max_items, st, status);
+      return g.b_kn ? launch<T, EPI_STORE, true>(map, mapH, mapA, mapC, p, max_items, st, status)
+                    : launch<T, EPI_STORE, false>(map, mapH, mapA, mapC, p, max_items, st, status);
     default:
       return false;
   }
@@ -620,6 +643,13 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                      encode_2d(&mapA, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
                                uint64_t(g.lda) * 2, BK, share_a ? BM / 2 : BM, ROW);
 
+  // C's rows in plan (or window) order: a TMA tensor of c_rows rows, {64, 64} boxes.
+  const int64_t c_rows = g.c_rows > 0 ? g.c_rows : g.n_rows;
+  CUtensorMap mapC = map;
+  const bool tma_c = MOE_SM90_TMA_STORE && g.epilogue == EPI_STORE && !g.c_scatter &&
+                     encode_2d(&mapC, bf16, g.C, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc) * 2,
+                               64, 64, 128);
+
   RowParams p{};
   p.a = g.A;
   p.lda = g.lda;
@@ -634,7 +664,7 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.c = g.C;
   p.ldc = g.ldc;
   p.c_scatter = g.c_scatter;
-  p.c_rows = int32_t(g.c_rows > 0 ? g.c_rows : g.n_rows);
+  p.c_rows = int32_t(c_rows);
   p.c2 = g.C2;
   p.ldc2 = g.ldc2;
   p.hin = g.Hin;
@@ -648,9 +678,10 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.k = g.k > 0 ? g.k : 1;
   p.tma_a = tma_a;
   p.share_a = tma_a && share_a;
+  p.tma_c = tma_c;
   const int64_t max_items = g.max_tiles * sm90_col_tiles(g.epilogue, int(N));
-  return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, mapA, p, max_items, stream, status)
-              : dispatch<__half>(g, map, mapH, mapA, p, max_items, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, mapA, mapC, p, max_items, stream, status)
+              : dispatch<__half>(g, map, mapH, mapA, mapC, p, max_items, stream, status);
 }
 
 }  // namespace cuda
