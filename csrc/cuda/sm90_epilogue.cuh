@@ -42,6 +42,19 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 __device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
   return uint32_t(row) * kPassRow + uint32_t((chunk & 8) | ((chunk ^ row) & 7)) * 16;
 }
+// A warpgroup's fragment (values v(j, hh, i) of local row lr = 16 warp + lane / 4 + 8 hh,
+// columns 8 j + 2 (lane & 3) + i, j < 16) into `buf`: 16-byte chunk j of row lr at off(lr, j).
+template <class T, class Val, class Off>
+__device__ __forceinline__ void write_fragment(uint32_t buf, int tid_wg, Val v, Off off) {
+  const int warp = tid_wg >> 5, lane = tid_wg & 31;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int lr = warp * 16 + (lane >> 2) + hh * 8;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      sts32(buf + off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
+  }
+}
 // One epilogue pass of a warpgroup: its fragment's 64 rows x 128 columns, values v(j, hh, i)
 // for columns 8 j + 2 (lane & 3) + i of fragment row hh, through the swizzled buffer `buf` to
 // dst(lr, m) (the global row of local row lr = tid_wg / 16 + 8 m, nullptr: not stored), 16
@@ -50,15 +63,8 @@ __device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
 // the reads.
 template <class T, class Val, class Dst>
 __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Val v, Dst dst) {
-  const int warp = tid_wg >> 5, lane = tid_wg & 31;
   named_bar(bar, 128);
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int lr = warp * 16 + (lane >> 2) + hh * 8;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-      sts32(buf + pass_off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
-  }
+  write_fragment<T>(buf, tid_wg, v, pass_off);
   named_bar(bar, 128);
   const int chunk = tid_wg & 15;
 #pragma unroll
@@ -77,18 +83,11 @@ __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Va
 template <class T, class Val>
 __device__ __forceinline__ void store_pass_tma(uint32_t buf, int bar, int tid_wg, Val v,
                                                const CUtensorMap *map, int col, int row) {
-  const int warp = tid_wg >> 5, lane = tid_wg & 31;
   if (tid_wg == 0) bulk_wait_read0();
   named_bar(bar, 128);
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int lr = warp * 16 + (lane >> 2) + hh * 8;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-      sts32(buf + uint32_t(j >> 3) * 8192 + uint32_t(lr) * 128 + uint32_t(((j & 7) ^ (lr & 7)) << 4) +
-                (lane & 3) * 4,
-            pack2<T>(v(j, hh, 0), v(j, hh, 1)));
-  }
+  write_fragment<T>(buf, tid_wg, v, [](int lr, int j) {
+    return uint32_t(j >> 3) * 8192 + uint32_t(lr) * 128 + uint32_t(((j & 7) ^ (lr & 7)) << 4);
+  });
   fence_proxy_async();  // the generic-proxy writes, before the TMA (async proxy) reads them
   named_bar(bar, 128);
   if (tid_wg == 0) {
