@@ -479,9 +479,10 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g2.C = L.y;
   g2.ldc = H;
   g2.C2 = nullptr;
-  return windowed_store_combine(g2, p, token_windows(p, ctx.flags), off, sorted, rows, L.tiles, L.num_tiles, L.win_delta,
-                                top_k_weights.data, top_k_weights.dtype, top_k_weights.strides[0],
-                                top_k_weights.strides[1], out.data, out.strides[0], ctx.flags, st);
+  return windowed_store_combine(g2, p, token_windows(p, ctx.flags), off, sorted, rows, L.tiles,
+                                L.num_tiles, L.win_delta, top_k_weights.data, top_k_weights.dtype,
+                                top_k_weights.strides[0], top_k_weights.strides[1], out.data,
+                                out.strides[0], ctx.flags, st);
 }
 
 moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
