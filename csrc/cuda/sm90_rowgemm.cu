@@ -52,22 +52,13 @@ namespace {
 #endif
 template <int EPI>
 constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
-// -DMOE_SM90_SHARE_A=1 (with TMA A, an even number of column tiles): the cluster's two CTAs
-// take one row tile at two neighbouring column tiles and share its A rows (each loads 64 of
-// the 128 by multicast), instead of two row tiles sharing B (pair_tile). SonicMoE's autotuner
-// chose that cluster shape (1 x 2) for GEMM2 at 30B-A3B T=16384: 0.654 ms against 0.712 for
-// 2 x 1 (bench/results/sonic_autotune_30b_t16384_h100_session8.log). Not yet measured here.
-#ifndef MOE_SM90_SHARE_A
-#define MOE_SM90_SHARE_A 0
-#endif
-template <int EPI>
-constexpr bool kShareA = MOE_SM90_SHARE_A && kTmaA<EPI>;
 // -DMOE_SM90_TMA_STORE=1: GEMM2 / dX (EPI_STORE, rows not scattered) send a warpgroup's 64
 // output rows by TMA when all are the tile's (store_pass_tma): one thread issues the stores
 // and they drain while the next item's mainloop runs, instead of every thread copying 16-byte
-// chunks smem -> global. Partial row blocks keep the thread copies. Not yet measured.
+// chunks smem -> global. Partial row blocks keep the thread copies. H100, 30B-A3B (session 9
+// A/B): GEMM2 0.673 vs 0.767 ms at T=16384, 0.234 vs 0.241 at T=4096; dX 1.5-2% faster.
 #ifndef MOE_SM90_TMA_STORE
-#define MOE_SM90_TMA_STORE 0
+#define MOE_SM90_TMA_STORE 1
 #endif
 template <int EPI>
 constexpr bool kTmaStore = MOE_SM90_TMA_STORE && EPI == EPI_STORE;
@@ -126,7 +117,6 @@ struct RowParams {
   int64_t sw_s0, sw_s1;
   int k;
   bool tma_a;    // A's rows not gathered (a_div == 0): loaded by TMA boxes, not cp.async
-  bool share_a;  // with tma_a: the cluster's CTAs share A, not B (MOE_SM90_SHARE_A)
   bool tma_c;    // C rows not scattered: full 64-row blocks go out by TMA (MOE_SM90_TMA_STORE)
 };
 
@@ -157,19 +147,6 @@ __device__ __forceinline__ PairTile pair_tile(const RowParams &p, int num_tiles,
   const bool has1 = 2 * j + 1 < num_tiles;
   const Tile t1 = has1 ? p.tiles[2 * j + 1] : Tile{t0.expert, t0.row0, t0.row0, 0};
   return PairTile{rank == 0 ? t0 : t1, has1 && t1.expert == t0.expert};
-}
-// Work item w of a CTA of the cluster: its tile, column tile and whether B is shared.
-// share_a: w = (tile, pair of column tiles), rank r takes column tile 2 * pair + r.
-struct Item {
-  Tile t;
-  int nt;
-  bool share_b;
-};
-__device__ __forceinline__ Item item_of(const RowParams &p, int num_tiles, int ntn, int w,
-                                        uint32_t rank, bool share_a) {
-  if (share_a) return Item{p.tiles[w / (ntn / 2)], 2 * (w % (ntn / 2)) + int(rank), false};
-  const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
-  return Item{pt.t, w % ntn, pt.shared};
 }
 // dA': TMA of h chunk q (kHC columns of g and the same of u) of item (t, nt), warpgroup c's
 // 64 rows, into buf (g at 0, u at kHChunk / 2); rows past the tensor are zero-filled.
@@ -214,8 +191,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int KB = p.K / BK;
   const int ntn = EPI == EPI_SWIGLU ? p.N / (BN / 2) : p.N / BN;
   const int num_tiles = *p.num_tiles;
-  const bool share_a = kShareA<EPI> && p.share_a;
-  const int total = share_a ? num_tiles * (ntn / 2) : (num_tiles + 1) / 2 * ntn;  // pair items
+  const int total = (num_tiles + 1) / 2 * ntn;  // pair items
   const uint32_t rank = cluster_ctarank(), peer = rank ^ 1;
   const int cl = int(cluster_id_x()), ncl = int(cluster_count_x());
 
@@ -232,9 +208,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (TMA_A && tid_wg != 0) return;
       uint32_t it = 0;
       for (int w = cl; w < total; w += ncl) {
-        const Item item = item_of(p, num_tiles, ntn, w, rank, share_a);
-        const Tile t = item.t;
-        const int nt = item.nt;
+        const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
+        const Tile t = pt.t;
+        const int nt = w % ntn;
         const T *src[TMA_A ? 1 : RPT];
         if constexpr (!TMA_A) {
 #pragma unroll
@@ -270,14 +246,10 @@ __global__ void __launch_bounds__(THREADS, 1)
             // B: the whole tile (both halves when shared). TMA A: rows past the tensor come
             // as zeros, those of the next tile are loaded and never stored.
             mbar_expect_tx(bar, B_BYTES + (TMA_A ? A_BYTES : 0));
-            if (TMA_A && share_a)  // this CTA's 64 rows of the pair's A, written to both CTAs
-              tma_load_2d_mc(a + rank * (A_BYTES / 2), &tmapA, kb * BK,
-                             t.row0 + int(rank) * (BM / 2), bar, 0x3);
-            else if (TMA_A)
-              tma_load_2d(a, &tmapA, kb * BK, t.row0, bar);
+            if (TMA_A) tma_load_2d(a, &tmapA, kb * BK, t.row0, bar);
             // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
             auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
-              if (!item.share_b)
+              if (!pt.shared)
                 tma_load_2d(dst, &tmapB, c0, c1, bar);
               else if ((q * 2) / NB == int(rank))
                 tma_load_2d_mc(dst, &tmapB, c0, c1, bar, 0x3);
@@ -310,9 +282,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_arrive_cluster(sEmpty + 8 * st, peer);
     };
     for (int w = cl; w < total; w += ncl) {
-      const Item item = item_of(p, num_tiles, ntn, w, rank, share_a);
-      const Tile t = item.t;
-      const int nt = item.nt;
+      const Tile t = pair_tile(p, num_tiles, w / ntn, rank).t;
+      const int nt = w % ntn;
       const int rfrag = c * 64 + warp * 16 + (lane >> 2);
       // EPI_DSWIGLU: this thread's two rows' sorted[] entries now, their routing weights (and
       // the first h chunks) 128 k-elements before the end: the epilogue then waits on neither
@@ -635,13 +606,11 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                  kHC, 64, kHC * 2))
     return false;
 
-  // A's rows in plan order (a_div == 0): a TMA tensor of n_rows rows, boxes {BK, BM}, or
-  // {BK, BM / 2} when the cluster's CTAs share them (an even number of column tiles).
+  // A's rows in plan order (a_div == 0): a TMA tensor of n_rows rows, boxes {BK, BM}.
   CUtensorMap mapA = map;
-  const bool share_a = MOE_SM90_SHARE_A && (N / BN) % 2 == 0;
   const bool tma_a = MOE_SM90_TMA_A && g.epilogue == EPI_STORE && g.a_div == 0 &&
                      encode_2d(&mapA, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
-                               uint64_t(g.lda) * 2, BK, share_a ? BM / 2 : BM, ROW);
+                               uint64_t(g.lda) * 2, BK, BM, ROW);
 
   // C's rows in plan (or window) order: a TMA tensor of c_rows rows, {64, 64} boxes.
   const int64_t c_rows = g.c_rows > 0 ? g.c_rows : g.n_rows;
@@ -677,7 +646,6 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.sw_s1 = g.sw_s1;
   p.k = g.k > 0 ? g.k : 1;
   p.tma_a = tma_a;
-  p.share_a = tma_a && share_a;
   p.tma_c = tma_c;
   const int64_t max_items = g.max_tiles * sm90_col_tiles(g.epilogue, int(N));
   return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, mapA, mapC, p, max_items, stream, status)
