@@ -478,10 +478,12 @@ def test_ab_summary_reads_rounds_and_normalizes_by_the_reference(tmp_path):
     (tmp_path / "ab_base.log").write_text(_ab_log(base))
     (tmp_path / "ab_v.log").write_text(_ab_log(var))
     runs = ab.parse(tmp_path / "ab_base.log")
-    assert len(runs[4096]) == 2
-    assert runs[4096][1]["dW2+dW1/sm90"] == 0.5 and runs[4096][1]["dW2+dW1/sm90'"] == 0.25
-    assert runs[4096][1]["combine_kernel"] == 0.1
+    r1 = runs[("30b-a3b", 4096)][1]
+    assert len(runs[("30b-a3b", 4096)]) == 2
+    assert r1["dW2+dW1/sm90"] == 0.5 and r1["dW2+dW1/sm90'"] == 0.25
+    assert r1["combine_kernel"] == 0.1
     text = ab.summarize(tmp_path, ["base", "v"], "GEMM1/sm90")
+    assert text.startswith("30b-a3b T=4096")
     rows = {line.split()[0]: line.split() for line in text.splitlines()[2:]}
     assert rows["dX/sm90"][1:] == ["1.000", "0.880", "0.880", "0.800"]  # base, v, ratio, vs ref
     assert rows["dW2+dW1/sm90'"][1:] == ["0.250", "0.275", "1.100", "1.000"]

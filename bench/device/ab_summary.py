@@ -1,8 +1,8 @@
-"""Summary of an ab.sh run: per T and kernel, each variant's time against base's.
+"""Summary of an ab.sh run: per shape, T and kernel, each variant's time against base's.
 
     python3 bench/device/ab_summary.py OUT_DIR base VARIANT... [--ref LABEL]
 
-Reads OUT_DIR/ab_<name>.log (profile_kernels.py's output, one block per T a round, rounds
+Reads OUT_DIR/ab_<name>.log (profile_kernels.py's output, one block per shape and T a round, rounds
 appended in order). The first round warms the GPU and is left out when there are more. The
 GPU's clock moves between rounds (all kernels, unchanged ones too, by up to 7% on the H100 in
 session 8), so beside the plain ratio of medians it prints the ratio of each kernel's time to
@@ -16,7 +16,7 @@ import re
 import statistics
 import sys
 
-HEAD = re.compile(r"^== \S+ T=(\d+): .*fwd\+bwd ([0-9.]+) ms")
+HEAD = re.compile(r"^== (\S+) T=(\d+): .*fwd\+bwd ([0-9.]+) ms")
 # profile_kernels.py: "  {ms:8.3f} ms {share:5.1f}%  x{count}  {label:16s} {name[:110]}"
 KERNEL = re.compile(r"^\s+([0-9.]+) ms\s+[0-9.]+%\s+x(\d+)  (.{16}) (.*)$")
 SHORT = re.compile(r"(\w+)\s*[<(]")  # a kernel's function name: the first identifier before < or (
@@ -28,14 +28,14 @@ def short_name(name):
 
 
 def parse(path):
-    """{T: [round -> {kernel key: ms}]}, plus the fwd+bwd wall time under key 'fwd+bwd'."""
+    """{(shape, T): [round -> {kernel key: ms}]}, plus the fwd+bwd wall time under 'fwd+bwd'."""
     rounds = collections.defaultdict(list)
     cur = None
     for line in pathlib.Path(path).read_text().splitlines():
         m = HEAD.match(line)
         if m:
-            cur = {"fwd+bwd": float(m.group(2))}
-            rounds[int(m.group(1))].append(cur)
+            cur = {"fwd+bwd": float(m.group(3))}
+            rounds[(m.group(1), int(m.group(2)))].append(cur)
             continue
         m = KERNEL.match(line)
         if m and cur is not None:
@@ -51,11 +51,11 @@ def summarize(out_dir, names, ref):
     runs = {n: parse(pathlib.Path(out_dir) / f"ab_{n}.log") for n in names}
     base = runs[names[0]]
     lines = []
-    for T in sorted(base):
+    for case in sorted(base):
         kept = lambda rs: rs[1:] if len(rs) > 1 else rs  # noqa: E731
-        b_rounds = kept(base[T])
+        b_rounds = kept(base[case])
         keys = [k for k in b_rounds[-1] if all(k in r for r in b_rounds)]
-        lines.append(f"T={T}  ({len(b_rounds)} round(s) read; ratios variant / {names[0]}; "
+        lines.append(f"{case[0]} T={case[1]}  ({len(b_rounds)} round(s) read; ratios variant / {names[0]}; "
                      f"'vs {ref}': each time over {ref}'s in its round)")
         hdr = f"  {'kernel':34s} {names[0]:>9s}"
         for n in names[1:]:
@@ -65,7 +65,7 @@ def summarize(out_dir, names, ref):
             b = statistics.median(r[key] for r in b_rounds)
             row = f"  {key[:34]:34s} {b:9.3f}"
             for n in names[1:]:
-                v_rounds = kept(runs[n].get(T, []))
+                v_rounds = kept(runs[n].get(case, []))
                 vals = [r[key] for r in v_rounds if key in r]
                 if not vals:
                     row += f" {'-':>9s} {'-':>6s} {'-':>9s}"

@@ -74,27 +74,39 @@ __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Va
     if (d != nullptr) *reinterpret_cast<uint4 *>(d + chunk * 8) = lds128(buf + pass_off(lr, chunk));
   }
 }
-// The same pass with all 64 rows going to consecutive rows of a tensor by TMA: the fragment
-// into two 64-column halves laid out as the tensor map's 128-byte swizzle ({64, 64} boxes,
-// 8 KB each; conflict-free for the fragment's writes, as pass_off), then thread 0 stores both
-// boxes at (col, row) as one bulk group. The buffer is reused only after the previous
-// group's smem reads: thread 0 waits for them before the first barrier (so must a thread
-// pass that follows one of these in the same buffer).
-template <class T, class Val>
-__device__ __forceinline__ void store_pass_tma(uint32_t buf, int bar, int tid_wg, Val v,
-                                               const CUtensorMap *map, int col, int row) {
+// A pass that leaves by TMA bulk tensor stores: write() fills `buf` in the tensor map's
+// 128-byte swizzle, then thread 0 issues the stores (issue()) as one bulk group, which drains
+// while the warpgroup goes on. The buffer is reused only after the previous group's smem
+// reads: thread 0 waits for them before the first barrier (so must a thread pass that follows
+// one of these in the same buffer, and the kernel must wait for the last group before exit).
+template <class Write, class Issue>
+__device__ __forceinline__ void tma_pass(int bar, int tid_wg, Write write, Issue issue) {
   if (tid_wg == 0) bulk_wait_read0();
   named_bar(bar, 128);
-  write_fragment<T>(buf, tid_wg, v, [](int lr, int j) {
-    return uint32_t(j >> 3) * 8192 + uint32_t(lr) * 128 + uint32_t(((j & 7) ^ (lr & 7)) << 4);
-  });
+  write();
   fence_proxy_async();  // the generic-proxy writes, before the TMA (async proxy) reads them
   named_bar(bar, 128);
   if (tid_wg == 0) {
-    tma_store_2d(map, buf, col, row);
-    tma_store_2d(map, buf + 8192, col + 64, row);
+    issue();
     bulk_commit();
   }
+}
+// store_pass's 64 rows x 128 columns as two {64, 64} boxes (8 KB each; the fragment's writes
+// conflict-free, as pass_off): issue(src, dc) stores the box at src, columns dc..dc + 63.
+template <class T, class Val, class Issue>
+__device__ __forceinline__ void store_pass_tma(uint32_t buf, int bar, int tid_wg, Val v,
+                                               Issue issue) {
+  tma_pass(
+      bar, tid_wg,
+      [&] {
+        write_fragment<T>(buf, tid_wg, v, [](int lr, int j) {
+          return uint32_t(j >> 3) * 8192 + uint32_t(lr) * 128 + uint32_t(((j & 7) ^ (lr & 7)) << 4);
+        });
+      },
+      [&] {
+        issue(buf, 0);
+        issue(buf + 8192, 64);
+      });
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 

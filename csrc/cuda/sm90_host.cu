@@ -73,20 +73,36 @@ bool kernel_usable(const void *kernel, size_t smem, KernelGate &gate, int *sms) 
   return s == 1;
 }
 
-bool encode_2d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
-               uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, int swizzle_bytes) {
+namespace {
+bool encode(CUtensorMap *map, bool bf16, const void *ptr, cuuint32_t rank, const cuuint64_t *dims,
+            const cuuint64_t *strides, const cuuint32_t *box, int swizzle_bytes) {
   PFN_cuTensorMapEncodeTiled_v12000 enc = get_encode();
   if (!enc) return false;
   std::memset(map, 0, sizeof(*map));
-  cuuint64_t dims[2] = {cuuint64_t(inner), cuuint64_t(outer)};
-  cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
-  cuuint32_t box[2] = {box_inner, box_outer};
-  cuuint32_t es[2] = {1, 1};
-  return enc(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+  const cuuint32_t es[3] = {1, 1, 1};
+  return enc(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
              const_cast<void *>(ptr), dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
              swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B,
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+}  // namespace
+
+bool encode_2d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
+               uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, int swizzle_bytes) {
+  const cuuint64_t dims[2] = {cuuint64_t(inner), cuuint64_t(outer)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  return encode(map, bf16, ptr, 2, dims, strides, box, swizzle_bytes);
+}
+
+bool encode_3d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
+               uint64_t depth, uint64_t row_bytes, uint64_t matrix_bytes, uint32_t box_inner,
+               uint32_t box_outer) {
+  const cuuint64_t dims[3] = {cuuint64_t(inner), cuuint64_t(outer), cuuint64_t(depth)};
+  const cuuint64_t strides[2] = {cuuint64_t(row_bytes), cuuint64_t(matrix_bytes)};
+  const cuuint32_t box[3] = {box_inner, box_outer, 1};
+  return encode(map, bf16, ptr, 3, dims, strides, box, 128);
 }
 
 int cluster_grid(const void *kernel, size_t smem, int threads, int cluster, KernelGate &gate, int sms) {

@@ -36,6 +36,11 @@ int cluster_grid(const void *kernel, size_t smem, int threads, int cluster, Kern
 // elements wide). False when the driver entry point is missing or the TMA refuses the layout.
 bool encode_2d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
                uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, int swizzle_bytes = 128);
+// 3-D tensor map of a stack of such matrices ([depth][outer][inner], matrix pitch
+// matrix_bytes), box {box_inner, box_outer, 1}, 128-byte swizzle.
+bool encode_3d(CUtensorMap *map, bool bf16, const void *ptr, uint64_t inner, uint64_t outer,
+               uint64_t depth, uint64_t row_bytes, uint64_t matrix_bytes, uint32_t box_inner,
+               uint32_t box_outer);
 
 inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 

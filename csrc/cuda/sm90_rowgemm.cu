@@ -375,8 +375,10 @@ __global__ void __launch_bounds__(THREADS, 1)
           for (int half = 0; half < 2; ++half)
             store_pass_tma<T>(
                 buf, 1 + c, tid_wg,
-                [&](int j, int hh, int i) { return acc[(half * 16 + j) * 4 + hh * 2 + i]; }, &tmapC,
-                nt * BN + half * 128, rbase + t.delta);
+                [&](int j, int hh, int i) { return acc[(half * 16 + j) * 4 + hh * 2 + i]; },
+                [&](uint32_t src, int dc) {
+                  tma_store_2d(&tmapC, src, nt * BN + half * 128 + dc, rbase + t.delta);
+                });
         } else {
           // the buffer's last TMA stores have read it (see store_pass_tma)
           if (kTmaStore<EPI> && tid_wg == 0) bulk_wait_read0();

@@ -48,6 +48,13 @@ template <int BK_> struct Cfg {
   static constexpr size_t kSmem = 1024 + size_t(S) * (P_BYTES + Q_BYTES) + NC * kPassBytes;
   static_assert(kSmem + 256 <= 227 * 1024, "dynamic smem + static barriers fit the opt-in limit");
 };
+// -DMOE_SM90_WGRAD_TMA_STORE=1: each epilogue pass leaves by TMA bulk tensor stores
+// (tma_pass), issued by one thread and drained while the next tile's mainloop runs, instead of
+// every thread copying 16-byte chunks smem -> global. K is short here (T k / E rows an
+// expert), so the output is a large share of the bytes (dW1 is 3.2 GB at 235B-A22B).
+#ifndef MOE_SM90_WGRAD_TMA_STORE
+#define MOE_SM90_WGRAD_TMA_STORE 0
+#endif
 [[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
 
 struct WgParams {
@@ -61,6 +68,7 @@ struct WgParams {
   const int32_t *sorted;
   void *c;  // C: D (or D^T) of expert e at c + e * strideCE, row pitch ldc
   int64_t ldc, strideCE;
+  bool tma_c;  // C leaves by TMA (tmapC: [E][rows][columns] of C, MOE_SM90_WGRAD_TMA_STORE)
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -95,7 +103,8 @@ __device__ __forceinline__ void clamp_segment(const WgParams &p, int a, int b, i
 
 template <class T, bool GP, bool TR, int BKT>
 __global__ void __launch_bounds__(THREADS, 1)
-    wgrad_sm90(const __grid_constant__ CUtensorMap tmapQ, const WgParams p) {
+    wgrad_sm90(const __grid_constant__ CUtensorMap tmapQ, const __grid_constant__ CUtensorMap tmapC,
+               const WgParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BKT>;
   constexpr int BK = C::BK, S = C::S, ATOM = C::ATOM, P_BYTES = C::P_BYTES, Q_BYTES = C::Q_BYTES,
@@ -230,6 +239,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int c = wg - 1;
     const int warp = tid_wg >> 5, lane = tid_wg & 31;
     T *C = static_cast<T *>(p.c);
+    const bool tma_c = MOE_SM90_WGRAD_TMA_STORE && p.tma_c;
     uint32_t it = 0;
     float acc[BN / 2];
     // The next item's raw offsets are loaded one item ahead (consumed at its start).
@@ -276,13 +286,17 @@ __global__ void __launch_bounds__(THREADS, 1)
       const uint32_t buf = sC + uint32_t(c) * kPassBytes;
       if (!TR) {  // this warpgroup's 64 rows m, in two passes of 128 columns n
 #pragma unroll
-        for (int half = 0; half < 2; ++half)
-          store_pass<T>(
-              buf, 1 + c, tid_wg,
-              [&](int j, int hh, int b) { return acc[(half * 16 + j) * 4 + hh * 2 + b]; },
-              [&](int lr, int) -> T * {
-                return Ce + int64_t(m0 + c * 64 + lr) * p.ldc + n0 + half * 128;
-              });
+        for (int half = 0; half < 2; ++half) {
+          auto v = [&](int j, int hh, int b) { return acc[(half * 16 + j) * 4 + hh * 2 + b]; };
+          if (tma_c)
+            store_pass_tma<T>(buf, 1 + c, tid_wg, v, [&](uint32_t src, int dc) {
+              tma_store_3d(&tmapC, src, n0 + half * 128 + dc, m0 + c * 64, e);
+            });
+          else
+            store_pass<T>(buf, 1 + c, tid_wg, v, [&](int lr, int) -> T * {
+              return Ce + int64_t(m0 + c * 64 + lr) * p.ldc + n0 + half * 128;
+            });
+        }
       } else {
         // D^T: rows n of C, this warpgroup's 64 columns m of each, 128 rows n a pass. Element
         // (n, m) at row n, 16-byte chunk m / 8 XOR (n & 7): the fragment's 2-byte writes (four
@@ -290,24 +304,34 @@ __global__ void __launch_bounds__(THREADS, 1)
         const int ml = warp * 16 + (lane >> 2);  // local column m of fragment row hh = 0
 #pragma unroll
         for (int pass = 0; pass < 2; ++pass) {
-          named_bar(1 + c, 128);  // the previous pass's reads of buf are done
+          // This pass's 128 rows n x 64 columns m into buf: the layout of a {64, 128} TMA box
+          // with the 128-byte swizzle.
+          auto write = [&] {
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int m = ml + hh * 8;
+            for (int hh = 0; hh < 2; ++hh) {
+              const int m = ml + hh * 8;
 #pragma unroll
-            for (int b = 0; b < 2; ++b) {
-              // n = 8 jj + n7: the swizzle depends on n7 only, so one base address per (hh, b)
-              const int n7 = (lane & 3) * 2 + b;
-              const uint32_t base = buf + n7 * kTRow + ((((m >> 3) ^ n7) & 7) << 4) + (m & 7) * 2;
+              for (int b = 0; b < 2; ++b) {
+                // n = 8 jj + n7: the swizzle depends on n7 only, so one base address per (hh, b)
+                const int n7 = (lane & 3) * 2 + b;
+                const uint32_t base = buf + n7 * kTRow + ((((m >> 3) ^ n7) & 7) << 4) + (m & 7) * 2;
 #pragma unroll
-              for (int jj = 0; jj < 16; ++jj) {
-                const uint32_t addr = base + jj * 8 * kTRow;
-                asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
-                             "h"(bits16(acc[(pass * 16 + jj) * 4 + hh * 2 + b], (T *)nullptr))
-                             : "memory");
+                for (int jj = 0; jj < 16; ++jj) {
+                  const uint32_t addr = base + jj * 8 * kTRow;
+                  asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
+                               "h"(bits16(acc[(pass * 16 + jj) * 4 + hh * 2 + b], (T *)nullptr))
+                               : "memory");
+                }
               }
             }
+          };
+          if (tma_c) {
+            tma_pass(1 + c, tid_wg, write,
+                     [&] { tma_store_3d(&tmapC, buf, m0 + c * 64, n0 + pass * 128, e); });
+            continue;
           }
+          named_bar(1 + c, 128);  // the previous pass's reads of buf are done
+          write();
           named_bar(1 + c, 128);
           const int ch = tid_wg & 7, nr = tid_wg >> 3;  // rows n = nr + 16 i, all n & 7 = nr & 7
           const uint32_t rbase = buf + nr * kTRow + (((ch ^ nr) & 7) << 4);
@@ -320,6 +344,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
       }
     }
+    if (tma_c && tid_wg == 0) bulk_wait0();  // smem stays until the stores are done
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
@@ -330,7 +355,8 @@ template <class T, bool GP, bool TR, int BKT> KernelGate &gate() {
 }
 
 template <class T, bool GP, bool TR, int BKT>
-bool launch(const CUtensorMap &map, const WgParams &p, cudaStream_t stream, moe_status_t *status) {
+bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, cudaStream_t stream,
+            moe_status_t *status) {
   using C = Cfg<BKT>;
   static_assert(C::ATOM % 1024 == 0 && C::RPT * 16 == C::BK, "atoms of whole 8-row groups");
   auto kern = wgrad_sm90<T, GP, TR, BKT>;
@@ -340,20 +366,20 @@ bool launch(const CUtensorMap &map, const WgParams &p, cudaStream_t stream, moe_
     return false;
   const int64_t items = int64_t(p.E) * (p.Mp / BM) * (p.Nq / BN);
   const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
-  kern<<<grid, THREADS, Cfg<BKT>::kSmem, stream>>>(map, p);
+  kern<<<grid, THREADS, Cfg<BKT>::kSmem, stream>>>(map, mapC, p);
   *status = launch_status("sm90 wgrad");
   return true;
 }
 
 template <class T, int BKT>
-bool dispatch(const CUtensorMap &map, const WgParams &p, bool tr, cudaStream_t st,
-              moe_status_t *status) {
+bool dispatch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool tr,
+              cudaStream_t st, moe_status_t *status) {
   const bool gp = p.p_div > 0;
   if (tr)
-    return gp ? launch<T, true, true, BKT>(map, p, st, status)
-              : launch<T, false, true, BKT>(map, p, st, status);
-  return gp ? launch<T, true, false, BKT>(map, p, st, status)
-            : launch<T, false, false, BKT>(map, p, st, status);
+    return gp ? launch<T, true, true, BKT>(map, mapC, p, st, status)
+              : launch<T, false, true, BKT>(map, mapC, p, st, status);
+  return gp ? launch<T, true, false, BKT>(map, mapC, p, st, status)
+            : launch<T, false, false, BKT>(map, mapC, p, st, status);
 }
 
 // 64 x 3 measured faster on the H100 (30B-A3B T=16384: dW1 2.84 -> 2.41 ms, dW2 1.37 -> 1.09;
@@ -390,6 +416,12 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   const int bk = wgrad_bk();
   if (!encode_2d(&map, bf16, Q, uint64_t(Nq), uint64_t(w.n_rows), uint64_t(ldq) * 2, 64, bk))
     return false;
+  // C as [E][M][N]: a warpgroup's pass is a {64, 64} box of D = C, or a {64 m, 128 n} box of
+  // D^T; thread stores where the TMA refuses the layout (e.g. strideCE = 0).
+  CUtensorMap mapC = map;
+  const bool tma_c = MOE_SM90_WGRAD_TMA_STORE &&
+                     encode_3d(&mapC, bf16, w.C, uint64_t(w.N), uint64_t(w.M), uint64_t(w.E),
+                               uint64_t(w.ldc) * 2, uint64_t(w.strideCE) * 2, 64, tr ? 128 : 64);
   WgParams p{};
   p.p = P;
   p.ldp = ldp;
@@ -404,11 +436,12 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   p.c = w.C;
   p.ldc = w.ldc;
   p.strideCE = w.strideCE;
+  p.tma_c = tma_c;
   if (bk == 64)
-    return bf16 ? dispatch<__nv_bfloat16, 64>(map, p, tr, stream, status)
-                : dispatch<__half, 64>(map, p, tr, stream, status);
-  return bf16 ? dispatch<__nv_bfloat16, 32>(map, p, tr, stream, status)
-              : dispatch<__half, 32>(map, p, tr, stream, status);
+    return bf16 ? dispatch<__nv_bfloat16, 64>(map, mapC, p, tr, stream, status)
+                : dispatch<__half, 64>(map, mapC, p, tr, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16, 32>(map, mapC, p, tr, stream, status)
+              : dispatch<__half, 32>(map, mapC, p, tr, stream, status);
 }
 
 }  // namespace cuda
