@@ -60,8 +60,13 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #ifndef MOE_SM90_TMA_STORE
 #define MOE_SM90_TMA_STORE 1
 #endif
+// -DMOE_SM90_TMA_STORE_H=1: the same for GEMM1's h and a (EPI_SWIGLU).
+#ifndef MOE_SM90_TMA_STORE_H
+#define MOE_SM90_TMA_STORE_H 0
+#endif
 template <int EPI>
-constexpr bool kTmaStore = MOE_SM90_TMA_STORE && EPI == EPI_STORE;
+constexpr bool kTmaStore = (MOE_SM90_TMA_STORE && EPI == EPI_STORE) ||
+                           (MOE_SM90_TMA_STORE_H && EPI == EPI_SWIGLU);
 constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
 static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -119,6 +124,14 @@ struct RowParams {
   bool tma_a;    // A's rows not gathered (a_div == 0): loaded by TMA boxes, not cp.async
   bool tma_c;    // C rows not scattered: full 64-row blocks go out by TMA (MOE_SM90_TMA_STORE)
 };
+// The kernel's TMA tensors; one an epilogue does not use holds a copy of b.
+struct RowMaps {
+  CUtensorMap b;   // B, the experts back to back
+  CUtensorMap h;   // dA': h, read in chunks (load_h_chunk)
+  CUtensorMap a;   // A in plan order (tma_a)
+  CUtensorMap c;   // C (tma_c)
+  CUtensorMap c2;  // GEMM1: a = SwiGLU(h) (tma_c)
+};
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 template <class T> __device__ __forceinline__ void unpack2(uint32_t v, float &lo, float &hi) {
@@ -161,9 +174,7 @@ __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowPa
 
 template <class T, int EPI, bool B_MN>
 __global__ void __launch_bounds__(THREADS, 1)
-    row_gemm_sm90(const __grid_constant__ CUtensorMap tmapB, const __grid_constant__ CUtensorMap tmapH,
-                  const __grid_constant__ CUtensorMap tmapA, const __grid_constant__ CUtensorMap tmapC,
-                  const RowParams p) {
+    row_gemm_sm90(const __grid_constant__ RowMaps maps, const RowParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Static shared memory only in the real kernel: the host tells it from the stub by it.
   constexpr int S = kStages<EPI>;
@@ -246,13 +257,13 @@ __global__ void __launch_bounds__(THREADS, 1)
             // B: the whole tile (both halves when shared). TMA A: rows past the tensor come
             // as zeros, those of the next tile are loaded and never stored.
             mbar_expect_tx(bar, B_BYTES + (TMA_A ? A_BYTES : 0));
-            if (TMA_A) tma_load_2d(a, &tmapA, kb * BK, t.row0, bar);
+            if (TMA_A) tma_load_2d(a, &maps.a, kb * BK, t.row0, bar);
             // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
             auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
               if (!pt.shared)
-                tma_load_2d(dst, &tmapB, c0, c1, bar);
+                tma_load_2d(dst, &maps.b, c0, c1, bar);
               else if ((q * 2) / NB == int(rank))
-                tma_load_2d_mc(dst, &tmapB, c0, c1, bar, 0x3);
+                tma_load_2d_mc(dst, &maps.b, c0, c1, bar, 0x3);
             };
             if (B_MN) {
               const int krow = t.expert * p.b_rows + kb * BK;
@@ -305,8 +316,8 @@ __global__ void __launch_bounds__(THREADS, 1)
           // h chunks 0 and 1 of this warpgroup's rows into its two buffers (free: the previous
           // item's epilogue ended with a proxy fence and a warpgroup barrier).
           if (tid_wg == 0) {
-            load_h_chunk(&tmapH, p, sHbuf(c, 0), hbar(c, 0), t, c, nt, 0);
-            load_h_chunk(&tmapH, p, sHbuf(c, 1), hbar(c, 1), t, c, nt, 1);
+            load_h_chunk(&maps.h, p, sHbuf(c, 0), hbar(c, 0), t, c, nt, 0);
+            load_h_chunk(&maps.h, p, sHbuf(c, 1), hbar(c, 1), t, c, nt, 1);
           }
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
@@ -344,31 +355,44 @@ __global__ void __launch_bounds__(THREADS, 1)
         T *C = static_cast<T *>(p.c);
         if (EPI == EPI_SWIGLU) {
           constexpr int HJ = BN / 16;
+          const int col = nt * (BN / 2);
           auto hrow = [&](int lr, int) -> T * {
             const int r = rbase + lr;
-            return r < t.row1 ? C + int64_t(r) * p.ldc + nt * (BN / 2) : nullptr;
+            return r < t.row1 ? C + int64_t(r) * p.ldc + col : nullptr;
+          };
+          T *aout = static_cast<T *>(p.c2);
+          // A pass to dst (thread stores) or, for a full 64-row block with tma_c, to the
+          // map's columns c0.. by TMA.
+          const bool tma = kTmaStore<EPI> && p.tma_c && rbase + 64 <= t.row1;
+          if (kTmaStore<EPI> && !tma && tid_wg == 0) bulk_wait_read0();  // see store_pass_tma
+          auto pass = [&](auto v, auto dst, const CUtensorMap *map, int c0) {
+            if (tma)
+              store_pass_tma<T>(buf, 1 + c, tid_wg, v, [&](uint32_t src, int dc) {
+                tma_store_2d(map, src, c0 + dc, rbase);
+              });
+            else
+              store_pass<T>(buf, 1 + c, tid_wg, v, dst);
           };
           // h rounded in place first (its stores are then exact): the unrounded values kept
           // beside the rounded ones for a spilled. a goes into g's registers once g is stored.
 #pragma unroll
           for (int i = 0; i < BN / 2; ++i) acc[i] = rnd<T>(acc[i]);
           auto g_of = [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; };
-          store_pass<T>(buf, 1 + c, tid_wg, g_of, hrow);
+          pass(g_of, hrow, &maps.c, col);
 #pragma unroll
           for (int i = 0; i < BN / 4; ++i) acc[i] = silu_f(acc[i]) * acc[i + BN / 4];
-          store_pass<T>(
-              buf, 1 + c, tid_wg,
-              [&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
-              [&](int lr, int m) -> T * {
-                T *d = hrow(lr, m);
-                return d ? d + p.N : nullptr;
-              });
-          T *aout = static_cast<T *>(p.c2);
-          store_pass<T>(  // a, now in g's registers
-              buf, 1 + c, tid_wg, g_of, [&](int lr, int) -> T * {
-                const int r = rbase + lr;
-                return r < t.row1 ? aout + int64_t(r) * p.ldc2 + nt * (BN / 2) : nullptr;
-              });
+          pass([&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
+               [&](int lr, int m) -> T * {
+                 T *d = hrow(lr, m);
+                 return d ? d + p.N : nullptr;
+               },
+               &maps.c, p.N + col);
+          pass(g_of,  // a, now in g's registers
+               [&](int lr, int) -> T * {
+                 const int r = rbase + lr;
+                 return r < t.row1 ? aout + int64_t(r) * p.ldc2 + col : nullptr;
+               },
+               &maps.c2, col);
         } else if (kTmaStore<EPI> && p.tma_c && rbase + 64 <= t.row1) {
           // C row = r + delta for all 64: TMA boxes at (columns, rbase + delta)
 #pragma unroll
@@ -377,7 +401,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 buf, 1 + c, tid_wg,
                 [&](int j, int hh, int i) { return acc[(half * 16 + j) * 4 + hh * 2 + i]; },
                 [&](uint32_t src, int dc) {
-                  tma_store_2d(&tmapC, src, nt * BN + half * 128 + dc, rbase + t.delta);
+                  tma_store_2d(&maps.c, src, nt * BN + half * 128 + dc, rbase + t.delta);
                 });
         } else {
           // the buffer's last TMA stores have read it (see store_pass_tma)
@@ -493,7 +517,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           fence_proxy_async();
           named_bar(1 + c, 128);
           if (q + 2 < BN / kHC && tid_wg == 0)
-            load_h_chunk(&tmapH, p, hb, hbar(c, q & 1), t, c, nt, q + 2);
+            load_h_chunk(&maps.h, p, hb, hbar(c, q & 1), t, c, nt, q + 2);
         }
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -517,8 +541,7 @@ template <class T, int EPI, bool B_MN> KernelGate &gate() {
 }
 
 template <class T, int EPI, bool B_MN>
-bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const CUtensorMap &mapA,
-            const CUtensorMap &mapC, const RowParams &p, int64_t max_items, cudaStream_t stream,
+bool launch(const RowMaps &maps, const RowParams &p, int64_t max_items, cudaStream_t stream,
             moe_status_t *status) {
   auto kern = row_gemm_sm90<T, EPI, B_MN>;
   constexpr size_t smem = kSmem<EPI>;
@@ -541,23 +564,22 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapH, const CUtensorMap &
   at.val.clusterDim.z = 1;
   cfg.attrs = &at;
   cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kern, map, mapH, mapA, mapC, p);
+  cudaLaunchKernelEx(&cfg, kern, maps, p);
   *status = launch_status("sm90 row GEMM");
   return true;
 }
 
 template <class T>
-bool dispatch(const GroupedGemmArgs &g, const CUtensorMap &map, const CUtensorMap &mapH,
-              const CUtensorMap &mapA, const CUtensorMap &mapC, const RowParams &p,
+bool dispatch(const GroupedGemmArgs &g, const RowMaps &maps, const RowParams &p,
               int64_t max_items, cudaStream_t st, moe_status_t *status) {
   switch (g.epilogue) {
     case EPI_SWIGLU:
-      return !g.b_kn && launch<T, EPI_SWIGLU, false>(map, mapH, mapA, mapC, p, max_items, st, status);
+      return !g.b_kn && launch<T, EPI_SWIGLU, false>(maps, p, max_items, st, status);
     case EPI_DSWIGLU:
-      return g.b_kn && launch<T, EPI_DSWIGLU, true>(map, mapH, mapA, mapC, p, max_items, st, status);
+      return g.b_kn && launch<T, EPI_DSWIGLU, true>(maps, p, max_items, st, status);
     case EPI_STORE:
-      return g.b_kn ? launch<T, EPI_STORE, true>(map, mapH, mapA, mapC, p, max_items, st, status)
-                    : launch<T, EPI_STORE, false>(map, mapH, mapA, mapC, p, max_items, st, status);
+      return g.b_kn ? launch<T, EPI_STORE, true>(maps, p, max_items, st, status)
+                    : launch<T, EPI_STORE, false>(maps, p, max_items, st, status);
     default:
       return false;
   }
@@ -594,7 +616,8 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
     return false;
   if (E * b_rows >= (int64_t(1) << 31)) return false;
   const bool bf16 = g.dtype == MOE_DTYPE_BF16;
-  CUtensorMap map;
+  RowMaps maps;
+  CUtensorMap &map = maps.b;
   const bool ok = g.b_kn ? encode_2d(&map, bf16, g.B, uint64_t(N), uint64_t(E * b_rows),
                                      uint64_t(g.ldb) * 2, 64, BK)
                          : encode_2d(&map, bf16, g.B, uint64_t(K), uint64_t(E * b_rows),
@@ -602,24 +625,30 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   if (!ok) return false;
   // dA': h by TMA in boxes of kHC columns x 64 rows (see load_h_chunk); the other epilogues
   // take an unused copy of B's map.
-  CUtensorMap mapH = map;
+  maps.h = map;
   if (g.epilogue == EPI_DSWIGLU &&
-      !encode_2d(&mapH, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2,
+      !encode_2d(&maps.h, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2,
                  kHC, 64, kHC * 2))
     return false;
 
   // A's rows in plan order (a_div == 0): a TMA tensor of n_rows rows, boxes {BK, BM}.
-  CUtensorMap mapA = map;
+  maps.a = map;
   const bool tma_a = MOE_SM90_TMA_A && g.epilogue == EPI_STORE && g.a_div == 0 &&
-                     encode_2d(&mapA, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
+                     encode_2d(&maps.a, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
                                uint64_t(g.lda) * 2, BK, BM, ROW);
 
-  // C's rows in plan (or window) order: a TMA tensor of c_rows rows, {64, 64} boxes.
+  // C's rows in plan (or window) order: a TMA tensor of c_rows rows, {64, 64} boxes. GEMM1:
+  // C is h (2I columns) and C2 is a (I columns).
   const int64_t c_rows = g.c_rows > 0 ? g.c_rows : g.n_rows;
-  CUtensorMap mapC = map;
-  const bool tma_c = MOE_SM90_TMA_STORE && g.epilogue == EPI_STORE && !g.c_scatter &&
-                     encode_2d(&mapC, bf16, g.C, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc) * 2,
-                               64, 64, 128);
+  maps.c = map;
+  maps.c2 = map;
+  const bool tma_c =
+      !g.c_scatter &&
+      ((MOE_SM90_TMA_STORE && g.epilogue == EPI_STORE &&
+        encode_2d(&maps.c, bf16, g.C, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc) * 2, 64, 64)) ||
+       (MOE_SM90_TMA_STORE_H && swiglu &&
+        encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), uint64_t(c_rows), uint64_t(g.ldc) * 2, 64, 64) &&
+        encode_2d(&maps.c2, bf16, g.C2, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc2) * 2, 64, 64)));
 
   RowParams p{};
   p.a = g.A;
@@ -650,8 +679,8 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.tma_a = tma_a;
   p.tma_c = tma_c;
   const int64_t max_items = g.max_tiles * sm90_col_tiles(g.epilogue, int(N));
-  return bf16 ? dispatch<__nv_bfloat16>(g, map, mapH, mapA, mapC, p, max_items, stream, status)
-              : dispatch<__half>(g, map, mapH, mapA, mapC, p, max_items, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16>(g, maps, p, max_items, stream, status)
+              : dispatch<__half>(g, maps, p, max_items, stream, status);
 }
 
 }  // namespace cuda
