@@ -7,7 +7,8 @@
 # ARCHS as run_all.sh (default 90a). dev/ab/ is git-ignored: pass the device tool
 # carry: ["dev/ab"] for an overlay kept there.
 #   bash bench/device/ab.sh "bn=-DMOE_GEMM_BN=256" "old=+dev/ab/old"
-# Shapes: AB_SHAPES (default 30b-a3b; profile_kernels.py's names). T values: AB_T (default "4096 16384"); rounds: AB_ROUNDS (default 2; the first only warms
+# Shapes: AB_SHAPES (default 30b-a3b; profile_kernels.py's names, NAME:T,T for their own T
+# values, e.g. "30b-a3b 235b-a22b:16384"). T values: AB_T (default "4096 16384"); rounds: AB_ROUNDS (default 2; the first only warms
 # up when there are more). The summary at the end (also in $OUT/ab_summary.txt) divides each
 # kernel's time by GEMM1's in the same round too, as the clock moves between rounds.
 # AB_TESTS (e.g. tests/test_gpu_sm90.py) runs those tests against each variant's library
@@ -44,10 +45,11 @@ if [ -n "${AB_TESTS:-}" ]; then
 fi
 for round in $(seq 1 ${AB_ROUNDS:-2}); do
   for i in ${timed[@]}; do
-    for shape in ${AB_SHAPES:-30b-a3b}; do
+    for spec in ${AB_SHAPES:-30b-a3b}; do
+      shape=${spec%%:*}; ts=${AB_T:-4096 16384}; [ "$spec" != "$shape" ] && ts=${spec#*:}
       echo "== round $round: ${names[$i]} (${flags[$i]:-no flags})"
       PYTHONPATH="${pys[$i]}" MOE_FUSED_LIBRARY="$PWD/build/ab-${names[$i]}/libmoe_fused.so" timeout 120 python3 bench/device/profile_kernels.py \
-        --shape $shape -T ${AB_T:-4096 16384} 2>&1 | grep -v -i warn | tee -a "$OUT/ab_${names[$i]}.log" | cut -c1-100 | grep -E "^==|row_gemm|wgrad_sm90|combine"
+        --shape $shape -T ${ts//,/ } 2>&1 | grep -v -i warn | tee -a "$OUT/ab_${names[$i]}.log" | cut -c1-100 | grep -E "^==|row_gemm|wgrad_sm90|combine"
     done
   done
 done
