@@ -60,10 +60,13 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #ifndef MOE_SM90_TMA_STORE
 #define MOE_SM90_TMA_STORE 1
 #endif
-// -DMOE_SM90_TMA_STORE_H=1: the same for GEMM1's h and a (EPI_SWIGLU).
+// -DMOE_SM90_TMA_STORE_H=1: the same for GEMM1's h and a (EPI_SWIGLU), taken at K <= 2048
+// only. H100 A/B (session 9): 30B-A3B (K = 2048) GEMM1 1.457 vs 1.532 ms at T=16384, 0.494
+// vs 0.507 at T=4096; 235B-A22B (K = 4096) 5.58 vs 5.33 ms, slower. K between: not measured.
 #ifndef MOE_SM90_TMA_STORE_H
-#define MOE_SM90_TMA_STORE_H 0
+#define MOE_SM90_TMA_STORE_H 1
 #endif
+constexpr int64_t kTmaStoreHMaxK = 2048;
 template <int EPI>
 constexpr bool kTmaStore = (MOE_SM90_TMA_STORE && EPI == EPI_STORE) ||
                            (MOE_SM90_TMA_STORE_H && EPI == EPI_SWIGLU);
@@ -646,7 +649,7 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
       !g.c_scatter &&
       ((MOE_SM90_TMA_STORE && g.epilogue == EPI_STORE &&
         encode_2d(&maps.c, bf16, g.C, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc) * 2, 64, 64)) ||
-       (MOE_SM90_TMA_STORE_H && swiglu &&
+       (MOE_SM90_TMA_STORE_H && swiglu && K <= kTmaStoreHMaxK &&
         encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), uint64_t(c_rows), uint64_t(g.ldc) * 2, 64, 64) &&
         encode_2d(&maps.c2, bf16, g.C2, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc2) * 2, 64, 64)));
 

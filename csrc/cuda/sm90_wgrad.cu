@@ -51,9 +51,11 @@ template <int BK_> struct Cfg {
 // -DMOE_SM90_WGRAD_TMA_STORE=1: each epilogue pass leaves by TMA bulk tensor stores
 // (tma_pass), issued by one thread and drained while the next tile's mainloop runs, instead of
 // every thread copying 16-byte chunks smem -> global. K is short here (T k / E rows an
-// expert), so the output is a large share of the bytes (dW1 is 3.2 GB at 235B-A22B).
+// expert), so the output is a large share of the bytes (dW1 is 3.2 GB at 235B-A22B). H100
+// A/B (session 9), dW2 / dW1 ms: 30B-A3B T=4096 0.241 / 0.490 vs 0.278 / 0.509, T=16384
+// 0.782 / 1.563 vs 0.808 / 1.544; 235B-A22B T=16384 2.92 / 6.06 vs 3.17 / 6.17.
 #ifndef MOE_SM90_WGRAD_TMA_STORE
-#define MOE_SM90_WGRAD_TMA_STORE 0
+#define MOE_SM90_WGRAD_TMA_STORE 1
 #endif
 [[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
 
