@@ -67,9 +67,16 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #define MOE_SM90_TMA_STORE_H 1
 #endif
 constexpr int64_t kTmaStoreHMaxK = 2048;
+// -DMOE_SM90_DA_TMA_STORE=1: dA' sends each h chunk's dg, du (computed in place in the chunk
+// buffer, whose layout is the load's TMA box) back out by TMA when the warpgroup's 64 rows
+// are all the tile's. Not yet measured.
+#ifndef MOE_SM90_DA_TMA_STORE
+#define MOE_SM90_DA_TMA_STORE 0
+#endif
 template <int EPI>
 constexpr bool kTmaStore = (MOE_SM90_TMA_STORE && EPI == EPI_STORE) ||
-                           (MOE_SM90_TMA_STORE_H && EPI == EPI_SWIGLU);
+                           (MOE_SM90_TMA_STORE_H && EPI == EPI_SWIGLU) ||
+                           (MOE_SM90_DA_TMA_STORE && EPI == EPI_DSWIGLU);
 constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
 static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -317,8 +324,10 @@ __global__ void __launch_bounds__(THREADS, 1)
         constexpr int kLead = 128 / BK;  // k-blocks
         if (EPI == EPI_DSWIGLU && kb == (KB > kLead ? KB - kLead : 0)) {
           // h chunks 0 and 1 of this warpgroup's rows into its two buffers (free: the previous
-          // item's epilogue ended with a proxy fence and a warpgroup barrier).
+          // item's epilogue ended with a proxy fence and a warpgroup barrier, and its TMA
+          // stores have read them).
           if (tid_wg == 0) {
+            if (kTmaStore<EPI>) bulk_wait_read0();
             load_h_chunk(&maps.h, p, sHbuf(c, 0), hbar(c, 0), t, c, nt, 0);
             load_h_chunk(&maps.h, p, sHbuf(c, 1), hbar(c, 1), t, c, nt, 1);
           }
@@ -440,6 +449,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         T *dH = static_cast<T *>(p.c);
         T *SA = static_cast<T *>(p.c2);
         const int n0 = nt * BN + (lane & 3) * 2;
+        const bool tma_dh = kTmaStore<EPI> && p.tma_c && t.row0 + c * 64 + 64 <= t.row1;
         float dot[2] = {0.f, 0.f};
 #pragma unroll
         for (int q = 0; q < BN / kHC; ++q) {
@@ -494,6 +504,23 @@ __global__ void __launch_bounds__(THREADS, 1)
                 if (SA) *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
               }
             }
+          }
+          if (tma_dh) {
+            // dg, du out as the chunk's two boxes; the buffer takes chunk q + 2 once the
+            // stores have read it.
+            fence_proxy_async();  // the generic-proxy writes, before the TMA reads them
+            named_bar(1 + c, 128);
+            if (tid_wg == 0) {
+              const int col = nt * BN + q * kHC, row = t.row0 + c * 64;
+              tma_store_2d(&maps.c, hb, col, row);
+              tma_store_2d(&maps.c, hb + kHChunk / 2, p.N + col, row);
+              bulk_commit();
+              if (q + 2 < BN / kHC) {
+                bulk_wait_read0();
+                load_h_chunk(&maps.h, p, hb, hbar(c, q & 1), t, c, nt, q + 2);
+              }
+            }
+            continue;
           }
           named_bar(1 + c, 128);  // the warpgroup's dg, du are in the buffer
           {
@@ -640,18 +667,22 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                      encode_2d(&maps.a, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
                                uint64_t(g.lda) * 2, BK, BM, ROW);
 
-  // C's rows in plan (or window) order: a TMA tensor of c_rows rows, {64, 64} boxes. GEMM1:
-  // C is h (2I columns) and C2 is a (I columns).
+  // C's rows in plan (or window) order, TMA tensors of c_rows rows: C, {64, 64} boxes; GEMM1
+  // C = h (2I columns) and C2 = a (I columns); dA' C = dh, boxes of the h chunks'.
   const int64_t c_rows = g.c_rows > 0 ? g.c_rows : g.n_rows;
   maps.c = map;
   maps.c2 = map;
-  const bool tma_c =
-      !g.c_scatter &&
-      ((MOE_SM90_TMA_STORE && g.epilogue == EPI_STORE &&
-        encode_2d(&maps.c, bf16, g.C, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc) * 2, 64, 64)) ||
-       (MOE_SM90_TMA_STORE_H && swiglu && K <= kTmaStoreHMaxK &&
-        encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), uint64_t(c_rows), uint64_t(g.ldc) * 2, 64, 64) &&
-        encode_2d(&maps.c2, bf16, g.C2, uint64_t(N), uint64_t(c_rows), uint64_t(g.ldc2) * 2, 64, 64)));
+  bool tma_c = false;
+  if (!g.c_scatter) {
+    const uint64_t rows = uint64_t(c_rows), pitch = uint64_t(g.ldc) * 2;
+    if (MOE_SM90_TMA_STORE && g.epilogue == EPI_STORE)
+      tma_c = encode_2d(&maps.c, bf16, g.C, uint64_t(N), rows, pitch, 64, 64);
+    else if (MOE_SM90_TMA_STORE_H && swiglu && K <= kTmaStoreHMaxK)
+      tma_c = encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), rows, pitch, 64, 64) &&
+              encode_2d(&maps.c2, bf16, g.C2, uint64_t(N), rows, uint64_t(g.ldc2) * 2, 64, 64);
+    else if (MOE_SM90_DA_TMA_STORE && g.epilogue == EPI_DSWIGLU)
+      tma_c = encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), rows, pitch, kHC, 64, kHC * 2);
+  }
 
   RowParams p{};
   p.a = g.A;
