@@ -132,7 +132,7 @@ struct RowParams {
   int64_t sw_s0, sw_s1;
   int k;
   bool tma_a;    // A's rows not gathered (a_div == 0): loaded by TMA boxes, not cp.async
-  bool tma_c;    // C rows not scattered: full 64-row blocks go out by TMA (MOE_SM90_TMA_STORE)
+  bool tma_c;    // C rows not scattered: full 64-row blocks go out by TMA (maps.c, maps.c2)
 };
 // The kernel's TMA tensors; one an epilogue does not use holds a copy of b.
 struct RowMaps {
