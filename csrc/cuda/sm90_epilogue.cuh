@@ -16,6 +16,12 @@ namespace sm90 {
 // 16-byte chunks XOR-swizzled within each row's groups of eight (conflict-free both for the
 // fragment's 4-byte writes and the rows' 16-byte reads), 16 KB a warpgroup.
 constexpr uint32_t kPassRow = 128 * 2, kPassBytes = 64 * kPassRow;
+// -DMOE_SM90_STMATRIX=1: fragments go to smem by stmatrix (four 8 x 8 tiles, 16-byte rows, an
+// instruction) instead of 4-byte st.shared: 8 instructions a thread a pass instead of 32
+// (the wgrad's transposed pass: 8 stmatrix.trans instead of 64 2-byte stores). Not yet measured.
+#ifndef MOE_SM90_STMATRIX
+#define MOE_SM90_STMATRIX 0
+#endif
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Two floats -> two rounded elements packed in 32 bits (the rounding of DT<T>::from_f).
 template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -47,12 +53,22 @@ __device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
 template <class T, class Val, class Off>
 __device__ __forceinline__ void write_fragment(uint32_t buf, int tid_wg, Val v, Off off) {
   const int warp = tid_wg >> 5, lane = tid_wg & 31;
+  if constexpr (MOE_SM90_STMATRIX) {
+    // Tile q of an instruction (this lane's address: row r = lane % 8 of it) is the 8 x 8
+    // (fragment row half hh = q & 1, chunk j = jp + q / 2): row lr's chunk j is 16 bytes.
+    const int q = lane >> 3, lr = warp * 16 + (q & 1) * 8 + (lane & 7);
+    auto pk = [&](int j, int hh) { return pack2<T>(v(j, hh, 0), v(j, hh, 1)); };
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int lr = warp * 16 + (lane >> 2) + hh * 8;
+    for (int jp = 0; jp < 16; jp += 2)
+      stmatrix_x4(buf + off(lr, jp + (q >> 1)), pk(jp, 0), pk(jp, 1), pk(jp + 1, 0), pk(jp + 1, 1));
+  } else {
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
-      sts32(buf + off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
+    for (int hh = 0; hh < 2; ++hh) {
+      const int lr = warp * 16 + (lane >> 2) + hh * 8;
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        sts32(buf + off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
+    }
   }
 }
 // One epilogue pass of a warpgroup: its fragment's 64 rows x 128 columns, values v(j, hh, i)

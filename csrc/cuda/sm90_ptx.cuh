@@ -132,6 +132,20 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap *map, uint32_t sr
       "r"(c0), "r"(c1), "r"(c2), "r"(src)
       : "memory");
 }
+// Four 8 x 8 b16 matrices from the mma fragment layout (thread t: row t / 4, columns
+// 2 (t % 4) + {0, 1}) to smem; lanes 8 q .. 8 q + 7 give the 16-byte row addresses of matrix
+// q. trans: row r of matrix q in smem gets its column r.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+               "r"(a), "r"(b), "r"(c), "r"(d)
+               : "memory");
+}
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
+                                                  uint32_t d) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+               "r"(a), "r"(b), "r"(c), "r"(d)
+               : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_read0() {
   asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");

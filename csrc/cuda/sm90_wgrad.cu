@@ -309,20 +309,38 @@ __global__ void __launch_bounds__(THREADS, 1)
           // This pass's 128 rows n x 64 columns m into buf: the layout of a {64, 128} TMA box
           // with the 128-byte swizzle.
           auto write = [&] {
+            if constexpr (MOE_SM90_STMATRIX) {
+              // Tile q of an instruction: fragment rows (m) hh = q & 1, columns (n) 8 jj..,
+              // jj = jp + q / 2, stored transposed: smem row n = 8 jj + r gets its 8 m.
+              const int q = lane >> 3, r = lane & 7;
+              auto pk = [&](int jj, int hh) {
+                const int i = (pass * 16 + jj) * 4 + hh * 2;
+                return pack2<T>(acc[i], acc[i + 1]);
+              };
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              const int m = ml + hh * 8;
+              for (int jp = 0; jp < 16; jp += 2) {
+                const int n = 8 * (jp + (q >> 1)) + r;
+                const uint32_t addr = buf + n * kTRow + ((((warp * 2 + (q & 1)) ^ r) & 7) << 4);
+                stmatrix_x4_trans(addr, pk(jp, 0), pk(jp, 1), pk(jp + 1, 0), pk(jp + 1, 1));
+              }
+            } else {
 #pragma unroll
-              for (int b = 0; b < 2; ++b) {
-                // n = 8 jj + n7: the swizzle depends on n7 only, so one base address per (hh, b)
-                const int n7 = (lane & 3) * 2 + b;
-                const uint32_t base = buf + n7 * kTRow + ((((m >> 3) ^ n7) & 7) << 4) + (m & 7) * 2;
+              for (int hh = 0; hh < 2; ++hh) {
+                const int m = ml + hh * 8;
 #pragma unroll
-                for (int jj = 0; jj < 16; ++jj) {
-                  const uint32_t addr = base + jj * 8 * kTRow;
-                  asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
-                               "h"(bits16(acc[(pass * 16 + jj) * 4 + hh * 2 + b], (T *)nullptr))
-                               : "memory");
+                for (int b = 0; b < 2; ++b) {
+                  // n = 8 jj + n7: the swizzle depends on n7 only, so one base address per
+                  // (hh, b)
+                  const int n7 = (lane & 3) * 2 + b;
+                  const uint32_t base =
+                      buf + n7 * kTRow + ((((m >> 3) ^ n7) & 7) << 4) + (m & 7) * 2;
+#pragma unroll
+                  for (int jj = 0; jj < 16; ++jj) {
+                    const uint32_t addr = base + jj * 8 * kTRow;
+                    asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
+                                 "h"(bits16(acc[(pass * 16 + jj) * 4 + hh * 2 + b], (T *)nullptr))
+                                 : "memory");
+                  }
                 }
               }
             }
