@@ -140,6 +140,13 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t a, uint32_t 
                "r"(a), "r"(b), "r"(c), "r"(d)
                : "memory");
 }
+// ldmatrix's inverse of stmatrix_x4: the four tiles' rows from smem into the fragment layout.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t &a, uint32_t &b, uint32_t &c,
+                                            uint32_t &d) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a), "=r"(b), "=r"(c), "=r"(d)
+               : "r"(addr));
+}
 __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
                                                   uint32_t d) {
   asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),

@@ -466,14 +466,36 @@ __global__ void __launch_bounds__(THREADS, 1)
             const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
             return uint32_t(lr * (kHC * 2) + ((jj ^ sw) << 4) + (lane & 3) * 4);
           };
+          // stmatrix (MOE_SM90_STMATRIX): the chunk's g, u come by ldmatrix and dg, du go
+          // back by stmatrix, four 8 x 8 tiles an instruction; tile q of one is (fragment row
+          // half q & 1, 16-byte chunk jp + q / 2), this lane giving the address of its row
+          // lane % 8. Rows past the tile get zeros (stored nowhere).
+          constexpr bool kStm = MOE_SM90_STMATRIX && JJ % 2 == 0;
+          uint32_t stm_addr[JJ / 2 > 0 ? JJ / 2 : 1];
+          if constexpr (kStm) {
+            const int mq = lane >> 3, lr = warp * 16 + (mq & 1) * 8 + (lane & 7);
+            const int swz = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
+#pragma unroll
+            for (int jp = 0; jp < JJ; jp += 2)
+              stm_addr[jp / 2] = hb + lr * (kHC * 2) + (((jp + (mq >> 1)) ^ swz) << 4);
+          }
           uint32_t gv[2][JJ], uv[2][JJ];
+          if constexpr (kStm) {
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-            for (int jj = 0; jj < JJ; ++jj) {
-              gv[hh][jj] = lds32(hb + hoff(hh, jj));
-              uv[hh][jj] = lds32(hb + kHChunk / 2 + hoff(hh, jj));
+            for (int jp = 0; jp < JJ; jp += 2) {
+              ldmatrix_x4(stm_addr[jp / 2], gv[0][jp], gv[1][jp], gv[0][jp + 1], gv[1][jp + 1]);
+              ldmatrix_x4(stm_addr[jp / 2] + kHChunk / 2, uv[0][jp], uv[1][jp], uv[0][jp + 1],
+                          uv[1][jp + 1]);
             }
+          } else {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+              for (int jj = 0; jj < JJ; ++jj) {
+                gv[hh][jj] = lds32(hb + hoff(hh, jj));
+                uv[hh][jj] = lds32(hb + kHChunk / 2 + hoff(hh, jj));
+              }
+          }
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const int r = t.row0 + rfrag + hh * 8;
@@ -499,10 +521,26 @@ __global__ void __launch_bounds__(THREADS, 1)
                   du[i] = d * sil;
                   sa[i] = s * sil * u[i];
                 }
-                sts32(hb + off, pack2<T>(dg[0], dg[1]));
-                sts32(hb + kHChunk / 2 + off, pack2<T>(du[0], du[1]));
+                if constexpr (kStm) {  // dg, du in g's, u's registers, stored below
+                  gv[hh][jj] = pack2<T>(dg[0], dg[1]);
+                  uv[hh][jj] = pack2<T>(du[0], du[1]);
+                } else {
+                  sts32(hb + off, pack2<T>(dg[0], dg[1]));
+                  sts32(hb + kHChunk / 2 + off, pack2<T>(du[0], du[1]));
+                }
                 if (SA) *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
               }
+            } else if constexpr (kStm) {
+#pragma unroll
+              for (int jj = 0; jj < JJ; ++jj) gv[hh][jj] = uv[hh][jj] = 0;
+            }
+          }
+          if constexpr (kStm) {
+#pragma unroll
+            for (int jp = 0; jp < JJ; jp += 2) {
+              stmatrix_x4(stm_addr[jp / 2], gv[0][jp], gv[1][jp], gv[0][jp + 1], gv[1][jp + 1]);
+              stmatrix_x4(stm_addr[jp / 2] + kHChunk / 2, uv[0][jp], uv[1][jp], uv[0][jp + 1],
+                          uv[1][jp + 1]);
             }
           }
           if (tma_dh) {
