@@ -66,7 +66,10 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #ifndef MOE_SM90_TMA_STORE_H
 #define MOE_SM90_TMA_STORE_H 1
 #endif
-constexpr int64_t kTmaStoreHMaxK = 2048;
+#ifndef MOE_SM90_TMA_STORE_H_MAX_K
+#define MOE_SM90_TMA_STORE_H_MAX_K 2048
+#endif
+constexpr int64_t kTmaStoreHMaxK = MOE_SM90_TMA_STORE_H_MAX_K;
 // -DMOE_SM90_DA_TMA_STORE=1: dA' sends each h chunk's dg, du (computed in place in the chunk
 // buffer, whose layout is the load's TMA box) back out by TMA when the warpgroup's 64 rows
 // are all the tile's. Not yet measured.
