@@ -8,11 +8,12 @@
 # carry: ["dev/ab"] for an overlay kept there.
 #   bash bench/device/ab.sh "bn=-DMOE_GEMM_BN=256" "old=+dev/ab/old"
 # Shapes: AB_SHAPES (default 30b-a3b; profile_kernels.py's names, NAME:T,T for their own T
-# values, e.g. "30b-a3b 235b-a22b:16384"). T values: AB_T (default "4096 16384"); rounds: AB_ROUNDS (default 2; the first only warms
-# up when there are more). The summary at the end (also in $OUT/ab_summary.txt) divides each
-# kernel's time by GEMM1's in the same round too, as the clock moves between rounds.
-# AB_TESTS (e.g. tests/test_gpu_sm90.py) runs those tests against each variant's library
-# before any timing: a variant that fails them is not timed.
+# values, e.g. "30b-a3b 235b-a22b:16384"). T values: AB_T (default "4096 16384"); rounds:
+# AB_ROUNDS (default 2; the first only warms up when there are more). The summary at the end
+# (also in $OUT/ab_summary.txt) divides each kernel's time by GEMM1's in the same round too,
+# as the clock moves between rounds. AB_TESTS (e.g. tests/test_gpu_sm90.py) runs those tests
+# against each variant's library before any timing: a variant that fails them is not timed.
+# The variants build at once, and their tests run at once.
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"

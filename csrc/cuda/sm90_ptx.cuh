@@ -130,37 +130,39 @@ __device__ __forceinline__ uint64_t l2_evict_first() {
   return policy;
 }
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, uint32_t src, int c0, int c1) {
+  const uint64_t m = reinterpret_cast<uint64_t>(map);
   if constexpr (MOE_SM90_STORE_EVICT_FIRST)
     asm volatile(
-        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%1, %2}], [%3], %4;" ::"l"(
-            reinterpret_cast<uint64_t>(map)),
+        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint"
+        " [%0, {%1, %2}], [%3], %4;" ::"l"(m),
         "r"(c0), "r"(c1), "r"(src), "l"(l2_evict_first())
         : "memory");
   else
-    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(
-                     reinterpret_cast<uint64_t>(map)),
-                 "r"(c0), "r"(c1), "r"(src)
-                 : "memory");
+    asm volatile(
+        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(m),
+        "r"(c0), "r"(c1), "r"(src)
+        : "memory");
 }
 __device__ __forceinline__ void tma_store_3d(const CUtensorMap *map, uint32_t src, int c0, int c1,
                                              int c2) {
+  const uint64_t m = reinterpret_cast<uint64_t>(map);
   if constexpr (MOE_SM90_STORE_EVICT_FIRST)
     asm volatile(
-        "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%1, %2, %3}], [%4], %5;" ::"l"(
-            reinterpret_cast<uint64_t>(map)),
+        "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group.L2::cache_hint"
+        " [%0, {%1, %2, %3}], [%4], %5;" ::"l"(m),
         "r"(c0), "r"(c1), "r"(c2), "r"(src), "l"(l2_evict_first())
         : "memory");
   else
     asm volatile(
-        "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(
-            reinterpret_cast<uint64_t>(map)),
+        "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(m),
         "r"(c0), "r"(c1), "r"(c2), "r"(src)
         : "memory");
 }
 // Four 8 x 8 b16 matrices from the mma fragment layout (thread t: row t / 4, columns
 // 2 (t % 4) + {0, 1}) to smem; lanes 8 q .. 8 q + 7 give the 16-byte row addresses of matrix
 // q. trans: row r of matrix q in smem gets its column r.
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
+                                            uint32_t d) {
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
                "r"(a), "r"(b), "r"(c), "r"(d)
                : "memory");
@@ -174,7 +176,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t &a, uint32_t
 }
 __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
                                                   uint32_t d) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
+                   addr),
                "r"(a), "r"(b), "r"(c), "r"(d)
                : "memory");
 }

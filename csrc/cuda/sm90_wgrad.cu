@@ -74,11 +74,11 @@ struct WgParams {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ uint16_t bits16(float v, __nv_bfloat16 *) {
+[[maybe_unused]] __device__ __forceinline__ uint16_t bits16(float v, __nv_bfloat16 *) {
   const __nv_bfloat16 h = __float2bfloat16(v);
   return reinterpret_cast<const uint16_t &>(h);
 }
-__device__ __forceinline__ uint16_t bits16(float v, __half *) {
+[[maybe_unused]] __device__ __forceinline__ uint16_t bits16(float v, __half *) {
   const __half h = __float2half(v);
   return reinterpret_cast<const uint16_t &>(h);
 }
