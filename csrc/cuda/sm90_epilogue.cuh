@@ -16,11 +16,18 @@ namespace sm90 {
 // 16-byte chunks XOR-swizzled within each row's groups of eight (conflict-free both for the
 // fragment's 4-byte writes and the rows' 16-byte reads), 16 KB a warpgroup.
 constexpr uint32_t kPassRow = 128 * 2, kPassBytes = 64 * kPassRow;
-// -DMOE_SM90_STMATRIX=1: fragments go to smem by stmatrix (four 8 x 8 tiles, 16-byte rows, an
+// MOE_SM90_STMATRIX=1: fragments go to smem by stmatrix (four 8 x 8 tiles, 16-byte rows, an
 // instruction) instead of 4-byte st.shared: 8 instructions a thread a pass instead of 32
-// (the wgrad's transposed pass: 8 stmatrix.trans instead of 64 2-byte stores). Not yet measured.
+// (the wgrad's transposed pass: 8 stmatrix.trans instead of 64 2-byte stores). H100 A/B
+// (session 10, kernel ms with / without): 30B-A3B T=16384 dW1 1.480 / 1.580, dW2 0.749 /
+// 0.789, dX 1.325 / 1.385, dA' 0.996 / 1.027, GEMM2 0.665 / 0.693; 235B-A22B dW1 and dW2 4%
+// faster, the rest 1% or level. GEMM1 alone lost (T=4096 +2%, 235B +4%; its build spills 28
+// bytes), so it has its own knob, MOE_SM90_STMATRIX_GEMM1, off.
 #ifndef MOE_SM90_STMATRIX
-#define MOE_SM90_STMATRIX 0
+#define MOE_SM90_STMATRIX 1
+#endif
+#ifndef MOE_SM90_STMATRIX_GEMM1
+#define MOE_SM90_STMATRIX_GEMM1 0
 #endif
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Two floats -> two rounded elements packed in 32 bits (the rounding of DT<T>::from_f).
@@ -50,10 +57,10 @@ __device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
 }
 // A warpgroup's fragment (values v(j, hh, i) of local row lr = 16 warp + lane / 4 + 8 hh,
 // columns 8 j + 2 (lane & 3) + i, j < 16) into `buf`: 16-byte chunk j of row lr at off(lr, j).
-template <class T, class Val, class Off>
+template <class T, bool Stm = (MOE_SM90_STMATRIX != 0), class Val, class Off>
 __device__ __forceinline__ void write_fragment(uint32_t buf, int tid_wg, Val v, Off off) {
   const int warp = tid_wg >> 5, lane = tid_wg & 31;
-  if constexpr (MOE_SM90_STMATRIX) {
+  if constexpr (Stm) {
     // Tile q of an instruction (this lane's address: row r = lane % 8 of it) is the 8 x 8
     // (fragment row half hh = q & 1, chunk j = jp + q / 2): row lr's chunk j is 16 bytes.
     const int q = lane >> 3, lr = warp * 16 + (q & 1) * 8 + (lane & 7);
@@ -77,10 +84,10 @@ __device__ __forceinline__ void write_fragment(uint32_t buf, int tid_wg, Val v, 
 // bytes a thread a row.
 // The barriers keep the buffer's previous readers before the writes and the writes before
 // the reads.
-template <class T, class Val, class Dst>
+template <class T, bool Stm = (MOE_SM90_STMATRIX != 0), class Val, class Dst>
 __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Val v, Dst dst) {
   named_bar(bar, 128);
-  write_fragment<T>(buf, tid_wg, v, pass_off);
+  write_fragment<T, Stm>(buf, tid_wg, v, pass_off);
   named_bar(bar, 128);
   const int chunk = tid_wg & 15;
 #pragma unroll
@@ -109,13 +116,13 @@ __device__ __forceinline__ void tma_pass(int bar, int tid_wg, Write write, Issue
 }
 // store_pass's 64 rows x 128 columns as two {64, 64} boxes (8 KB each; the fragment's writes
 // conflict-free, as pass_off): issue(src, dc) stores the box at src, columns dc..dc + 63.
-template <class T, class Val, class Issue>
+template <class T, bool Stm = (MOE_SM90_STMATRIX != 0), class Val, class Issue>
 __device__ __forceinline__ void store_pass_tma(uint32_t buf, int bar, int tid_wg, Val v,
                                                Issue issue) {
   tma_pass(
       bar, tid_wg,
       [&] {
-        write_fragment<T>(buf, tid_wg, v, [](int lr, int j) {
+        write_fragment<T, Stm>(buf, tid_wg, v, [](int lr, int j) {
           return uint32_t(j >> 3) * 8192 + uint32_t(lr) * 128 + uint32_t(((j & 7) ^ (lr & 7)) << 4);
         });
       },

@@ -72,7 +72,8 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 constexpr int64_t kTmaStoreHMaxK = MOE_SM90_TMA_STORE_H_MAX_K;
 // -DMOE_SM90_DA_TMA_STORE=1: dA' sends each h chunk's dg, du (computed in place in the chunk
 // buffer, whose layout is the load's TMA box) back out by TMA when the warpgroup's 64 rows
-// are all the tile's. Not yet measured.
+// are all the tile's. H100 A/B (session 10): dA' 1.023 vs 1.027 ms at 30B-A3B T=16384,
+// 3.101 vs 3.061 at 235B-A22B: no gain (its stores were not the bottleneck), so off.
 #ifndef MOE_SM90_DA_TMA_STORE
 #define MOE_SM90_DA_TMA_STORE 0
 #endif
@@ -381,12 +382,13 @@ __global__ void __launch_bounds__(THREADS, 1)
           const bool tma = kTmaStore<EPI> && p.tma_c && rbase + 64 <= t.row1;
           if (kTmaStore<EPI> && !tma && tid_wg == 0) bulk_wait_read0();  // see store_pass_tma
           auto pass = [&](auto v, auto dst, const CUtensorMap *map, int c0) {
+            constexpr bool kStm = MOE_SM90_STMATRIX_GEMM1 != 0;  // see sm90_epilogue.cuh
             if (tma)
-              store_pass_tma<T>(buf, 1 + c, tid_wg, v, [&](uint32_t src, int dc) {
+              store_pass_tma<T, kStm>(buf, 1 + c, tid_wg, v, [&](uint32_t src, int dc) {
                 tma_store_2d(map, src, c0 + dc, rbase);
               });
             else
-              store_pass<T>(buf, 1 + c, tid_wg, v, dst);
+              store_pass<T, kStm>(buf, 1 + c, tid_wg, v, dst);
           };
           // h rounded in place first (its stores are then exact): the unrounded values kept
           // beside the rounded ones for a spilled. a goes into g's registers once g is stored.
