@@ -108,7 +108,7 @@ def _int_arg(a: str) -> int | None:
     a = a.strip()
     if a in ("true", "false"):
         return int(a == "true")
-    for enum_name, v in (("EPI_STORE", 0), ("EPI_SWIGLU", 1), ("EPI_DSWIGLU", 2)):
+    for enum_name, v in (("EPI_STORE", 0), ("EPI_SWIGLU", 1), ("EPI_DSWIGLU", 2), ("EPI_SWIGLU_A", 3)):
         if a.endswith(enum_name):
             return v
     m = re.search(r"(-?\d+)[uUlL]*\s*$", a)
@@ -166,7 +166,7 @@ def wgrad_hint(name: str) -> str | None:
 
 
 def _row_label(epi, b):
-    if epi == 1:
+    if epi in (1, 3):  # EPI_SWIGLU_A (3): the no-grad forward's GEMM1, storing a alone
         return "GEMM1"
     if epi == 2:
         return "dA'"

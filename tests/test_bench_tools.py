@@ -57,6 +57,9 @@ WINDOW = ("void moe::cuda::(anonymous namespace)::combine_window_kernel<__nv_bfl
     (P.format(e=2, b="true"), ("dA'", "portable")),
     (P.format(e=0, b="true"), ("dX", "portable")),
     (S.format(e=1, b="false"), ("GEMM1", "sm90")),
+    (S.format(e=3, b="false"), ("GEMM1", "sm90")),  # the no-grad forward's a-only GEMM1
+    (P.format(e=3, b="false"), ("GEMM1", "portable")),
+    ("row_gemm_sm90<__half, moe::cuda::EPI_SWIGLU_A, false>(x)", ("GEMM1", "sm90")),
     (S.format(e=0, b="false"), ("GEMM2", "sm90")),
     (S.format(e=2, b="true"), ("dA'", "sm90")),
     (S.format(e=0, b="true"), ("dX", "sm90")),

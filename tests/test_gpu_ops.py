@@ -8,6 +8,8 @@ against the CPU plan; CUDA-graph capture and replay; determinism (bit-identical 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -374,6 +376,74 @@ def test_out_of_range_index_raises():
     idx[3, 1] = 4
     with pytest.raises(IndexError):
         moe_experts(d["x"].cuda(), idx.cuda(), d["s"].cuda(), d["w1"].cuda(), d["w2"].cuda())
+
+
+# ---- the no-grad forward: h NULL, GEMM1 stores a alone ------------------------------------
+
+
+def _kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _row_gemm_epilogues(names):
+    """Epilogues (template argument 2) of the row-grouped GEMMs that ran, either path:
+    1 GEMM1 storing h and a, 3 GEMM1 storing a alone, 0 GEMM2."""
+    pat = re.compile(r"(?:grouped_gemm_kernel|row_gemm_sm90)<[^,<>]+, (\d+), (?:true|false)>")
+    return {int(m.group(1)) for n in names for m in [pat.search(n)] if m}
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["default-path", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}k{}H{}I{}E{}{}".format(*c))
+def test_no_grad_forward_is_bit_identical(case, dtype, portable, monkeypatch):
+    """moe_experts under no_grad (h NULL: the a-only GEMM1 epilogue, or h in the float32
+    path's workspace) gives out bit-identical to the forward that stores h, on the default
+    path (sm90a where it applies) and on the portable kernels (MOE_FUSED_PORTABLE=1)."""
+    if portable:
+        monkeypatch.setenv("MOE_FUSED_PORTABLE", "1")
+    T, k, H, I, E, route = case
+    d = make_experts(T, k, H, I, E, dtype, seed=T + 5 * E, route=route)
+    x, idx, s, w1, w2 = (d[n].to(DEV) for n in ("x", "idx", "s", "w1", "w2"))
+    with torch.no_grad():
+        ref, h, *_ = torch.ops.moe_fused.experts_forward(x, idx, s, w1, w2)  # the op keeps h
+        out = moe_experts(x, idx, s, w1, w2)
+        names = _kernel_names(lambda: moe_experts(x, idx, s, w1, w2))
+    assert h.shape == (T * k, 2 * I)
+    assert torch.equal(out, ref)
+    if dtype != torch.float32:  # the SIMT path has no epilogues
+        assert _row_gemm_epilogues(names) == {3, 0}, names
+        with_h = _kernel_names(lambda: torch.ops.moe_fused.experts_forward(x, idx, s, w1, w2))
+        assert _row_gemm_epilogues(with_h) == {1, 0}, with_h
+
+
+def _forward_peak(d, grad):
+    leaves = [d[n].to(DEV).requires_grad_(grad) for n in ("x", "s", "w1", "w2")]
+    idx = d["idx"].to(DEV)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = moe_experts(leaves[0], idx, *leaves[1:])
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, out.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_no_grad_forward_peak_drops_by_h(dtype):
+    """The forward that no backward follows neither allocates nor writes h [T*k, 2I]: its
+    peak is h's size below the training forward's (the workspace is the same)."""
+    T, k, H, I, E = 4096, 4, 256, 512, 8
+    d = make_experts(T, k, H, I, E, dtype, seed=19)
+    h_bytes = T * k * 2 * I * 2  # 32 MiB
+    slack = 2**21  # the caching allocator rounds large blocks to 2 MiB
+    train, out_train = _forward_peak(d, True)
+    infer, out_infer = _forward_peak(d, False)
+    assert h_bytes - slack <= train - infer <= h_bytes + slack, (train, infer, h_bytes)
+    assert torch.equal(out_train, out_infer)
 
 
 # ---- moe_fused_linear ---------------------------------------------------------------

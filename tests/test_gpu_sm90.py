@@ -211,6 +211,81 @@ def test_empty_and_degenerate():
     assert o0.shape == (0, 256) and h0.shape == (0, 256)
 
 
+# The no-grad forward (h NULL): GEMM1's a-only epilogue (EPI_SWIGLU_A = 3), out bit-identical
+# to the forward that stores h on each path. K = H <= 2048 takes the TMA stores for full 64-row
+# blocks (thread stores for a tile's partial ones); H = 4096 the thread stores only.
+NO_H_CASES = CASES + [
+    (64, 4, 4096, 128, 8, "random"),  # K > 2048: thread-store epilogue
+    (300, 8, 2304, 256, 16, "skewed"),  # K > 2048, ragged, empty experts, 2 column tiles
+]
+GEMM1_A_SM90 = "row_gemm_sm90<{}, 3,"
+GEMM1_A_PORTABLE = "grouped_gemm_kernel<{}, 3,"
+
+
+def fwd_no_h(d, w1=None):
+    """moe_experts under no_grad: the eager path's forward without h."""
+    w1 = d["w1"].cuda() if w1 is None else w1
+    with torch.no_grad():
+        out = moe_experts(d["x"].cuda(), d["idx"].cuda(), d["s"].cuda(), w1, d["w2"].cuda())
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", NO_H_CASES, ids=["T{}k{}H{}I{}E{}{}".format(*c) for c in NO_H_CASES])
+def test_no_grad_forward_bit_identical_sm90_and_portable(case, dtype):
+    T, k, H, I, E, route = case
+    d = make_experts(T, k, H, I, E, dtype, seed=T + E + 11, route=route)
+    tname = "__nv_bfloat16" if dtype == torch.bfloat16 else "__half"
+    outs = {}
+    for which, gemm1_a, gemm1_h in (
+        ("sm90", GEMM1_A_SM90, "row_gemm_sm90<{}, 1,"),
+        ("portable", GEMM1_A_PORTABLE, "grouped_gemm_kernel<{}, 1,"),
+    ):
+        with path(which):
+            with_h = fwd_raw(d)[0]
+            outs[which] = fwd_no_h(d)
+            names = kernels_of(lambda: fwd_no_h(d))
+        assert torch.equal(outs[which], with_h), which
+        assert any(gemm1_a.format(tname) in n for n in names), (which, names)
+        assert not any(gemm1_h.format(tname) in n for n in names), (which, names)
+    ref = ref_experts(d["x"], d["idx"], d["s"], d["w1"], d["w2"], d["dout"])[0]
+    e90, ep = rel(outs["sm90"], ref), rel(outs["portable"], ref)
+    assert e90 < TOL[dtype] and e90 <= 1.5 * ep + 1e-4, (e90, ep)
+
+
+def test_no_grad_forward_falls_back_to_portable():
+    """Layouts the sm90a kernel does not take (I % 128 != 0; gaps between experts in B) run
+    the portable a-only epilogue, bit-identical to the portable forward with h."""
+    d = make_experts(50, 4, 256, 80, 8, torch.bfloat16, seed=2)
+    with path("sm90"):
+        names = kernels_of(lambda: fwd_no_h(d))
+        out, ref = fwd_no_h(d), fwd_raw(d)[0]
+    assert any(GEMM1_A_PORTABLE.format("__nv_bfloat16") in n for n in names), names
+    assert torch.equal(out, ref)
+    T, k, H, I, E = 200, 4, 256, 128, 8
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=41)
+    big = torch.zeros(E, 2 * I + 128, H, dtype=torch.bfloat16, device="cuda")
+    big[:, : 2 * I] = d["w1"].cuda()
+    with path("sm90"):
+        names = kernels_of(lambda: fwd_no_h(d, big[:, : 2 * I]))
+        out = fwd_no_h(d, big[:, : 2 * I])
+    with path("portable"):
+        ref = fwd_raw(d)[0]
+    assert any(GEMM1_A_PORTABLE.format("__nv_bfloat16") in n for n in names), names
+    assert torch.equal(out, ref)
+
+
+def test_no_grad_forward_degenerate_sm90():
+    d0 = make_experts(0, 2, 256, 128, 4, torch.bfloat16, seed=6)
+    with path("sm90"):
+        assert fwd_no_h(d0).shape == (0, 256)
+    d = make_experts(77, 1, 256, 128, 6, torch.bfloat16, seed=5)
+    d["idx"] = torch.full((77, 1), 4, dtype=torch.int64)  # one expert, 5 empty
+    with path("sm90"):
+        assert torch.equal(fwd_no_h(d), fwd_raw(d)[0])
+
+
 def test_determinism_sm90():
     d = make_experts(700, 8, 512, 256, 32, torch.bfloat16, seed=21)
     with path("sm90"):

@@ -137,18 +137,20 @@ struct ExpertsArgs {
 };
 
 // Checks hidden_states, top_k_weights (and top_k_index if given), both
-// weights, the plan and h; fills the problem.
+// weights, the plan and h; fills the problem. h may be NULL unless h_required
+// (the forward's h is optional: no-grad calls do not store it).
 moe_status_t experts_common(const moe_context_t *ctx, const moe_tensor_t *x,
                             const moe_tensor_t *idx, const moe_tensor_t *s,
                             const moe_tensor_t *W1, const moe_tensor_t *W2,
-                            const moe_plan_t *plan, const moe_tensor_t *h, ExpertsArgs &a) {
+                            const moe_plan_t *plan, const moe_tensor_t *h, bool h_required,
+                            ExpertsArgs &a) {
   MOE_TRY(check::context(ctx));
   MOE_TRY(check::tensor(x, "hidden_states", 2, "[T, H]"));
   if (idx) MOE_TRY(check::tensor(idx, "top_k_index", 2, "[T, k]"));
   MOE_TRY(check::tensor(s, "top_k_weights", 2, "[T, k]"));
   MOE_TRY(check::tensor(W1, "gate_up_proj", 3, "[E, 2I, H]"));
   MOE_TRY(check::tensor(W2, "down_proj", 3, "[E, H, I]"));
-  MOE_TRY(check::tensor(h, "h", 2, "[T*k, 2I]"));
+  if (h || h_required) MOE_TRY(check::tensor(h, "h", 2, "[T*k, 2I]"));
 
   const char *xname = check::name(x, "hidden_states");
   MOE_TRY(check::float_dtype(*x, "hidden_states", ctx->device_type));
@@ -157,7 +159,7 @@ moe_status_t experts_common(const moe_context_t *ctx, const moe_tensor_t *x,
   MOE_TRY(check::same_dtype(*s, "top_k_weights", dt, xname, true));
   MOE_TRY(check::same_dtype(*W1, "gate_up_proj", dt, xname));
   MOE_TRY(check::same_dtype(*W2, "down_proj", dt, xname));
-  MOE_TRY(check::same_dtype(*h, "h", dt, xname));
+  if (h) MOE_TRY(check::same_dtype(*h, "h", dt, xname));
 
   moe::ExpertsProblem &p = a.p;
   a.dtype = dt;
@@ -185,6 +187,7 @@ moe_status_t experts_common(const moe_context_t *ctx, const moe_tensor_t *x,
                        "H from hidden_states, E and 2I from gate_up_proj"));
   MOE_TRY(check_pairs(T, k, xname));
   MOE_TRY(check::plan(plan, E, T * k));
+  if (!h) return MOE_OK;
   const int64_t hs[2] = {T * k, 2 * I};
   MOE_TRY(check::shape(*h, "h", "[T*k, 2I]", hs, nullptr));
   MOE_TRY(check::contiguous(*h, "h"));
@@ -312,8 +315,9 @@ MOE_API moe_status_t moe_experts_forward(const moe_context_t *ctx,
     // top_k_index is required here (experts_common treats NULL as absent).
     if (!top_k_index) return set_error(MOE_ERR_NULL, "top_k_index: tensor descriptor is NULL");
     ExpertsArgs a{};
+    // h may be NULL: no backward follows, h is not stored.
     MOE_TRY(experts_common(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj,
-                           down_proj, plan, h, a));
+                           down_proj, plan, h, false, a));
     const char *xname = check::name(hidden_states, "hidden_states");
     MOE_TRY(check::tensor(out, "out", 2, "[T, H]"));
     MOE_TRY(check::same_dtype(*out, "out", a.dtype, xname));
@@ -323,7 +327,7 @@ MOE_API moe_status_t moe_experts_forward(const moe_context_t *ctx,
     MOE_TRY(check::workspace(*ctx, experts_fwd_ws(ctx->device_type, a.p, a.dtype, ctx->flags),
                              "moe_experts_forward"));
     return MOE_DISPATCH(*ctx, experts_forward, *ctx, a.p, *hidden_states, *top_k_index,
-                        *top_k_weights, *gate_up_proj, *down_proj, *plan, *h, *out);
+                        *top_k_weights, *gate_up_proj, *down_proj, *plan, h, *out);
   });
 }
 
@@ -336,7 +340,7 @@ MOE_API moe_status_t moe_experts_backward(
   return guarded("moe_experts_backward", [&]() -> moe_status_t {
     ExpertsArgs a{};
     MOE_TRY(experts_common(ctx, hidden_states, nullptr, top_k_weights, gate_up_proj, down_proj,
-                           plan, h, a));
+                           plan, h, true, a));
     const char *xname = check::name(hidden_states, "hidden_states");
     const int64_t T = a.p.tokens, k = a.p.top_k, H = a.p.hidden, I = a.p.intermediate,
                   E = a.p.num_experts;

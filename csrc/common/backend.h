@@ -70,7 +70,7 @@ inline uint32_t experts_grads(const ExpertsProblem &p, const moe_tensor_t *dx,
       const moe_tensor_t &hidden_states, const moe_tensor_t &top_k_index,      \
       const moe_tensor_t &top_k_weights, const moe_tensor_t &gate_up_proj,     \
       const moe_tensor_t &down_proj, const moe_plan_t &plan,                   \
-      const moe_tensor_t &h, const moe_tensor_t &out);                         \
+      const moe_tensor_t *h /* NULL: not stored */, const moe_tensor_t &out);  \
   moe_status_t experts_backward(                                               \
       const moe_context_t &ctx, const ExpertsProblem &p,                       \
       const moe_tensor_t &grad_out, const moe_tensor_t &hidden_states,         \

@@ -1,7 +1,8 @@
 // The fused MoE experts layer on the CPU (DESIGN.md section 2).
 //
 // Forward: plan (counting sort), then one task per expert e over its plan
-// rows: gather x rows, GEMM1 -> h (saved, activation dtype), SwiGLU,
+// rows: gather x rows, GEMM1 -> h (saved, activation dtype; without h, the
+// no-grad forward, into the per-thread chunk buffer only), SwiGLU,
 // GEMM2 -> y rows; then a weighted combine over the k slots of each token in
 // slot order (deterministic).
 // Backward, per expert: gather dout rows; recompute a from the saved (rounded)
@@ -53,7 +54,7 @@ template <class C> struct Slot {
   C *g2;  // [H*I]   grad of down_proj[e]
   C *A;   // [kChunk, I]   a (backward: then s * a)
   C *dA;  // [kChunk, I]   dA' = dout W2[e]
-  C *HD;  // [kChunk, 2I]  h in the compute type (when h is not) / dh
+  C *HD;  // [kChunk, 2I]  h in the compute type (when h is not, or is not stored) / dh
 };
 
 template <class C> struct ExpertsLayout {
@@ -179,7 +180,7 @@ moe_status_t forward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
                           const moe_tensor_t &x, const moe_tensor_t &idx,
                           const moe_tensor_t &s, const moe_tensor_t &W1,
                           const moe_tensor_t &W2, const moe_plan_t &plan,
-                          const moe_tensor_t &h, const moe_tensor_t &out) {
+                          const moe_tensor_t *h, const moe_tensor_t &out) {
   using C = typename Compute<T>::type;
   constexpr bool native = std::is_same<T, C>::value;
   const int64_t Tn = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
@@ -206,17 +207,19 @@ moe_status_t forward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
       const int64_t m = std::min(kChunk, r1 - c0);
       C *X = L.XY + c0 * ldx;
       gather_tokens<T, C>(L.XY, ldx, x, sorted, c0, c0 + m, k, H, inner);
-      // GEMM1: h = X W1[e]^T (straight into h when h is in the compute type).
-      C *Hc = native ? reinterpret_cast<C *>(h.data) + c0 * ldh : S.HD;
+      // GEMM1: h = X W1[e]^T (straight into h when h is in the compute type). Without h,
+      // into the chunk's HD rows (the same ld, so the same GEMM and the same values).
+      C *Hc = native && h ? reinterpret_cast<C *>(h->data) + c0 * ldh : S.HD;
       gemm(Trans::N, w1.as_op(true), m, 2 * I, H, C(1), X, ldx, w1.p, w1.ld, C(0), Hc, ldh);
       if (!native) {
-        // h is stored in the activation dtype; a is computed from the rounded h.
-        T *hp = data_as<T>(h) + c0 * 2 * I;
+        // h is stored in the activation dtype; a is computed from the rounded h (also
+        // when h is not stored, so that out does not depend on it).
+        T *hp = h ? data_as<T>(*h) + c0 * 2 * I : nullptr;
         const int64_t cnt = m * 2 * I;
 #pragma omp parallel for schedule(static) if (inner && cnt > kPar)
         for (int64_t i = 0; i < cnt; ++i) {
           const T v = from_c<T>(Hc[i]);
-          hp[i] = v;
+          if (hp) hp[i] = v;
           Hc[i] = to_c<C>(v);
         }
       }
@@ -332,7 +335,8 @@ moe_status_t backward_impl(const moe_context_t &ctx, const ExpertsProblem &p,
 
 }  // namespace
 
-// One layout serves both calls (the CPU path keeps no dh buffer that h could replace).
+// One layout serves both calls (the CPU path keeps no dh buffer that h could replace), and
+// the forward without h too: its h rows live in the per-thread [kChunk, 2I] HD buffers.
 size_t experts_forward_workspace_size(const ExpertsProblem &p, int32_t, uint64_t) {
   Arena a(nullptr);
   experts_layout<double>(a, p);
@@ -348,7 +352,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
                              const moe_tensor_t &hidden_states, const moe_tensor_t &top_k_index,
                              const moe_tensor_t &top_k_weights, const moe_tensor_t &gate_up_proj,
                              const moe_tensor_t &down_proj, const moe_plan_t &plan,
-                             const moe_tensor_t &h, const moe_tensor_t &out) {
+                             const moe_tensor_t *h, const moe_tensor_t &out) {
   // Indices first: on a bad index nothing (plan, h, out) is written.
   moe_status_t st = check_indices(top_k_index, p.num_experts, "top_k_index");
   if (st != MOE_OK) return st;

@@ -409,12 +409,12 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
                              const moe_tensor_t &hidden_states, const moe_tensor_t &top_k_index,
                              const moe_tensor_t &top_k_weights, const moe_tensor_t &gate_up_proj,
                              const moe_tensor_t &down_proj, const moe_plan_t &plan,
-                             const moe_tensor_t &h, const moe_tensor_t &out) {
+                             const moe_tensor_t *h, const moe_tensor_t &out) {
   MOE_CU_TRY(check_half(hidden_states, "hidden_states"));
   MOE_CU_TRY(check_inner(hidden_states, "hidden_states"));
   MOE_CU_TRY(check_inner(gate_up_proj, "gate_up_proj"));
   MOE_CU_TRY(check_inner(down_proj, "down_proj"));
-  MOE_CU_TRY(check_inner(h, "h"));
+  if (h) MOE_CU_TRY(check_inner(*h, "h"));
   MOE_CU_TRY(check_inner(out, "out"));
   MOE_CU_TRY(check_sizes(p.hidden, 2 * p.intermediate, p.num_experts));
   if (p.top_k > 64) return set_error(MOE_ERR_UNSUPPORTED, "CUDA path: top_k > 64");
@@ -441,9 +441,11 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   build_tiles(off, int(E), n, BMT, L.tiles, L.num_tiles, st);
   MOE_CU_TRY(launch_status("moe_experts_forward (plan)"));
 
+  // GEMM1 + SwiGLU. Without h (no backward follows) the epilogue stores a alone: h is 2/3
+  // of GEMM1's output bytes. a is the same either way (from the rounded g, u).
   GroupedGemmArgs g{};
   g.dtype = hidden_states.dtype;
-  g.epilogue = EPI_SWIGLU;
+  g.epilogue = h ? EPI_SWIGLU : EPI_SWIGLU_A;
   g.b_kn = false;
   g.A = hidden_states.data;
   g.lda = hidden_states.strides[0];
@@ -458,8 +460,8 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   g.tiles = L.tiles;
   g.num_tiles = L.num_tiles;
   g.max_tiles = max_tiles(n, E, BMT);
-  g.C = h.data;
-  g.ldc = h.strides[0];
+  g.C = h ? h->data : nullptr;
+  g.ldc = h ? h->strides[0] : 0;
   g.C2 = L.a;
   g.ldc2 = I;
   g.k = int(k);

@@ -7,6 +7,7 @@
 //   EPI_STORE   plain store (optionally scattered to row sorted[r])
 //   EPI_SWIGLU  GEMM1: the tile's B rows are I/2... gate rows c0.. and up rows I+c0..,
 //               writes h = [g;u] and a = silu(g)*u (a from the rounded h)
+//   EPI_SWIGLU_A the same, writing a alone (the no-grad forward: no h kept)
 //   EPI_DSWIGLU backward of GEMM2/SwiGLU: acc = dA'; reloads h, writes
 //               dh = dSwiGLU(s dA'), s*a, and per-tile partials of ds = <dA', a>
 #include <algorithm>
@@ -36,7 +37,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
   const int KT = (K + BK - 1) / BK;
   const int ntiles = *a.num_tiles;
   // Column tile: output columns [n0, n0+BN); SwiGLU: a-columns [c0, c0+BN/2).
-  const int n0 = (EPI == EPI_SWIGLU ? BN / 2 : BN) * blockIdx.x;
+  const int n0 = (is_swiglu(EPI) ? BN / 2 : BN) * blockIdx.x;
 
   for (int ti = blockIdx.y; ti < ntiles; ti += gridDim.y) {
     const Tile tile = a.tiles[ti];
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
         const int nr = q - BM;
         int64_t grow;
         bool ok;
-        if (EPI == EPI_SWIGLU) {
+        if (is_swiglu(EPI)) {
           const int c = n0 + (nr & (BN / 2 - 1));
           ok = c < N;
           grow = nr < BN / 2 ? c : int64_t(N) + c;
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
           store8<T>(C + orow * a.ldc + gn, v, N - gn, a.vec_c);
         }
       }
-    } else if (EPI == EPI_SWIGLU) {
+    } else if (is_swiglu(EPI)) {
       T *Hh = static_cast<T *>(a.C);
       T *Aa = static_cast<T *>(a.C2);
 #pragma unroll 2
@@ -164,9 +165,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) grouped_gemm_kernel(const
             u[i] = DT<T>::to_f(DT<T>::from_f(Cs[row * CS_ST + BN / 2 + col + i]));
             av[i] = silu_f(g[i]) * u[i];
           }
-          T *hr = Hh + int64_t(r) * a.ldc;
-          store8<T>(hr + gc, g, N - gc, a.vec_c);
-          store8<T>(hr + N + gc, u, N - gc, a.vec_c);
+          if (EPI == EPI_SWIGLU) {  // EPI_SWIGLU_A: no h (C is null)
+            T *hr = Hh + int64_t(r) * a.ldc;
+            store8<T>(hr + gc, g, N - gc, a.vec_c);
+            store8<T>(hr + N + gc, u, N - gc, a.vec_c);
+          }
           store8<T>(Aa + int64_t(r) * a.ldc2 + gc, av, N - gc, a.vec_c);
         }
       }
@@ -238,6 +241,9 @@ template <class T> moe_status_t dispatch(const GroupedGemmArgs &a, cudaStream_t 
     case EPI_SWIGLU:
       if (a.b_kn) break;
       return launch<T, EPI_SWIGLU, false>(a, stream);
+    case EPI_SWIGLU_A:
+      if (a.b_kn) break;
+      return launch<T, EPI_SWIGLU_A, false>(a, stream);
     case EPI_DSWIGLU:
       if (!a.b_kn) break;
       return launch<T, EPI_DSWIGLU, true>(a, stream);
@@ -251,7 +257,7 @@ template <class T> moe_status_t dispatch(const GroupedGemmArgs &a, cudaStream_t 
 }  // namespace
 
 int grouped_gemm_col_tiles(int epilogue, int N) {
-  const int bn = epilogue == EPI_SWIGLU ? kGemmBN / 2 : kGemmBN;
+  const int bn = is_swiglu(epilogue) ? kGemmBN / 2 : kGemmBN;
   return (N + bn - 1) / bn;
 }
 
@@ -264,7 +270,7 @@ moe_status_t grouped_gemm(const GroupedGemmArgs &args, cudaStream_t stream) {
   else
     a.vec_b = a.K % 8 == 0 && a.ldb % 8 == 0 && a.strideBE % 8 == 0 && aligned16(a.B);
   if (a.c_rows <= 0) a.c_rows = a.n_rows;
-  a.vec_c = a.N % 8 == 0 && a.ldc % 8 == 0 && aligned16(a.C);
+  a.vec_c = a.N % 8 == 0 && a.ldc % 8 == 0 && aligned16(a.C);  // EPI_SWIGLU_A: C null, ldc 0
   if (a.epilogue != EPI_STORE) a.vec_c = a.vec_c && a.ldc2 % 8 == 0 && aligned16(a.C2);
   a.vec_h = a.epilogue == EPI_DSWIGLU && a.N % 8 == 0 && a.ldh % 8 == 0 && aligned16(a.Hin);
   if (a.dtype == MOE_DTYPE_BF16) return dispatch<__nv_bfloat16>(a, stream);

@@ -43,10 +43,15 @@ void build_tiles_pairs(const int32_t *offsets, const int32_t *sorted, int E, int
 // ---- grouped_gemm.cu -----------------------------------------------------------
 
 enum Epilogue : int {
-  EPI_STORE = 0,    // C[row] = acc (row = r + tile.delta, or sorted[r] when c_scatter)
-  EPI_SWIGLU = 1,   // C = h: [g;u] (g at col n, u at col I+n, I = N); C2 = a = silu(g)*u
-  EPI_DSWIGLU = 2,  // acc = dA'; h from Hin; C = dh, C2 = s*a, ds_part[r, tile_n] = <dA', a>
+  EPI_STORE = 0,     // C[row] = acc (row = r + tile.delta, or sorted[r] when c_scatter)
+  EPI_SWIGLU = 1,    // C = h: [g;u] (g at col n, u at col I+n, I = N); C2 = a = silu(g)*u
+  EPI_DSWIGLU = 2,   // acc = dA'; h from Hin; C = dh, C2 = s*a, ds_part[r, tile_n] = <dA', a>
+  EPI_SWIGLU_A = 3,  // EPI_SWIGLU storing a alone (C null: the no-grad forward keeps no h)
 };
+// GEMM1's epilogues: B rows are gate rows then the same up rows; N = I, the columns of a.
+constexpr bool is_swiglu(int epilogue) {
+  return epilogue == EPI_SWIGLU || epilogue == EPI_SWIGLU_A;
+}
 
 constexpr int kGemmBM = 128;
 constexpr int kGemmBN = MOE_GEMM_BN;
@@ -63,7 +68,7 @@ struct GroupedGemmArgs {
   const void *B;
   int64_t ldb, strideBE;
   int64_t n_rows;  // plan rows (T*k or N)
-  int N, K;        // output columns (EPI_SWIGLU: I, the columns of a), reduction
+  int N, K;        // output columns (is_swiglu: I, the columns of a), reduction
   const int32_t *sorted;
   const Tile *tiles;
   const int32_t *num_tiles;

@@ -3,7 +3,7 @@
 // bf16/fp16 are the fast paths. Deterministic (fixed loop orders, no atomics).
 // Workspace: the backward keeps dh [n, 2I] f32 (it fits in the bf16 layout's
 // dh + s*a + dx-window buffers in most shapes; the workspace queries also
-// cover it otherwise).
+// cover it otherwise); the forward without h (no-grad) keeps h [n, 2I] f32 there.
 #include "cuda/simt_f32.h"
 
 namespace moe {
@@ -219,26 +219,32 @@ size_t f32_experts_bwd_bytes(const ExpertsProblem &p) {
   return ws_align(size_t(p.tokens * p.top_k) * size_t(2 * p.intermediate) * 4) +
          ws_align(size_t(p.tokens * p.top_k) * 4);
 }
+// Row experts [n] int32, then h [n, 2I] f32 for a forward called without h (counted always:
+// the query does not know whether h will be given; the backward's scratch is as large).
 size_t f32_experts_fwd_bytes(const ExpertsProblem &p) {
-  return ws_align(size_t(p.tokens * p.top_k) * 4);
+  return ws_align(size_t(p.tokens * p.top_k) * 4) +
+         ws_align(size_t(p.tokens * p.top_k) * size_t(2 * p.intermediate) * 4);
 }
 
 moe_status_t f32_experts_forward(cudaStream_t st, const ExpertsProblem &p, const moe_tensor_t &x,
                                  const moe_tensor_t &s, const moe_tensor_t &W1,
                                  const moe_tensor_t &W2, const int32_t *off, const int32_t *sorted,
-                                 const int32_t *rows, const moe_tensor_t &h,
+                                 const int32_t *rows, const moe_tensor_t *h,
                                  const moe_tensor_t &out, void *scratch) {
   const int64_t T = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate, E = p.num_experts,
                 n = T * k;
   if (n <= 0) return MOE_OK;
   int32_t *er = static_cast<int32_t *>(scratch);
+  // h, or (no h given) the scratch after er: the same kernels and values either way.
+  float *hp = h ? static_cast<float *>(h->data)
+                : reinterpret_cast<float *>(static_cast<char *>(scratch) + ws_align(size_t(n) * 4));
+  const int64_t ldh = h ? h->strides[0] : 2 * I;
   f32_row_experts<<<unsigned(E), 256, 0, st>>>(off, int(E), n, er);
   f32_h<<<blocks(n * 2 * I), 256, 0, st>>>(
       static_cast<const float *>(x.data), x.strides[0], static_cast<const float *>(W1.data),
-      W1.strides[0], W1.strides[1], sorted, er, n, int(k), int(H), int(2 * I),
-      static_cast<float *>(h.data), h.strides[0]);
+      W1.strides[0], W1.strides[1], sorted, er, n, int(k), int(H), int(2 * I), hp, ldh);
   RW sw{s.data, s.dtype, s.strides[0], s.strides[1]};
-  f32_out<<<blocks(T * H), 256, 0, st>>>(static_cast<const float *>(h.data), h.strides[0],
+  f32_out<<<blocks(T * H), 256, 0, st>>>(hp, ldh,
                                          static_cast<const float *>(W2.data), W2.strides[0],
                                          W2.strides[1], rows, er, sw, T, int(k), int(H), int(I), n,
                                          static_cast<float *>(out.data), out.strides[0]);

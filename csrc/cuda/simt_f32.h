@@ -7,14 +7,15 @@
 namespace moe {
 namespace cuda {
 
-// Scratch bytes of the f32 experts backward (dh [n, 2I] f32 + row experts) / forward.
+// Scratch bytes of the f32 experts backward (dh [n, 2I] f32 + row experts) / forward (row
+// experts + h [n, 2I] f32 for a call without h).
 size_t f32_experts_bwd_bytes(const ExpertsProblem &p);
 size_t f32_experts_fwd_bytes(const ExpertsProblem &p);
 
 moe_status_t f32_experts_forward(cudaStream_t st, const ExpertsProblem &p, const moe_tensor_t &x,
                                  const moe_tensor_t &s, const moe_tensor_t &W1,
                                  const moe_tensor_t &W2, const int32_t *off, const int32_t *sorted,
-                                 const int32_t *rows, const moe_tensor_t &h,
+                                 const int32_t *rows, const moe_tensor_t *h /* may be NULL */,
                                  const moe_tensor_t &out, void *scratch);
 moe_status_t f32_experts_backward(cudaStream_t st, const ExpertsProblem &p,
                                   const moe_tensor_t &dout, const moe_tensor_t &x,

@@ -27,15 +27,15 @@ constexpr bool kSm90Default = true;
 // Read at every call, so a process can compare both paths.
 bool sm90_enabled(uint64_t flags);
 
-// Column tiles of the sm90a row GEMMs (BN = 256; EPI_SWIGLU: 128 columns of a): the number
+// Column tiles of the sm90a row GEMMs (BN = 256; is_swiglu: 128 columns of a): the number
 // of ds_part columns that sm90_grouped_gemm's EPI_DSWIGLU writes.
 constexpr int kSm90BN = 256;
 inline int sm90_col_tiles(int epilogue, int N) {
-  return epilogue == EPI_SWIGLU ? N / (kSm90BN / 2) : N / kSm90BN;
+  return is_swiglu(epilogue) ? N / (kSm90BN / 2) : N / kSm90BN;
 }
 
 // The row-grouped GEMM `g` (the portable kernel's arguments; tile list with BM = 128) on the
-// sm90a kernel. Layouts taken: bf16/f16; K % 64 == 0; N % 256 == 0 (EPI_SWIGLU: N = I,
+// sm90a kernel. Layouts taken: bf16/f16; K % 64 == 0; N % 256 == 0 (is_swiglu: N = I,
 // I % 128 == 0); 16-byte aligned A / C / C2 / Hin rows; the expert weights back to back
 // (strideBE == rows * ldb), [N][K] or (b_kn) [K][N], as one 2-D TMA tensor.
 bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t flags,

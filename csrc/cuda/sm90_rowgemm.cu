@@ -5,6 +5,8 @@
 // with the portable kernels' epilogues and rounding (grouped_gemm.cu):
 //   EPI_SWIGLU   GEMM1: B rows = 128 gate rows + the same 128 up rows; h = [g; u] and
 //                a = silu(g) * u from the rounded g, u, each staged in smem and stored in rows
+//   EPI_SWIGLU_A the same storing a alone (the no-grad forward: no h; its own instantiation,
+//                so EPI_SWIGLU's code is untouched)
 //   EPI_STORE    GEMM2, dX, linear: C row (c_scatter ? sorted[r] : r + tile.delta), staged
 //                the same way
 //   EPI_DSWIGLU  dA': reloads h (TMA, in 64-column chunks), writes dh = dSwiGLU(s dA'), s*a,
@@ -63,6 +65,7 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 // -DMOE_SM90_TMA_STORE_H=1: the same for GEMM1's h and a (EPI_SWIGLU), taken at K <= 2048
 // only. H100 A/B (session 9): 30B-A3B (K = 2048) GEMM1 1.457 vs 1.532 ms at T=16384, 0.494
 // vs 0.507 at T=4096; 235B-A22B (K = 4096) 5.58 vs 5.33 ms, slower. K between: not measured.
+// EPI_SWIGLU_A's a alone follows the same rule (not measured apart).
 #ifndef MOE_SM90_TMA_STORE_H
 #define MOE_SM90_TMA_STORE_H 1
 #endif
@@ -79,7 +82,7 @@ constexpr int64_t kTmaStoreHMaxK = MOE_SM90_TMA_STORE_H_MAX_K;
 #endif
 template <int EPI>
 constexpr bool kTmaStore = (MOE_SM90_TMA_STORE && EPI == EPI_STORE) ||
-                           (MOE_SM90_TMA_STORE_H && EPI == EPI_SWIGLU) ||
+                           (MOE_SM90_TMA_STORE_H && is_swiglu(EPI)) ||
                            (MOE_SM90_DA_TMA_STORE && EPI == EPI_DSWIGLU);
 constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
 static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
@@ -119,7 +122,7 @@ struct RowParams {
   int32_t n_rows;
   const Tile *tiles;
   const int32_t *num_tiles;
-  int N, K;       // output columns (EPI_SWIGLU: I, the columns of a), reduction
+  int N, K;       // output columns (is_swiglu: I, the columns of a), reduction
   int b_rows;     // rows of one expert in the TMA tensor of B ([N][K]: N or 2I; [K][N]: K)
   void *c;
   int64_t ldc;
@@ -143,7 +146,7 @@ struct RowMaps {
   CUtensorMap b;   // B, the experts back to back
   CUtensorMap h;   // dA': h, read in chunks (load_h_chunk)
   CUtensorMap a;   // A in plan order (tma_a)
-  CUtensorMap c;   // C (tma_c)
+  CUtensorMap c;   // C (tma_c; EPI_SWIGLU_A: none, C is null)
   CUtensorMap c2;  // GEMM1: a = SwiGLU(h) (tma_c)
 };
 
@@ -214,7 +217,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
   const int wg = tid / 128, tid_wg = tid % 128;
   const int KB = p.K / BK;
-  const int ntn = EPI == EPI_SWIGLU ? p.N / (BN / 2) : p.N / BN;
+  const int ntn = is_swiglu(EPI) ? p.N / (BN / 2) : p.N / BN;
   const int num_tiles = *p.num_tiles;
   const int total = (num_tiles + 1) / 2 * ntn;  // pair items
   const uint32_t rank = cluster_ctarank(), peer = rank ^ 1;
@@ -248,7 +251,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         // B rows (K-major) or columns (N-major) of this item in the TMA tensor.
         int b0, b1;
-        if (EPI == EPI_SWIGLU) {
+        if (is_swiglu(EPI)) {
           b0 = t.expert * p.b_rows + nt * (BN / 2);
           b1 = b0 + p.N;  // the same columns of the up half
         } else {
@@ -362,14 +365,14 @@ __global__ void __launch_bounds__(THREADS, 1)
       // Fragment of a thread: rows rfrag + 8 hh, columns 8 j + 2 (lane & 3) + {0, 1}, held in
       // acc[4 j + 2 hh + {0, 1}].
 
-      if (EPI == EPI_SWIGLU || EPI == EPI_STORE) {
+      if (is_swiglu(EPI) || EPI == EPI_STORE) {
         // Fragment -> swizzled smem -> 16-byte row stores, 128 columns a pass: SwiGLU g, u,
         // then a = silu(g) * u from the rounded g, u (as the portable epilogue); store: the
         // two column halves. Rows at or past row1 (another tile's) are not stored.
         const uint32_t buf = sC + uint32_t(c) * kPassBytes;
         const int rbase = t.row0 + c * 64;
         T *C = static_cast<T *>(p.c);
-        if (EPI == EPI_SWIGLU) {
+        if (is_swiglu(EPI)) {
           constexpr int HJ = BN / 16;
           const int col = nt * (BN / 2);
           auto hrow = [&](int lr, int) -> T * {
@@ -392,18 +395,20 @@ __global__ void __launch_bounds__(THREADS, 1)
           };
           // h rounded in place first (its stores are then exact): the unrounded values kept
           // beside the rounded ones for a spilled. a goes into g's registers once g is stored.
+          // EPI_SWIGLU_A stores no g, u: only the a pass (a from the same rounded g, u).
 #pragma unroll
           for (int i = 0; i < BN / 2; ++i) acc[i] = rnd<T>(acc[i]);
           auto g_of = [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; };
-          pass(g_of, hrow, &maps.c, col);
+          if constexpr (EPI == EPI_SWIGLU) pass(g_of, hrow, &maps.c, col);
 #pragma unroll
           for (int i = 0; i < BN / 4; ++i) acc[i] = silu_f(acc[i]) * acc[i + BN / 4];
-          pass([&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
-               [&](int lr, int m) -> T * {
-                 T *d = hrow(lr, m);
-                 return d ? d + p.N : nullptr;
-               },
-               &maps.c, p.N + col);
+          if constexpr (EPI == EPI_SWIGLU)
+            pass([&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
+                 [&](int lr, int m) -> T * {
+                   T *d = hrow(lr, m);
+                   return d ? d + p.N : nullptr;
+                 },
+                 &maps.c, p.N + col);
           pass(g_of,  // a, now in g's registers
                [&](int lr, int) -> T * {
                  const int r = rbase + lr;
@@ -648,6 +653,8 @@ bool dispatch(const GroupedGemmArgs &g, const RowMaps &maps, const RowParams &p,
   switch (g.epilogue) {
     case EPI_SWIGLU:
       return !g.b_kn && launch<T, EPI_SWIGLU, false>(maps, p, max_items, st, status);
+    case EPI_SWIGLU_A:
+      return !g.b_kn && launch<T, EPI_SWIGLU_A, false>(maps, p, max_items, st, status);
     case EPI_DSWIGLU:
       return g.b_kn && launch<T, EPI_DSWIGLU, true>(maps, p, max_items, st, status);
     case EPI_STORE:
@@ -667,7 +674,8 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   *status = MOE_OK;
   if (!sm90_enabled(flags)) return false;
   if (g.dtype != MOE_DTYPE_BF16 && g.dtype != MOE_DTYPE_F16) return false;
-  const bool swiglu = g.epilogue == EPI_SWIGLU;
+  const bool swiglu = is_swiglu(g.epilogue);
+  const bool has_c = g.epilogue != EPI_SWIGLU_A;  // EPI_SWIGLU_A: C (h) null, a in C2 only
   const int64_t N = g.N, K = g.K, E = num_experts;
   if (N <= 0 || K <= 0 || E <= 0 || K % BK != 0) return false;
   if (swiglu ? N % (BN / 2) != 0 : N % BN != 0) return false;
@@ -675,9 +683,9 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   // A rows and every written row 16-byte aligned (cp.async, bulk copies, 4-byte pair stores).
   if (!aligned16(g.A) || g.lda % 8 != 0) return false;
   const int64_t c_cols = swiglu ? 2 * N : N;
-  if (!aligned16(g.C) || g.ldc % 8 != 0 || g.ldc < c_cols) return false;
+  if (has_c && (!aligned16(g.C) || g.ldc % 8 != 0 || g.ldc < c_cols)) return false;
   if (g.epilogue != EPI_STORE && (!aligned16(g.C2) || g.ldc2 % 8 != 0 || g.ldc2 < N) &&
-      (g.C2 || g.epilogue == EPI_SWIGLU))  // dA' without s*a: C2 null, ldc2 unused
+      (g.C2 || swiglu))  // dA' without s*a: C2 null, ldc2 unused
     return false;
   if (g.c_rows >= (int64_t(1) << 31)) return false;
   if (g.epilogue == EPI_DSWIGLU && (!aligned16(g.Hin) || g.ldh % 8 != 0 || g.ldh < 2 * N))
@@ -720,8 +728,8 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
     const uint64_t rows = uint64_t(c_rows), pitch = uint64_t(g.ldc) * 2;
     if (MOE_SM90_TMA_STORE && g.epilogue == EPI_STORE)
       tma_c = encode_2d(&maps.c, bf16, g.C, uint64_t(N), rows, pitch, 64, 64);
-    else if (MOE_SM90_TMA_STORE_H && swiglu && K <= kTmaStoreHMaxK)
-      tma_c = encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), rows, pitch, 64, 64) &&
+    else if (MOE_SM90_TMA_STORE_H && swiglu && K <= kTmaStoreHMaxK)  // EPI_SWIGLU_A: a alone
+      tma_c = (!has_c || encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), rows, pitch, 64, 64)) &&
               encode_2d(&maps.c2, bf16, g.C2, uint64_t(N), rows, uint64_t(g.ldc2) * 2, 64, 64);
     else if (MOE_SM90_DA_TMA_STORE && g.epilogue == EPI_DSWIGLU)
       tma_c = encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), rows, pitch, kHC, 64, kHC * 2);

@@ -172,8 +172,15 @@ MOE_API moe_status_t moe_linear_backward(const moe_context_t *ctx,
  *   gate_up_proj [E,2I,H], down_proj [E,H,I] (the activation dtype).
  * Forward writes the plan, h [T*k, 2I] (activation dtype, rows in plan
  * order: row r belongs to pair sorted_pairs[r]) and out [T,H].
+ * h is optional in the forward: NULL means "no backward will follow" (no-grad
+ * calls: inference, evaluation), and h is not stored. out is then
+ * bit-identical to the call with h, whose a = silu(g) * u is computed from
+ * the h rounded to the activation dtype either way. The workspace queries do
+ * not change with it, except on the CUDA float32 path (a slow exact-fp32
+ * path), whose forward keeps h in the workspace then: its forward query
+ * counts T*k*2I floats for that, which the combined query already had.
  * The backward needs only hidden_states, top_k_weights, the weights, the plan
- * and h; it recomputes a and y. Every gradient is optional (NULL = skip) and
+ * and h (required there); it recomputes a and y. Every gradient is optional (NULL = skip) and
  * overwritten: grad_hidden_states [T,H], grad_top_k_weights [T,k],
  * grad_gate_up_proj [E,2I,H], grad_down_proj [E,H,I]. */
 /* Workspace bytes enough for either call, every gradient, any flags. */

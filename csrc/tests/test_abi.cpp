@@ -187,6 +187,49 @@ TEST(Abi, NonContiguousH) {
   EXPECT_TRUE(has(moe_last_error(), "h:")) << moe_last_error();
 }
 
+// h is optional in the forward (no-grad calls): NULL is valid, nothing is stored for it and
+// out is bit-identical; the backward still requires it; a given h is still checked.
+TEST(Abi, ForwardWithoutH) {
+  ExpertsArgs a;
+  ASSERT_EQ(a.forward(), MOE_OK) << moe_last_error();
+  const auto out_with_h = a.out.mem;
+  a.out.fill_bytes(0x5a);
+  a.refresh();
+  ASSERT_EQ(moe_experts_forward(a.ctx.get(), &a.xd, &a.id, &a.sd, &a.w1d, &a.w2d, &a.plan.plan,
+                                nullptr, &a.od),
+            MOE_OK)
+      << moe_last_error();
+  EXPECT_EQ(a.out.mem, out_with_h);
+  // Errors of the other arguments are still reported, naming them.
+  a.w2d.data = nullptr;
+  EXPECT_EQ(moe_experts_forward(a.ctx.get(), &a.xd, &a.id, &a.sd, &a.w1d, &a.w2d, &a.plan.plan,
+                                nullptr, &a.od),
+            MOE_ERR_NULL);
+  EXPECT_TRUE(has(moe_last_error(), "down_proj")) << moe_last_error();
+  a.refresh();
+  // The backward needs h.
+  EXPECT_EQ(moe_experts_backward(a.ctx.get(), &a.god, &a.xd, &a.sd, &a.w1d, &a.w2d, &a.plan.plan,
+                                 nullptr, &a.dxd, &a.dsd, &a.dw1d, &a.dw2d),
+            MOE_ERR_NULL);
+  EXPECT_STREQ(moe_last_error(), "h: tensor descriptor is NULL");
+  // A given h is validated as before.
+  a.hd.shape[0] = a.T * a.k + 1;
+  EXPECT_EQ(a.forward(), MOE_ERR_SHAPE);
+  EXPECT_TRUE(has(moe_last_error(), "h:")) << moe_last_error();
+}
+
+TEST(Abi, ForwardWithoutHIndexOutOfRangeWritesNothing) {
+  ExpertsArgs a;
+  a.idx.set(2 * a.k, double(a.E));
+  a.out.fill_bytes(0x5a);
+  a.refresh();
+  const auto before = a.out.mem;
+  EXPECT_EQ(moe_experts_forward(a.ctx.get(), &a.xd, &a.id, &a.sd, &a.w1d, &a.w2d, &a.plan.plan,
+                                nullptr, &a.od),
+            MOE_ERR_INDEX);
+  EXPECT_EQ(a.out.mem, before);
+}
+
 TEST(Abi, OverlappingOutput) {
   ExpertsArgs a;
   a.od.strides[0] = 0;
@@ -293,6 +336,18 @@ TEST(Abi, OneWindowFlagAsksForTheWholeRowsBuffer) {
                                                 MOE_FLAG_ONE_WINDOW),
             moe_experts_backward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_BF16, T, k, H, I, E, lora, 0));
   EXPECT_GE(moe_experts_workspace_size(MOE_DEVICE_CUDA, T, k, H, I, E), one);
+}
+
+// Sizes only. The float32 (SIMT) forward keeps h in the workspace when h is NULL: its query
+// counts T*k*2I floats, which the combined query (the float32 backward's dh) already had.
+TEST(Abi, CudaFloat32ForwardQueryHoldsH) {
+  const int64_t T = 300, k = 4, H = 64, I = 48, E = 8;
+  const size_t f32 = moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_F32, T, k, H, I,
+                                                        E, 0);
+  EXPECT_GE(f32, size_t(T * k * 2 * I) * 4);
+  EXPECT_LE(f32, moe_experts_workspace_size(MOE_DEVICE_CUDA, T, k, H, I, E));
+  EXPECT_LE(moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, -1, T, k, H, I, E, 0),
+            moe_experts_workspace_size(MOE_DEVICE_CUDA, T, k, H, I, E));
 }
 #endif
 

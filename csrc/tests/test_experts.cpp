@@ -65,6 +65,23 @@ void run_case(const Case &c, uint32_t seed = 0) {
             MOE_OK)
       << moe_last_error();
 
+  // Without h (no-grad): the same plan and a bit-identical out, the workspace unchanged.
+  {
+    Plan plan2(E, n);
+    Tensor out2 = make(c, {T, H}, false);
+    out2.fill_bytes(0x7f);
+    auto od2 = out2.desc();
+    Ctx fwd_ctx(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, c.dt, T, k, H, I, E, 0));
+    ASSERT_EQ(moe_experts_forward(fwd_ctx.get(), &xd, &id, &sd, &w1d, &w2d, &plan2.plan, nullptr,
+                                  &od2),
+              MOE_OK)
+        << moe_last_error();
+    EXPECT_EQ(out2.mem, out.mem) << "out without h";
+    EXPECT_EQ(plan2.off.mem, plan.off.mem);
+    EXPECT_EQ(plan2.sorted.mem, plan.sorted.mem);
+    EXPECT_EQ(plan2.rows.mem, plan.rows.mem);
+  }
+
   // The plan: offsets = counts scan, rows sorted by expert, stable, inverse.
   std::vector<double> iv = idx.values();
   ASSERT_EQ(plan.at(plan.off, 0), 0);

@@ -15,6 +15,13 @@ A gradient that is not needed is returned as an empty tensor (numel 0) and not c
 The experts backward needs only x, the routing weights, the expert weights, the routing
 plan and h = [g; u]; a = silu(g) * u and y = down_proj[e] a are recomputed, never saved.
 
+No-grad calls keep no h: in plain eager mode, when no backward can follow (grad mode off,
+``torch.no_grad()`` / ``torch.inference_mode()``, or none of hidden_states, top_k_weights
+and the expert weights requires grad), :func:`moe_experts` asks the C core for out alone
+(h NULL): GEMM1 writes a but not h, and the [T*k, 2I] h is never allocated. out is
+bit-identical to the forward that stores h. The registered op (torch.compile and the other
+non-eager paths) always returns h.
+
 Public functions: :func:`moe_experts` (the Transformers v5 experts contract) and
 :func:`moe_fused_linear` (the seed primitive). In plain eager mode they run the same kernels
 through a ``torch.autograd.Function`` instead of dispatching the op (the dispatch's host time
@@ -293,12 +300,12 @@ def _ref(desc):
 # ---- experts: fake and real -------------------------------------------------------------
 
 
-def _experts_outputs(x, idx, w1, factory):
+def _experts_outputs(x, idx, w1, factory, need_h=True):
     T, H = x.shape
     k = idx.shape[1]
     E, two_i = w1.shape[0], w1.shape[1]
     out = factory((T, H), x.dtype)
-    h = factory((T * k, two_i), x.dtype)
+    h = factory((T * k if need_h else 0, two_i), x.dtype)  # need_h False: empty, not stored
     offsets = factory((E + 1,), torch.int32)
     sorted_pairs = factory((T * k,), torch.int32)
     pair_rows = factory((T * k,), torch.int32)
@@ -311,15 +318,19 @@ def _experts_forward_fake(x, idx, w, w1, w2):
     return _experts_outputs(x, idx, w1, lambda shape, dt: x.new_empty(shape, dtype=dt))
 
 
-def _experts_forward_impl(x, idx, w, w1, w2):
+def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     # Checked by moe_experts (and the fake kernel under compile); the C library validates
     # again, naming the argument: no second Python pass over the arguments on the hot path.
+    # need_h False (the eager no-grad path only, never the op): h is neither allocated nor
+    # written (the C call gets h NULL) and comes back empty [0, 2I].
     dev = x.device
     T, H = x.shape
     k = idx.shape[1]
     E, two_i = w1.shape[0], w1.shape[1]
     I = two_i // 2
-    outs = _experts_outputs(x, idx, w1, lambda shape, dt: torch.empty(shape, dtype=dt, device=dev))
+    outs = _experts_outputs(
+        x, idx, w1, lambda shape, dt: torch.empty(shape, dtype=dt, device=dev), need_h
+    )
     out, h, offsets, sorted_pairs, pair_rows = outs
     if T * k == 0 or I == 0 or H == 0:
         return _experts_forward_degenerate(idx, E, outs)
@@ -342,7 +353,7 @@ def _experts_forward_impl(x, idx, w, w1, w2):
         _ref(t(w1, "gate_up_proj")),
         _ref(t(w2, "down_proj")),
         _ref(plan),
-        _ref(t(h, "h")),
+        _ref(t(h, "h")) if need_h else None,  # NULL: no backward follows
         _ref(t(out, "out")),
     )
     _lib.check(status, "moe_experts_forward")
@@ -512,6 +523,11 @@ def _eager_ok(*tensors) -> bool:
 def _kernel(impl, device):
     """The registered kernel of impl for device (no wrapper built per call)."""
     return _CUDA_KERNELS[impl] if device.type == "cuda" else impl
+
+
+def _grad_may_follow(*tensors) -> bool:
+    """Whether autograd would record a call on these inputs (a backward may follow)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class _ExpertsFunction(torch.autograd.Function):
@@ -713,6 +729,10 @@ def moe_experts(
             down_proj = _cast(down_proj, dt)
     _check_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     if _eager_ok(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+        if not _grad_may_follow(hidden_states, top_k_weights, gate_up_proj, down_proj):
+            # No backward can follow: no graph node, and h is neither stored nor allocated.
+            kernel = _kernel(_experts_forward_impl, hidden_states.device)
+            return kernel(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, False)[0]
         return _ExpertsFunction.apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     return torch.ops.moe_fused.experts_forward(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj
