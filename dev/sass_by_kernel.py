@@ -3,7 +3,7 @@
 A knob build that passed the GPU tests and compute-sanitizer, and a default build that
 should take some of its kernels: this says, kernel by kernel, which reference build each of
 the new cubin's kernels equals (after normalising names, constant-bank offsets, encodings'
-line comments and label numbers), so flipping a default needs no new GPU run.
+line comments, label and internal helper numbers), so flipping a default needs no new GPU run.
 
   nvcc -arch=sm_90a -cubin -I csrc -I csrc/include --expt-relaxed-constexpr -std=c++17 -O3 \
       [-D...] csrc/cuda/sm90_rowgemm.cu -o /tmp/base.cubin        (and the others)
@@ -31,6 +31,7 @@ def kernels(cubin):
             line = re.sub(r"_ZN[0-9A-Za-z_]+", "", line)
             line = re.sub(r"c\[0x[0-9a-f]+\]\[0x[0-9a-f]+\]", "c[]", line)
             line = re.sub(r"/\*[0-9a-f]{4}\*/", "", line)
+            line = re.sub(r"\$__internal_\d+_", "$__internal_", line)  # numbered per file
             out[cur].append(re.sub(r" +", " ", line))
     for name, lines in out.items():  # labels are numbered across the file: renumber per kernel
         labels = {}
