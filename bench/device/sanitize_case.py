@@ -4,7 +4,8 @@ sm90 device the third experts shape and the third linear shape run the sm90a ker
 first two fall back to the portable ones). The last two shapes (an expert gets > 1024 rows)
 run GEMM2 and dX in two token windows, on the portable and the sm90a kernels, and then again
 in one window (MOE_FLAG_ONE_WINDOW, the default on a GPU with the memory). Every backward
-writes dh over h (the eager default)."""
+writes dh over h (the eager default). Each shape also runs a no-grad forward (GEMM1 stores a
+alone: EPI_SWIGLU_A)."""
 import torch
 
 import moe_fused  # noqa: F401
@@ -23,6 +24,8 @@ for (T, k, H, I, E), one_window in CASES:
     w2 = (torch.randn(E, H, I, device="cuda") * 0.05).bfloat16().requires_grad_()
     out = moe_experts(x, idx, s, w1, w2)
     out.backward(torch.randn_like(out))
+    with torch.no_grad():
+        moe_experts(x, idx, s, w1, w2)
 for (N, E, fi, fo) in [(33, 5, 64, 16), (7, 3, 17, 13), (33, 5, 256, 256)]:
     x = torch.randn(N, fi, device="cuda", dtype=torch.float16, requires_grad=True)
     w = torch.randn(E, fo, fi, device="cuda", dtype=torch.float16, requires_grad=True)
