@@ -324,7 +324,8 @@ MOE_API moe_status_t moe_experts_forward(const moe_context_t *ctx,
     const int64_t os[2] = {a.p.tokens, a.p.hidden};
     MOE_TRY(check::shape(*out, "out", "[T, H]", os, "T and H from hidden_states"));
     MOE_TRY(check::output(*out, "out"));
-    MOE_TRY(check::workspace(*ctx, experts_fwd_ws(ctx->device_type, a.p, a.dtype, ctx->flags),
+    const uint64_t ws_flags = ctx->flags | (h ? 0 : MOE_FLAG_FORWARD_NO_H);
+    MOE_TRY(check::workspace(*ctx, experts_fwd_ws(ctx->device_type, a.p, a.dtype, ws_flags),
                              "moe_experts_forward"));
     return MOE_DISPATCH(*ctx, experts_forward, *ctx, a.p, *hidden_states, *top_k_index,
                         *top_k_weights, *gate_up_proj, *down_proj, *plan, h, *out);

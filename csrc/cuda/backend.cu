@@ -393,7 +393,8 @@ size_t experts_forward_workspace_size(const ExpertsProblem &p, int32_t dtype, ui
   WsArena f(nullptr), f32(nullptr);
   if (dtype != MOE_DTYPE_F32) fwd_layout(f, p, flags);
   else plan_layout(f, p.tokens * p.top_k, p.num_experts);
-  if (dtype < 0 || dtype == MOE_DTYPE_F32) f32.take<char>(int64_t(f32_experts_fwd_bytes(p)));
+  if (dtype < 0 || dtype == MOE_DTYPE_F32)
+    f32.take<char>(int64_t(f32_experts_fwd_bytes(p, (flags & MOE_FLAG_FORWARD_NO_H) != 0)));
   return std::max(f.required(), f32.required());
 }
 

@@ -219,11 +219,10 @@ size_t f32_experts_bwd_bytes(const ExpertsProblem &p) {
   return ws_align(size_t(p.tokens * p.top_k) * size_t(2 * p.intermediate) * 4) +
          ws_align(size_t(p.tokens * p.top_k) * 4);
 }
-// Row experts [n] int32, then h [n, 2I] f32 for a forward called without h (counted always:
-// the query does not know whether h will be given; the backward's scratch is as large).
-size_t f32_experts_fwd_bytes(const ExpertsProblem &p) {
-  return ws_align(size_t(p.tokens * p.top_k) * 4) +
-         ws_align(size_t(p.tokens * p.top_k) * size_t(2 * p.intermediate) * 4);
+// Row experts [n] int32, then (no_h: a forward called without h) h [n, 2I] f32.
+size_t f32_experts_fwd_bytes(const ExpertsProblem &p, bool no_h) {
+  const size_t er = ws_align(size_t(p.tokens * p.top_k) * 4);
+  return no_h ? er + ws_align(size_t(p.tokens * p.top_k) * size_t(2 * p.intermediate) * 4) : er;
 }
 
 moe_status_t f32_experts_forward(cudaStream_t st, const ExpertsProblem &p, const moe_tensor_t &x,

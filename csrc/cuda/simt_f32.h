@@ -8,9 +8,9 @@ namespace moe {
 namespace cuda {
 
 // Scratch bytes of the f32 experts backward (dh [n, 2I] f32 + row experts) / forward (row
-// experts + h [n, 2I] f32 for a call without h).
+// experts, and h [n, 2I] f32 for a call without h: MOE_FLAG_FORWARD_NO_H).
 size_t f32_experts_bwd_bytes(const ExpertsProblem &p);
-size_t f32_experts_fwd_bytes(const ExpertsProblem &p);
+size_t f32_experts_fwd_bytes(const ExpertsProblem &p, bool no_h);
 
 moe_status_t f32_experts_forward(cudaStream_t st, const ExpertsProblem &p, const moe_tensor_t &x,
                                  const moe_tensor_t &s, const moe_tensor_t &W1,

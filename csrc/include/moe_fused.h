@@ -111,6 +111,12 @@ typedef struct {
  * the H100, Qwen3-30B-A3B T=16384: 0.16 ms of GEMM2). Results are bit-identical. */
 #define MOE_FLAG_ONE_WINDOW (1ull << 2)
 
+/* For moe_experts_forward_workspace_size: the forward will be called with h = NULL (no
+ * backward follows). Only the CUDA float32 path needs more then: it keeps h in the
+ * workspace (T*k*2I floats). moe_experts_forward itself adds the flag when h is NULL, so a
+ * workspace sized without it is refused there (MOE_ERR_WORKSPACE), never overrun. */
+#define MOE_FLAG_FORWARD_NO_H (1ull << 3)
+
 /* The routing plan: the T*k (token, slot) pairs sorted by expert.
  * A pair is identified by p = t*k + j. Within one expert, pairs keep
  * ascending p (stable), so every result is deterministic.
@@ -177,8 +183,8 @@ MOE_API moe_status_t moe_linear_backward(const moe_context_t *ctx,
  * bit-identical to the call with h, whose a = silu(g) * u is computed from
  * the h rounded to the activation dtype either way. The workspace queries do
  * not change with it, except on the CUDA float32 path (a slow exact-fp32
- * path), whose forward keeps h in the workspace then: its forward query
- * counts T*k*2I floats for that, which the combined query already had.
+ * path), whose forward keeps h in the workspace then: ask its forward query
+ * with MOE_FLAG_FORWARD_NO_H (the combined query already counts it).
  * The backward needs only hidden_states, top_k_weights, the weights, the plan
  * and h (required there); it recomputes a and y. Every gradient is optional (NULL = skip) and
  * overwritten: grad_hidden_states [T,H], grad_top_k_weights [T,k],

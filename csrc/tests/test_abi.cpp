@@ -339,15 +339,27 @@ TEST(Abi, OneWindowFlagAsksForTheWholeRowsBuffer) {
 }
 
 // Sizes only. The float32 (SIMT) forward keeps h in the workspace when h is NULL: its query
-// counts T*k*2I floats, which the combined query (the float32 backward's dh) already had.
-TEST(Abi, CudaFloat32ForwardQueryHoldsH) {
+// counts T*k*2I floats with MOE_FLAG_FORWARD_NO_H (which the combined query, the float32
+// backward's dh, already had) and not without it, so a training forward needs no more than
+// before h became optional. The bf16 query does not move with the flag.
+TEST(Abi, CudaFloat32ForwardQueryHoldsHOnlyWhenAsked) {
   const int64_t T = 300, k = 4, H = 64, I = 48, E = 8;
-  const size_t f32 = moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_F32, T, k, H, I,
-                                                        E, 0);
-  EXPECT_GE(f32, size_t(T * k * 2 * I) * 4);
-  EXPECT_LE(f32, moe_experts_workspace_size(MOE_DEVICE_CUDA, T, k, H, I, E));
-  EXPECT_LE(moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, -1, T, k, H, I, E, 0),
+  const size_t with_h = moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_F32, T, k, H,
+                                                           I, E, 0);
+  const size_t no_h = moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_F32, T, k, H, I,
+                                                         E, MOE_FLAG_FORWARD_NO_H);
+  EXPECT_GE(no_h, with_h + size_t(T * k * 2 * I) * 4);
+  EXPECT_LT(with_h, size_t(T * k * 2 * I) * 4);
+  EXPECT_LE(no_h, moe_experts_workspace_size(MOE_DEVICE_CUDA, T, k, H, I, E));
+  EXPECT_LE(moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, -1, T, k, H, I, E,
+                                               MOE_FLAG_FORWARD_NO_H),
             moe_experts_workspace_size(MOE_DEVICE_CUDA, T, k, H, I, E));
+  EXPECT_EQ(moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_BF16, T, k, H, I, E, 0),
+            moe_experts_forward_workspace_size(MOE_DEVICE_CUDA, MOE_DTYPE_BF16, T, k, H, I, E,
+                                               MOE_FLAG_FORWARD_NO_H));
+  EXPECT_EQ(moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, T, k, H, I, E, 0),
+            moe_experts_forward_workspace_size(MOE_DEVICE_CPU, MOE_DTYPE_F32, T, k, H, I, E,
+                                               MOE_FLAG_FORWARD_NO_H));
 }
 #endif
 

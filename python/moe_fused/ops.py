@@ -338,8 +338,9 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
     lib = _lib.lib()
     flags = _window_flag(x, k)
+    ws_flags = flags if need_h else flags | _lib.MOE_FLAG_FORWARD_NO_H
     nbytes = max(
-        _lib.experts_forward_workspace_size(dev, x.dtype, T, k, H, I, E, flags),
+        _lib.experts_forward_workspace_size(dev, x.dtype, T, k, H, I, E, ws_flags),
         _lib.routing_plan_workspace_size(dev, T * k, E),
     )
     ctx = _lib.context(dev, nbytes, flags)
