@@ -118,45 +118,22 @@ __device__ __forceinline__ void bulk_store(void *gdst, uint32_t ssrc, uint32_t b
                : "memory");
 }
 // Bulk tensor stores of one TMA box from smem (bulk group; commit, then wait before reuse).
-// -DMOE_SM90_STORE_EVICT_FIRST=1: with an L2 evict-first policy. The outputs are read back
-// by a later kernel, long after (hundreds of MB at T=16384), while the weights and the
-// gathered rows are re-read from L2 by the next tiles. Not yet measured.
-#ifndef MOE_SM90_STORE_EVICT_FIRST
-#define MOE_SM90_STORE_EVICT_FIRST 0
-#endif
-__device__ __forceinline__ uint64_t l2_evict_first() {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
+// An L2 evict-first hint on them was measured in session 10 (235B-A22B GEMM1 2% slower, the
+// rest level) and dropped.
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, uint32_t src, int c0, int c1) {
   const uint64_t m = reinterpret_cast<uint64_t>(map);
-  if constexpr (MOE_SM90_STORE_EVICT_FIRST)
-    asm volatile(
-        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint"
-        " [%0, {%1, %2}], [%3], %4;" ::"l"(m),
-        "r"(c0), "r"(c1), "r"(src), "l"(l2_evict_first())
-        : "memory");
-  else
-    asm volatile(
-        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(m),
-        "r"(c0), "r"(c1), "r"(src)
-        : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(m),
+      "r"(c0), "r"(c1), "r"(src)
+      : "memory");
 }
 __device__ __forceinline__ void tma_store_3d(const CUtensorMap *map, uint32_t src, int c0, int c1,
                                              int c2) {
   const uint64_t m = reinterpret_cast<uint64_t>(map);
-  if constexpr (MOE_SM90_STORE_EVICT_FIRST)
-    asm volatile(
-        "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group.L2::cache_hint"
-        " [%0, {%1, %2, %3}], [%4], %5;" ::"l"(m),
-        "r"(c0), "r"(c1), "r"(c2), "r"(src), "l"(l2_evict_first())
-        : "memory");
-  else
-    asm volatile(
-        "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(m),
-        "r"(c0), "r"(c1), "r"(c2), "r"(src)
-        : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(m),
+      "r"(c0), "r"(c1), "r"(c2), "r"(src)
+      : "memory");
 }
 // Four 8 x 8 b16 matrices from the mma fragment layout (thread t: row t / 4, columns
 // 2 (t % 4) + {0, 1}) to smem; lanes 8 q .. 8 q + 7 give the 16-byte row addresses of matrix

@@ -64,7 +64,8 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #endif
 // -DMOE_SM90_TMA_STORE_H=1: the same for GEMM1's h and a (EPI_SWIGLU), taken at K <= 2048
 // only. H100 A/B (session 9): 30B-A3B (K = 2048) GEMM1 1.457 vs 1.532 ms at T=16384, 0.494
-// vs 0.507 at T=4096; 235B-A22B (K = 4096) 5.58 vs 5.33 ms, slower. K between: not measured.
+// vs 0.507 at T=4096; 235B-A22B (K = 4096) 5.58 vs 5.33 ms, slower (session 10 again: 5.54 vs
+// 5.35 with MOE_SM90_TMA_STORE_H_MAX_K=4096). K between: not measured.
 // EPI_SWIGLU_A's a alone follows the same rule (not measured apart).
 #ifndef MOE_SM90_TMA_STORE_H
 #define MOE_SM90_TMA_STORE_H 1
@@ -73,17 +74,12 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #define MOE_SM90_TMA_STORE_H_MAX_K 2048
 #endif
 constexpr int64_t kTmaStoreHMaxK = MOE_SM90_TMA_STORE_H_MAX_K;
-// -DMOE_SM90_DA_TMA_STORE=1: dA' sends each h chunk's dg, du (computed in place in the chunk
-// buffer, whose layout is the load's TMA box) back out by TMA when the warpgroup's 64 rows
-// are all the tile's. H100 A/B (session 10): dA' 1.023 vs 1.027 ms at 30B-A3B T=16384,
-// 3.101 vs 3.061 at 235B-A22B: no gain (its stores were not the bottleneck), so off.
-#ifndef MOE_SM90_DA_TMA_STORE
-#define MOE_SM90_DA_TMA_STORE 0
-#endif
+// dA' sending each h chunk's dg, du out of the chunk buffer by TMA was measured in session 10
+// (1.023 vs 1.027 ms at 30B-A3B T=16384, 3.101 vs 3.061 at 235B-A22B: its stores are not
+// its bottleneck) and dropped: it keeps the 16-byte thread stores.
 template <int EPI>
 constexpr bool kTmaStore = (MOE_SM90_TMA_STORE && EPI == EPI_STORE) ||
-                           (MOE_SM90_TMA_STORE_H && is_swiglu(EPI)) ||
-                           (MOE_SM90_DA_TMA_STORE && EPI == EPI_DSWIGLU);
+                           (MOE_SM90_TMA_STORE_H && is_swiglu(EPI));
 constexpr int BM = 128, BN = kSm90BN, BK = MOE_SM90_ROW_BK, NC = 2, THREADS = 128 * (NC + 1);
 static_assert(BK == 64 || BK == 32, "row GEMM k-block: 64 or 32");
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -459,7 +455,6 @@ __global__ void __launch_bounds__(THREADS, 1)
         T *dH = static_cast<T *>(p.c);
         T *SA = static_cast<T *>(p.c2);
         const int n0 = nt * BN + (lane & 3) * 2;
-        const bool tma_dh = kTmaStore<EPI> && p.tma_c && t.row0 + c * 64 + 64 <= t.row1;
         float dot[2] = {0.f, 0.f};
 #pragma unroll
         for (int q = 0; q < BN / kHC; ++q) {
@@ -552,23 +547,6 @@ __global__ void __launch_bounds__(THREADS, 1)
               stmatrix_x4(stm_addr[jp / 2] + kHChunk / 2, uv[0][jp], uv[1][jp], uv[0][jp + 1],
                           uv[1][jp + 1]);
             }
-          }
-          if (tma_dh) {
-            // dg, du out as the chunk's two boxes; the buffer takes chunk q + 2 once the
-            // stores have read it.
-            fence_proxy_async();  // the generic-proxy writes, before the TMA reads them
-            named_bar(1 + c, 128);
-            if (tid_wg == 0) {
-              const int col = nt * BN + q * kHC, row = t.row0 + c * 64;
-              tma_store_2d(&maps.c, hb, col, row);
-              tma_store_2d(&maps.c, hb + kHChunk / 2, p.N + col, row);
-              bulk_commit();
-              if (q + 2 < BN / kHC) {
-                bulk_wait_read0();
-                load_h_chunk(&maps.h, p, hb, hbar(c, q & 1), t, c, nt, q + 2);
-              }
-            }
-            continue;
           }
           named_bar(1 + c, 128);  // the warpgroup's dg, du are in the buffer
           {
@@ -731,8 +709,6 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
     else if (MOE_SM90_TMA_STORE_H && swiglu && K <= kTmaStoreHMaxK)  // EPI_SWIGLU_A: a alone
       tma_c = (!has_c || encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), rows, pitch, 64, 64)) &&
               encode_2d(&maps.c2, bf16, g.C2, uint64_t(N), rows, uint64_t(g.ldc2) * 2, 64, 64);
-    else if (MOE_SM90_DA_TMA_STORE && g.epilogue == EPI_DSWIGLU)
-      tma_c = encode_2d(&maps.c, bf16, g.C, uint64_t(2 * N), rows, pitch, kHC, 64, kHC * 2);
   }
 
   RowParams p{};
