@@ -19,10 +19,10 @@ constexpr uint32_t kPassRow = 128 * 2, kPassBytes = 64 * kPassRow;
 // MOE_SM90_STMATRIX=1: fragments go to smem by stmatrix (four 8 x 8 tiles, 16-byte rows, an
 // instruction) instead of 4-byte st.shared: 8 instructions a thread a pass instead of 32
 // (the wgrad's transposed pass: 8 stmatrix.trans instead of 64 2-byte stores). H100 A/B
-// (session 10, kernel ms with / without): 30B-A3B T=16384 dW1 1.480 / 1.580, dW2 0.749 /
-// 0.789, dX 1.325 / 1.385, dA' 0.996 / 1.027, GEMM2 0.665 / 0.693; 235B-A22B dW1 and dW2 4%
-// faster, the rest 1% or level. GEMM1 alone lost (T=4096 +2%, 235B +4%; its build spills 28
-// bytes), so it has its own knob, MOE_SM90_STMATRIX_GEMM1, off.
+// (session 10, five rounds against an identical build, which stayed within 1.2%): without
+// it dW1 is 3-6% slower and dW2 2%; dA', dX and GEMM2 are within the noise. GEMM1 lost with
+// it in the first A/B (T=4096 +2%, 235B +4%; its build spills 28 bytes), so it has its own
+// knob, MOE_SM90_STMATRIX_GEMM1, off.
 #ifndef MOE_SM90_STMATRIX
 #define MOE_SM90_STMATRIX 1
 #endif
