@@ -4,7 +4,9 @@
 Prints, per T: fwd and fwd+bwd median ms (CUDA events), effective TFLOP/s, and the
 CUDA kernels with their time per fwd+bwd step and share; JSON to --json if given.
 Like the layer benchmark, without the CUDA index check (its host sync stalls the launch queue:
-~0.5 ms of the fwd+bwd wall time at 30B-A3B T=16384 on the H100) unless --index-check."""
+~0.5 ms of the fwd+bwd wall time at 30B-A3B T=16384 on the H100) unless --index-check.
+--impl sonicmoe profiles SonicMoE's kernels on the same inputs instead (installed by
+run_all.sh's `sonic` step; its first call JIT-compiles and autotunes, timed and printed)."""
 import argparse
 import importlib.util
 import json
@@ -13,8 +15,10 @@ import sys
 
 import torch
 
+import time
+
 import moe_fused
-from moe_fused.bench import median_ms
+from moe_fused.bench import _load_sonicmoe, _sonic_call, median_ms
 from moe_fused import moe_experts
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -44,24 +48,42 @@ def main():
     p.add_argument("-T", nargs="+", type=int, default=[4096])
     p.add_argument("--json")
     p.add_argument("--index-check", action="store_true", help="keep the CUDA index check (a sync)")
+    p.add_argument("--impl", choices=["moe_fused", "sonicmoe"], default="moe_fused")
+    p.add_argument("--no-fwd", action="store_true",
+                   help="skip the no-grad forward's timing (SonicMoE compiles it apart: ~70 s)")
     args = p.parse_args()
+    experts = moe_experts
+    if args.impl == "sonicmoe":
+        sonic = _load_sonicmoe(print)
+        if sonic is None:
+            sys.exit(1)
+
+        def experts(x, idx, s, w1, w2):  # pairs token-major: token_idx = t for pair t*k + j
+            tok = torch.arange(x.shape[0], device=x.device, dtype=torch.int32).repeat_interleave(idx.shape[1])
+            return _sonic_call(sonic, x, idx, s, w1, w2, tok)
+
     if not args.index_check:
         moe_fused.ops.set_cuda_index_check(False)
     H, I, E, k = SHAPES[args.shape]
+    tag = args.shape if args.impl == "moe_fused" else f"{args.shape}/{args.impl}"  # ab_summary reads it
     res = []
     for T in args.T:
         x, idx, s, w1, w2, dout = make(T, args.shape)
 
         def fwd():
             with torch.no_grad():
-                moe_experts(x, idx, s, w1, w2)
+                experts(x, idx, s, w1, w2)
 
         def fb():
             for t in (x, s, w1, w2):
                 t.grad = None
-            moe_experts(x, idx, s, w1, w2).backward(dout)
+            experts(x, idx, s, w1, w2).backward(dout)
 
-        t_f, t_fb = med(fwd), med(fb)
+        t0 = time.perf_counter()
+        fb()
+        torch.cuda.synchronize()
+        print(f"-- {tag} T={T}: first fwd+bwd {time.perf_counter() - t0:.1f} s")
+        t_f, t_fb = (float("nan") if args.no_fwd else med(fwd)), med(fb)
         fl = 6 * T * k * H * I
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
@@ -74,11 +96,11 @@ def main():
                 rows.append((ev.key, dt / 3 / 1e3, ev.count // 3))
         rows.sort(key=lambda r: -r[1])
         tot = sum(r[1] for r in rows)
-        print(f"== {args.shape} T={T}: fwd {t_f:.3f} ms ({fl / t_f / 1e9:.0f} TF/s)  fwd+bwd {t_fb:.3f} ms "
+        print(f"== {tag} T={T}: fwd {t_f:.3f} ms ({fl / t_f / 1e9:.0f} TF/s)  fwd+bwd {t_fb:.3f} ms "
               f"({3 * fl / t_fb / 1e9:.0f} TF/s); kernels sum {tot:.3f} ms/step")
-        for name, ms, cnt in rows[:16]:
+        for name, ms, cnt in rows[:24]:
             print(f"  {ms:8.3f} ms {100 * ms / tot:5.1f}%  x{cnt}  {_label(name):16s} {name[:110]}")
-        res.append(dict(shape=args.shape, T=T, fwd_ms=t_f, fwdbwd_ms=t_fb, kernels=rows[:30],
+        res.append(dict(impl=args.impl, shape=args.shape, T=T, fwd_ms=t_f, fwdbwd_ms=t_fb, kernels=rows[:30],
                         labels={r[0]: _label(r[0]) for r in rows[:30]}))
     if args.json:
         json.dump(res, open(args.json, "w"), indent=1)

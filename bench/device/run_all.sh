@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA library, run the GPU tests, the sanitizer, the
 # per-kernel profile and the layer benchmark. Output files go to $OUT (or /tmp/moe_out).
-#   bench/device/run_all.sh [build] [sonic] [test] [sm90] [testall] [sanitize] [ncu] [profile] [variants] [gemms] [bench] [benchfull]
+#   bench/device/run_all.sh [build] [sonic] [test] [sm90] [testall] [sanitize] [ncu] [profile] [profilesonic] [variants] [gemms] [bench] [benchfull]
 # (no argument = build test sanitize profile bench). ARCHS (default 90a: the sm90a kernels
 # are real only in an sm_90a image; 90 builds their stubs) picks the arch.
 # Steps run in the order above, whatever the order of the arguments; each is time-bounded.
@@ -86,7 +86,11 @@ if has ncu; then
   timeout 300 bash bench/device/ncu.sh 4096
 fi
 if has profile; then
-  timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384 --json "$OUT/profile.json" 2>&1 | grep -v Warn | grep -v _warn_once | tee "$OUT/profile.log"
+  timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T ${PROFILE_T:-4096 16384} --json "$OUT/profile.json" 2>&1 | grep -v Warn | grep -v _warn_once | tee "$OUT/profile.log"
+fi
+if has profilesonic && [ $SONIC_OK -eq 1 ]; then  # SonicMoE's kernels on the same inputs (its JIT first)
+  timeout 400 python3 bench/device/profile_kernels.py --impl sonicmoe --no-fwd --shape 30b-a3b -T ${PROFILE_T:-16384} \
+    --json "$OUT/profile_sonic.json" 2>&1 | grep -v Warn | grep -v _warn_once | grep -v -i "autotun" | tee "$OUT/profile_sonic.log"
 fi
 if has variants; then  # the same profile with other compile-time GEMM configs
   for V in ${VARIANTS:-BN=256}; do
