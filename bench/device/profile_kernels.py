@@ -49,6 +49,8 @@ def main():
     p.add_argument("--json")
     p.add_argument("--index-check", action="store_true", help="keep the CUDA index check (a sync)")
     p.add_argument("--impl", choices=["moe_fused", "sonicmoe"], default="moe_fused")
+    p.add_argument("--sequence", action="store_true",
+                   help="also print one step's kernels in launch order (which GEMM is which)")
     p.add_argument("--no-fwd", action="store_true",
                    help="skip the no-grad forward's timing (SonicMoE compiles it apart: ~70 s)")
     args = p.parse_args()
@@ -89,6 +91,14 @@ def main():
             for _ in range(3):
                 fb()
             torch.cuda.synchronize()
+        if args.sequence:  # the last step's kernels, in the order they ran
+            evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                         key=lambda e: e.time_range.start)
+            step = evs[-(len(evs) // 3):]
+            print(f"-- {tag} T={T}: one step's {len(step)} kernels in order")
+            for e in step:
+                if e.time_range.elapsed_us() >= 20:
+                    print(f"  {e.time_range.elapsed_us() / 1e3:8.3f} ms  {e.name[:120]}")
         rows = []
         for ev in prof.key_averages():
             dt = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)

@@ -89,7 +89,7 @@ if has profile; then
   timeout 240 python3 bench/device/profile_kernels.py --shape 30b-a3b -T ${PROFILE_T:-4096 16384} --json "$OUT/profile.json" 2>&1 | grep -v Warn | grep -v _warn_once | tee "$OUT/profile.log"
 fi
 if has profilesonic && [ $SONIC_OK -eq 1 ]; then  # SonicMoE's kernels on the same inputs (its JIT first)
-  timeout 400 python3 bench/device/profile_kernels.py --impl sonicmoe --no-fwd --shape 30b-a3b -T ${PROFILE_T:-16384} \
+  timeout 400 python3 bench/device/profile_kernels.py --impl sonicmoe --no-fwd --sequence --shape 30b-a3b -T ${PROFILE_T:-16384} \
     --json "$OUT/profile_sonic.json" 2>&1 | grep -v Warn | grep -v _warn_once | grep -v -i "autotun" | tee "$OUT/profile_sonic.log"
 fi
 if has variants; then  # the same profile with other compile-time GEMM configs
