@@ -414,7 +414,9 @@ class Context:
         return ctypes.byref(self.ctx)
 
 
-def _dev_flags() -> int:
+def dev_flags() -> int:
+    """The context flags the environment asks for (MOE_FUSED_PORTABLE=1: the portable
+    kernels), read at every call like the library's own environment variables."""
     return MOE_FLAG_FORCE_PORTABLE if os.environ.get("MOE_FUSED_PORTABLE") == "1" else 0
 
 
@@ -459,7 +461,7 @@ def experts_forward_workspace_size(
     """Bytes of moe_experts_forward on activations of `dtype` under context flags `flags`."""
     return _experts_fwd_ws(
         device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), int(T), int(k), int(H), int(I), int(E),
-        int(flags) | _dev_flags(),
+        int(flags) | dev_flags(),
     )
 
 
@@ -471,8 +473,29 @@ def experts_backward_workspace_size(
     added here too)."""
     return _experts_bwd_ws(
         device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), int(T), int(k), int(H), int(I), int(E), int(grads),
-        int(flags) | _dev_flags(),
+        int(flags) | dev_flags(),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _experts_fwd_call_ws(dev_type: int, dt: int, T: int, k: int, H: int, I: int, E: int, flags: int) -> int:
+    return max(_experts_fwd_ws(dev_type, dt, T, k, H, I, E, flags), _routing_plan_ws(dev_type, T * k, E))
+
+
+def experts_forward_call_workspace_size(
+    device: torch.device, dtype: torch.dtype, T: int, k: int, H: int, I: int, E: int, flags: int
+) -> int:
+    """Bytes of one moe_experts_forward call, routing plan included, under the context flags
+    `flags` as they are passed (dev_flags() included): one cached query on the hot path."""
+    return _experts_fwd_call_ws(device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), T, k, H, I, E, flags)
+
+
+def experts_backward_call_workspace_size(
+    device: torch.device, dtype: torch.dtype, T: int, k: int, H: int, I: int, E: int, grads: int, flags: int
+) -> int:
+    """experts_backward_workspace_size under the context flags `flags` as they are passed
+    (dev_flags() included)."""
+    return _experts_bwd_ws(device_type(device), TORCH_TO_MOE_DTYPE.get(dtype, -1), T, k, H, I, E, grads, flags)
 
 
 def linear_workspace_size(device: torch.device, n: int, E: int, in_f: int, out_f: int) -> int:
@@ -480,4 +503,4 @@ def linear_workspace_size(device: torch.device, n: int, E: int, in_f: int, out_f
 
 
 def context(device: torch.device, nbytes: int, flags: int = 0) -> Context:
-    return Context(device, nbytes, flags | _dev_flags())
+    return Context(device, nbytes, flags | dev_flags())

@@ -337,13 +337,11 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     _check_index_range("top_k_index", idx, E)
     x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
     lib = _lib.lib()
-    flags = _window_flag(x, k)
+    # The environment is read once: the size query and the call see the same flags.
+    flags = _window_flag(x, k) | _lib.dev_flags()
     ws_flags = flags if need_h else flags | _lib.MOE_FLAG_FORWARD_NO_H
-    nbytes = max(
-        _lib.experts_forward_workspace_size(dev, x.dtype, T, k, H, I, E, ws_flags),
-        _lib.routing_plan_workspace_size(dev, T * k, E),
-    )
-    ctx = _lib.context(dev, nbytes, flags)
+    nbytes = _lib.experts_forward_call_workspace_size(dev, x.dtype, T, k, H, I, E, ws_flags)
+    ctx = _lib.Context(dev, nbytes, flags)
     plan = _lib.plan(offsets, sorted_pairs, pair_rows)
     t = _lib.tensor
     status = lib.moe_experts_forward(
@@ -410,15 +408,17 @@ def _experts_backward_impl(
         else:
             g, x, w = g.contiguous(), x.contiguous(), w.contiguous()
             lib = _lib.lib()
-            flags = (_lib.MOE_FLAG_OVERWRITE_H if overwrite_h else 0) | _window_flag(x, k)
+            flags = (
+                (_lib.MOE_FLAG_OVERWRITE_H if overwrite_h else 0) | _window_flag(x, k) | _lib.dev_flags()
+            )
             want = (
                 (_lib.MOE_GRAD_HIDDEN_STATES if n_x else 0)
                 | (_lib.MOE_GRAD_TOP_K_WEIGHTS if n_w else 0)
                 | (_lib.MOE_GRAD_GATE_UP_PROJ if n_w1 else 0)
                 | (_lib.MOE_GRAD_DOWN_PROJ if n_w2 else 0)
             )
-            nbytes = _lib.experts_backward_workspace_size(dev, x.dtype, T, k, H, I, E, want, flags)
-            ctx = _lib.context(dev, nbytes, flags)
+            nbytes = _lib.experts_backward_call_workspace_size(dev, x.dtype, T, k, H, I, E, want, flags)
+            ctx = _lib.Context(dev, nbytes, flags)
             plan = _lib.plan(offsets, sorted_pairs, pair_rows)
             t, o = _lib.tensor, _lib.optional_tensor
             dx, dw, dw1, dw2 = grads
