@@ -179,13 +179,14 @@ def _check_tensors(named: list[tuple[str, object]]) -> torch.device:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     first_name, first = named[0]
+    device = first.device
     for name, t in named[1:]:
-        if t.device != first.device:
+        if t.device != device:
             raise ValueError(
                 f"{name} is on {t.device}, but {first_name} is on {first.device}: all tensors "
                 "must be on one device"
             )
-    return first.device
+    return device
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -441,13 +442,20 @@ def _experts_backward_impl(
     return tuple(gr if gr is not None else empty(src) for gr, src in zip(grads, (x, w, w1, w2)))
 
 
+# torch's raw current-device getter (no Python wrapper: the guard below asks at every call).
+_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
 def _cuda_guarded(fn):
     """The CUDA kernel of an op: runs with the tensors' device current (the C side and
     torch's allocator then agree on the device even when it is not the current one)."""
 
     @functools.wraps(fn)
     def wrapper(*args):
-        with torch.cuda.device(args[0].device):
+        index = args[0].device.index
+        if _cuda_get_device is not None and index == _cuda_get_device():
+            return fn(*args)  # already current: torch.cuda.device would set and restore it
+        with torch.cuda.device(index):
             return fn(*args)
 
     return wrapper
