@@ -329,8 +329,9 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     k = idx.shape[1]
     E, two_i = w1.shape[0], w1.shape[1]
     I = two_i // 2
+    # (sizes as arguments, not a tuple: torch parses them faster)
     outs = _experts_outputs(
-        x, idx, w1, lambda shape, dt: torch.empty(shape, dtype=dt, device=dev), need_h
+        x, idx, w1, lambda shape, dt: torch.empty(*shape, dtype=dt, device=dev), need_h
     )
     out, h, offsets, sorted_pairs, pair_rows = outs
     if T * k == 0 or I == 0 or H == 0:
