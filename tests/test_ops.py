@@ -629,3 +629,31 @@ def test_linear_eager_fast_path_matches_the_op(device, monkeypatch):
     assert len(taken) == 1, "under a torch function mode the registered op runs instead"
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+def test_cuda_guard_switches_only_to_another_device(monkeypatch):
+    """The CUDA kernels' device guard: skipped when the tensors' device is already current,
+    torch.cuda.device(index) around the call when it is not (runs without a GPU: the device
+    getter and the guard are stand-ins)."""
+    from types import SimpleNamespace
+
+    from moe_fused import ops
+
+    entered = []
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(ops, "_cuda_get_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    kernel = ops._cuda_guarded(lambda t, v: (t.device.index, v))
+    on = lambda i: SimpleNamespace(device=torch.device("cuda", i))  # noqa: E731
+    assert kernel(on(0), "a") == (0, "a") and entered == []
+    assert kernel(on(1), "b") == (1, "b") and entered == [1]
