@@ -104,21 +104,39 @@ __device__ __forceinline__ void clamp_segment(const WgParams &p, int a, int b, i
   r1 = b;
 }
 
-// The producer warpgroup: streams this CTA's k-blocks (items w = blockIdx.x + i gridDim.x,
-// each an expert's rows in BK-row blocks) into the S-stage ring, P rows by cp.async (gathered
-// when GP), Q by TMA; the consumers take them in the same order.
-template <class T, bool GP, class C>
+// Where a CTA's items come from: its own stream (items w = blockIdx.x + i gridDim.x), or (MC)
+// its cluster's: the pair takes item w's two m-tiles 2 mi + rank at the same expert, n-tile
+// and k-blocks, so each loads half of the Q stage and the TMA writes it to both (multicast).
+template <bool MC> struct Stream {
+  uint32_t first, step;  // the first item, the stride (unsigned, as blockIdx / gridDim)
+  uint32_t rank;         // MC: this CTA's rank in its pair
+  __device__ __forceinline__ Stream() {
+    if constexpr (MC) {
+      first = cluster_id_x(), step = cluster_count_x(), rank = cluster_ctarank();
+    } else {
+      first = blockIdx.x, step = gridDim.x, rank = 0;
+    }
+  }
+  // The m-tile of an item's pair m-tile index mi.
+  __device__ __forceinline__ int m_tile(int mi) const { return MC ? 2 * mi + int(rank) : mi; }
+};
+
+// The producer warpgroup: streams this CTA's k-blocks (items of Stream<MC>, each an expert's
+// rows in BK-row blocks) into the S-stage ring, P rows by cp.async (gathered when GP), Q by
+// TMA; the consumers take them in the same order.
+template <class T, bool GP, class C, bool MC = false>
 __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams &p, uint32_t sP,
                                         uint32_t sQ, uint32_t sFull, uint32_t sEmpty, int tid_wg) {
   constexpr int BK = C::BK, S = C::S, BN = C::BN, ATOM = C::ATOM, P_BYTES = C::P_BYTES,
                 Q_BYTES = C::Q_BYTES, RPT = C::RPT;
-  const int ntn = p.Nq / BN, per_e = (p.Mp / BM) * ntn;
+  const Stream<MC> sm;
+  const int ntn = p.Nq / BN, per_e = (p.Mp / BM / (MC ? 2 : 1)) * ntn;
   const int total = p.E * per_e;
   const T *P = static_cast<const T *>(p.p);
   const int piece = tid_wg & 7, trow = tid_wg >> 3;
   // The stream of k-blocks this CTA loads: item w (rows [r0, r1), tile mi, ni), k-block kb.
   // A k-block is a few adds; an item change divides and takes the item's offsets, loaded
-  // one item ahead (oa, ob: raw offsets of item w + gridDim.x), so that only an empty
+  // one item ahead (oa, ob: raw offsets of item w + sm.step), so that only an empty
   // expert costs a dependent load.
   struct Cursor {
     int w, kb, r0, r1, mi, ni, oa, ob;
@@ -128,7 +146,7 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
       if (c.w >= total) return;
       clamp_segment(p, a, b, c.r0, c.r1);
       if (c.r1 > c.r0) break;
-      c.w += gridDim.x;
+      c.w += sm.step;
       if (c.w < total) {
         a = p.offsets[c.w / per_e];
         b = p.offsets[c.w / per_e + 1];
@@ -137,7 +155,7 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
     const int e = c.w / per_e, rem = c.w - e * per_e;
     c.mi = rem / ntn;
     c.ni = rem - c.mi * ntn;
-    const int wn = c.w + gridDim.x;
+    const int wn = c.w + sm.step;
     c.oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
     c.ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
   };
@@ -148,7 +166,7 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
   constexpr int32_t kNone = INT32_MIN;
   int32_t idx[DIST][RPT];
   int qrow[DIST], tile[DIST];
-  Cursor f{int(blockIdx.x), 0, 0, 0, 0, 0, 0, 0};
+  Cursor f{int(sm.first), 0, 0, 0, 0, 0, 0, 0};
   if (f.w < total) settle(f, p.offsets[f.w / per_e], p.offsets[f.w / per_e + 1]);
   auto fetch = [&](int d) {
     if (f.w >= total) {
@@ -156,7 +174,7 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
       return;
     }
     qrow[d] = f.r0 + f.kb * BK;
-    tile[d] = (f.mi << 16) | f.ni;
+    tile[d] = (sm.m_tile(f.mi) << 16) | f.ni;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
       const int r = qrow[d] + trow + 16 * i;
@@ -167,7 +185,7 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
     }
     if (++f.kb * BK >= f.r1 - f.r0) {
       f.kb = 0;
-      f.w += gridDim.x;
+      f.w += sm.step;
       settle(f, f.oa, f.ob);
     }
   };
@@ -206,10 +224,14 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
       cp_async_mbar_arrive(sFull + 8 * st);
       if (tid_wg == 0) {
         const uint32_t bar = sFull + 8 * st, b = sQ + st * Q_BYTES;
-        mbar_expect_tx(bar, Q_BYTES);
+        mbar_expect_tx(bar, Q_BYTES);  // MC: half of them from the peer's multicast
 #pragma unroll
-        for (int q = 0; q < BN / 64; ++q)
-          tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar);
+        for (int q = 0; q < BN / 64; ++q) {
+          if (!MC)
+            tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar);
+          else if ((q * 2) / (BN / 64) == int(sm.rank))
+            tma_load_2d_mc(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar, 0x3);
+        }
       }
       ++it;
       fetch(d);  // refill this slot, DIST k-blocks ahead
@@ -218,8 +240,9 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
   asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 
-// The cooperative schedule: both consumer warpgroups on one 128 x 256 tile.
-template <class T, bool GP, bool TR, int BKT>
+// The cooperative schedule: both consumer warpgroups on one 128 x 256 tile; MC: in clusters
+// of two sharing the Q stages (Stream).
+template <class T, bool GP, bool TR, int BKT, bool MC>
 __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, const CUtensorMap &tmapC,
                                                   const WgParams &p) {
   using C = Cfg<BKT>;
@@ -234,20 +257,23 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(sFull + 8 * s, 128 + 1);
-      mbar_init(sEmpty + 8 * s, NC);
+      mbar_init(sEmpty + 8 * s, NC * (MC ? 2 : 1));  // MC: a stage is free in both CTAs
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (MC)
+    cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
+  else
+    __syncthreads();
   const int wg = tid / 128, tid_wg = tid % 128;
-  const int mt = p.Mp / BM, ntn = p.Nq / BN, per_e = mt * ntn;
+  const int mt = p.Mp / BM / (MC ? 2 : 1), ntn = p.Nq / BN, per_e = mt * ntn;
   const int total = p.E * per_e;
 
   if (wg == 0) {  // producer
     // The register split must stay within the launch's 168 x 384: 56 x 128 + 224 x 256, or
     // the consumers' setmaxnreg.inc waits forever.
     setmaxnreg_dec<56>();
-    produce<T, GP, Cfg<BKT>>(tmapQ, p, sP, sQ, sFull, sEmpty, tid_wg);
+    produce<T, GP, Cfg<BKT>, MC>(tmapQ, p, sP, sQ, sFull, sEmpty, tid_wg);
   } else {  // consumers
     setmaxnreg_inc<224>();
     const int c = wg - 1;
@@ -256,18 +282,23 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
     const bool tma_c = MOE_SM90_WGRAD_TMA_STORE && p.tma_c;
     uint32_t it = 0;
     float acc[BN / 2];
+    const Stream<MC> sm;
+    auto release = [&](uint32_t st) {  // MC: the stage is free here and, for the peer's loads, there
+      mbar_arrive(sEmpty + 8 * st);
+      if constexpr (MC) mbar_arrive_cluster(sEmpty + 8 * st, sm.rank ^ 1);
+    };
     // The next item's raw offsets are loaded one item ahead (consumed at its start).
     int oa = 0, ob = 0;
-    if (blockIdx.x < total) {
-      oa = p.offsets[blockIdx.x / per_e];
-      ob = p.offsets[blockIdx.x / per_e + 1];
+    if (sm.first < total) {
+      oa = p.offsets[sm.first / per_e];
+      ob = p.offsets[sm.first / per_e + 1];
     }
-    for (int w = blockIdx.x; w < total; w += gridDim.x) {
+    for (int w = sm.first; w < total; w += sm.step) {
       const int e = w / per_e, rem = w % per_e;
-      const int m0 = (rem / ntn) * BM, n0 = (rem % ntn) * BN;
+      const int m0 = sm.m_tile(rem / ntn) * BM, n0 = (rem % ntn) * BN;
       int r0, r1;
       clamp_segment(p, oa, ob, r0, r1);
-      const int wn = w + gridDim.x;
+      const int wn = w + sm.step;
       oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
       ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
       const int KB = (r1 - r0 + BK - 1) / BK;
@@ -285,11 +316,11 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
         }
         wgmma_commit();
         wgmma_wait<1>();
-        if (kb > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
+        if (kb > 0 && tid_wg == 0) release(prev);
         prev = st;
       }
       wgmma_wait<0>();
-      if (KB > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
+      if (KB > 0 && tid_wg == 0) release(prev);
       if (KB == 0) {
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -378,6 +409,7 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
     }
     if (tma_c && tid_wg == 0) bulk_wait0();  // smem stays until the stores are done
   }
+  if constexpr (MC) cluster_sync();  // no CTA leaves while its peer may still write to it
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -539,51 +571,85 @@ __device__ __forceinline__ void wgrad_pingpong(const CUtensorMap &tmapQ, const C
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// One kernel name for both schedules (the profiling tools find the wgrad GEMMs by it; TR,
-// the third template argument, tells dW1 from dW2).
-template <class T, bool GP, bool TR, int BKT, bool PP>
+// -DMOE_SM90_WGRAD_MCAST=1: the cooperative kernel in clusters of two sharing the Q stages
+// by multicast (Stream<true>) where the m-tiles pair up: the wgrad GEMMs read about 9.6 GB
+// through L2 at 30B-A3B T=16384 (~6.8 TB/s), Q (dh, s a) two thirds of it.
+#ifndef MOE_SM90_WGRAD_MCAST
+#define MOE_SM90_WGRAD_MCAST 0
+#endif
+enum Sched { kCoop = 0, kCoopPair = 1, kPingPong = 2 };
+
+// One kernel name for every schedule (the profiling tools find the wgrad GEMMs by it; TR, the
+// third template argument, tells dW1 from dW2).
+template <class T, bool GP, bool TR, int BKT, int SCHED>
 __global__ void __launch_bounds__(THREADS, 1)
     wgrad_sm90(const __grid_constant__ CUtensorMap tmapQ, const __grid_constant__ CUtensorMap tmapC,
                const WgParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (PP)
+  if constexpr (SCHED == kPingPong)
     wgrad_pingpong<T, GP, TR, BKT>(tmapQ, tmapC, p);
   else
-    wgrad_cooperative<T, GP, TR, BKT>(tmapQ, tmapC, p);
+    wgrad_cooperative<T, GP, TR, BKT, SCHED == kCoopPair>(tmapQ, tmapC, p);
 #endif
 }
 
-template <class T, bool GP, bool TR, int BKT, bool PP> KernelGate &gate() {
+template <class T, bool GP, bool TR, int BKT, int SCHED> KernelGate &gate() {
   static KernelGate g;
   return g;
 }
 
-// PP: the ping-pong kernel.
-template <class T, bool GP, bool TR, int BKT, bool PP>
+template <class T, bool GP, bool TR, int BKT, int SCHED>
 bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, cudaStream_t stream,
             moe_status_t *status) {
-  using C = std::conditional_t<PP, PpCfg<BKT>, Cfg<BKT>>;
+  using C = std::conditional_t<SCHED == kPingPong, PpCfg<BKT>, Cfg<BKT>>;
   static_assert(C::ATOM % 1024 == 0 && C::RPT * 16 == C::BK, "atoms of whole 8-row groups");
-  auto kern = wgrad_sm90<T, GP, TR, BKT, PP>;
+  auto kern = wgrad_sm90<T, GP, TR, BKT, SCHED>;
+  KernelGate &g = gate<T, GP, TR, BKT, SCHED>();
   int sms = 0;
-  if (!kernel_usable(reinterpret_cast<const void *>(kern), C::kSmem, gate<T, GP, TR, BKT, PP>(), &sms))
-    return false;
-  const int64_t items = int64_t(p.E) * (p.Mp / BM) * (p.Nq / C::BN);
-  const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
-  kern<<<grid, THREADS, C::kSmem, stream>>>(map, mapC, p);
+  if (!kernel_usable(reinterpret_cast<const void *>(kern), C::kSmem, g, &sms)) return false;
+  const int64_t items = std::max<int64_t>(1, int64_t(p.E) * (p.Mp / BM) * (p.Nq / C::BN));
+  if constexpr (SCHED == kCoopPair) {
+    // An even, persistent grid of the clusters that fit at once.
+    const int fit = cluster_grid(reinterpret_cast<const void *>(kern), C::kSmem, THREADS, 2, g, sms);
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(std::min<int64_t>(fit, (items + 1) / 2 * 2)));
+    cfg.blockDim = dim3(THREADS);
+    cfg.dynamicSmemBytes = C::kSmem;
+    cfg.stream = stream;
+    cudaLaunchAttribute at{};
+    at.id = cudaLaunchAttributeClusterDimension;
+    at.val.clusterDim.x = 2;
+    at.val.clusterDim.y = 1;
+    at.val.clusterDim.z = 1;
+    cfg.attrs = &at;
+    cfg.numAttrs = 1;
+    cudaLaunchKernelEx(&cfg, kern, map, mapC, p);
+  } else {
+    kern<<<int(std::min<int64_t>(sms, items)), THREADS, C::kSmem, stream>>>(map, mapC, p);
+  }
   *status = launch_status("sm90 wgrad");
   return true;
 }
 
-template <class T, int BKT, bool PP = false>
+template <class T, int BKT, int SCHED>
 bool dispatch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool tr,
               cudaStream_t st, moe_status_t *status) {
   const bool gp = p.p_div > 0;
   if (tr)
-    return gp ? launch<T, true, true, BKT, PP>(map, mapC, p, st, status)
-              : launch<T, false, true, BKT, PP>(map, mapC, p, st, status);
-  return gp ? launch<T, true, false, BKT, PP>(map, mapC, p, st, status)
-            : launch<T, false, false, BKT, PP>(map, mapC, p, st, status);
+    return gp ? launch<T, true, true, BKT, SCHED>(map, mapC, p, st, status)
+              : launch<T, false, true, BKT, SCHED>(map, mapC, p, st, status);
+  return gp ? launch<T, true, false, BKT, SCHED>(map, mapC, p, st, status)
+            : launch<T, false, false, BKT, SCHED>(map, mapC, p, st, status);
+}
+
+template <int SCHED>
+bool run(bool bf16, int bk, const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p,
+         bool tr, cudaStream_t st, moe_status_t *status) {
+  if (bk == 64)
+    return bf16 ? dispatch<__nv_bfloat16, 64, SCHED>(map, mapC, p, tr, st, status)
+                : dispatch<__half, 64, SCHED>(map, mapC, p, tr, st, status);
+  return bf16 ? dispatch<__nv_bfloat16, 32, SCHED>(map, mapC, p, tr, st, status)
+              : dispatch<__half, 32, SCHED>(map, mapC, p, tr, st, status);
 }
 
 // 64 x 3 measured faster on the H100 (30B-A3B T=16384: dW1 2.84 -> 2.41 ms, dW2 1.37 -> 1.09;
@@ -611,11 +677,7 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   const int64_t ldp = tr ? w.ldb : w.lda, ldq = tr ? w.lda : w.ldb;
   const int Mp = tr ? w.N : w.M, Nq = tr ? w.M : w.N;
   const int bk = wgrad_bk();
-  // The ping-pong kernel where its tiles fit; the cooperative one where not (or where C
-  // cannot leave by TMA: its thread stores take any layout).
-  bool pp = MOE_SM90_WGRAD_PINGPONG && Nq % PP_BN == 0;
-  if (!pp && Nq % BN != 0) return false;
-  if (Mp % BM != 0) return false;
+  if (Mp % BM != 0 || (Nq % BN != 0 && Nq % PP_BN != 0)) return false;
   if (Mp / BM >= (1 << 15) || Nq / PP_BN >= (1 << 16)) return false;  // the producer's packed tile
   if (int64_t(w.E) * (Mp / BM) * (Nq / PP_BN) >= (int64_t(1) << 31)) return false;
   if (!aligned16(P) || ldp % 8 != 0 || !aligned16(Q) || ldq % 8 != 0 || ldq < Nq) return false;
@@ -633,9 +695,18 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
            encode_3d(&mapC, bf16, w.C, uint64_t(w.N), uint64_t(w.M), uint64_t(w.E),
                      uint64_t(w.ldc) * 2, uint64_t(w.strideCE) * 2, 64, box_rows);
   };
-  pp = pp && encode_c(64);
-  if (!pp && Nq % BN != 0) return false;
-  const bool tma_c = pp || encode_c(tr ? 128 : 64);
+  // The ping-pong kernel where its tiles fit and C leaves by TMA; else the cooperative one
+  // (its thread stores take any layout), in pairs where the m-tiles pair up.
+  int sched = kCoop;
+  bool tma_c = false;
+  if (MOE_SM90_WGRAD_PINGPONG && Nq % PP_BN == 0 && encode_c(64)) {
+    sched = kPingPong;
+    tma_c = true;
+  } else {
+    if (Nq % BN != 0) return false;
+    tma_c = encode_c(tr ? 128 : 64);
+    if (MOE_SM90_WGRAD_MCAST && (Mp / BM) % 2 == 0) sched = kCoopPair;
+  }
   WgParams p{};
   p.p = P;
   p.ldp = ldp;
@@ -652,18 +723,12 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   p.strideCE = w.strideCE;
   p.tma_c = tma_c;
   if constexpr (MOE_SM90_WGRAD_PINGPONG != 0) {
-    if (pp && bk == 64)
-      return bf16 ? dispatch<__nv_bfloat16, 64, true>(map, mapC, p, tr, stream, status)
-                  : dispatch<__half, 64, true>(map, mapC, p, tr, stream, status);
-    if (pp)
-      return bf16 ? dispatch<__nv_bfloat16, 32, true>(map, mapC, p, tr, stream, status)
-                  : dispatch<__half, 32, true>(map, mapC, p, tr, stream, status);
+    if (sched == kPingPong) return run<kPingPong>(bf16, bk, map, mapC, p, tr, stream, status);
   }
-  if (bk == 64)
-    return bf16 ? dispatch<__nv_bfloat16, 64>(map, mapC, p, tr, stream, status)
-                : dispatch<__half, 64>(map, mapC, p, tr, stream, status);
-  return bf16 ? dispatch<__nv_bfloat16, 32>(map, mapC, p, tr, stream, status)
-              : dispatch<__half, 32>(map, mapC, p, tr, stream, status);
+  if constexpr (MOE_SM90_WGRAD_MCAST != 0) {
+    if (sched == kCoopPair) return run<kCoopPair>(bf16, bk, map, mapC, p, tr, stream, status);
+  }
+  return run<kCoop>(bf16, bk, map, mapC, p, tr, stream, status);
 }
 
 }  // namespace cuda
