@@ -22,6 +22,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cuda/fastdiv31.h"
 #include "cuda/sm90.h"
 #include "cuda/sm90_epilogue.cuh"
 #include "cuda/sm90_host.h"
@@ -63,9 +64,9 @@ template <int BK_, int BN_ = BN> struct Cfg {
 
 struct WgParams {
   const void *p;  // P: [.., ldp], row of plan row r = p_div ? sorted[r] / p_div : r
-  int64_t ldp;
+  uint32_t ldp;   // < 2^31: 32-bit row offsets (the producer's instructions are its limit)
   int p_div;
-  uint64_t p_magic;  // ceil(2^64 / p_div) when p_div > 1: row = umulhi(p_magic, sorted[r])
+  FastDiv31 p_fd;  // sorted[r] / p_div (fastdiv31.h)
   int32_t n_rows;
   int Mp, Nq, E;  // columns of P and Q (D is Mp x Nq)
   const int32_t *offsets;
@@ -175,11 +176,13 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
     }
     qrow[d] = f.r0 + f.kb * BK;
     tile[d] = (sm.m_tile(f.mi) << 16) | f.ni;
+    const int r_first = qrow[d] + trow;
+    const int32_t *sp = p.sorted + r_first;  // rows r_first + 16 i: immediate offsets
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
-      const int r = qrow[d] + trow + 16 * i;
+      const int r = r_first + 16 * i;
       if (GP)
-        idx[d][i] = ld_if(r < f.r1, p.sorted + r, kNone);
+        idx[d][i] = ld_if(r < f.r1, sp + 16 * i, kNone);
       else
         idx[d][i] = r < f.r1 ? r : kNone;
     }
@@ -211,12 +214,13 @@ __device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams
         const uint32_t off = kr * 128 + ((piece ^ (kr & 7)) << 4);
         const int32_t v = idx[d][i];
         const bool ok = v != kNone;
-        // Clamped like the portable kernels; sorted / p_div by Lemire's multiply-high
-        // (exact for 32-bit operands): a division would be a ~20-instruction chain a row.
-        const uint32_t cv = uint32_t(v < 0 ? 0 : (v >= p.n_rows ? p.n_rows - 1 : v));
-        const uint32_t row =
-            !GP ? uint32_t(v) : (p.p_div == 1 ? cv : uint32_t(__umul64hi(p.p_magic, cv)));
-        const T *src = ok ? Pm + int64_t(row) * p.ldp : P;
+        // Clamped like the portable kernels (a corrupt plan reads nothing out of bounds);
+        // sorted / p_div by one 32-bit multiply-high (fastdiv31.h: cv < n_rows < 2^31). The
+        // producer's instructions a k-block bound this kernel (ncu, 30B-A3B T=16384: its
+        // consumers wait on full stages 31% of the time while it waits on empty ones 17%).
+        const uint32_t cv = uint32_t(min(max(v, 0), p.n_rows - 1));
+        const uint32_t row = !GP ? uint32_t(v) : __umulhi(cv << 1, p.p_fd.m) >> p.p_fd.l;
+        const T *src = ok ? Pm + uint64_t(row) * p.ldp : P;
 #pragma unroll
         for (int q = 0; q < BM / 64; ++q)
           cp_async16_zfill(a + q * ATOM + off, src + (ok ? q * 64 : 0), ok ? 16 : 0);
@@ -681,6 +685,7 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   if (Mp / BM >= (1 << 15) || Nq / PP_BN >= (1 << 16)) return false;  // the producer's packed tile
   if (int64_t(w.E) * (Mp / BM) * (Nq / PP_BN) >= (int64_t(1) << 31)) return false;
   if (!aligned16(P) || ldp % 8 != 0 || !aligned16(Q) || ldq % 8 != 0 || ldq < Nq) return false;
+  if (ldp >= (int64_t(1) << 31)) return false;
   if (!aligned16(w.C) || w.ldc % 8 != 0 || w.strideCE % 8 != 0) return false;
   const bool bf16 = w.dtype == MOE_DTYPE_BF16;
   CUtensorMap map;
@@ -709,9 +714,9 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   }
   WgParams p{};
   p.p = P;
-  p.ldp = ldp;
+  p.ldp = uint32_t(ldp);
   p.p_div = tr ? w.b_div : w.a_div;
-  p.p_magic = p.p_div > 1 ? ~uint64_t(0) / uint64_t(p.p_div) + 1 : 0;
+  p.p_fd = fastdiv31(uint32_t(p.p_div > 0 ? p.p_div : 1));
   p.n_rows = int32_t(w.n_rows);
   p.Mp = Mp;
   p.Nq = Nq;
