@@ -56,8 +56,8 @@ __device__ __forceinline__ uint32_t pass_off(int row, int chunk) {
   return uint32_t(row) * kPassRow + uint32_t((chunk & 8) | ((chunk ^ row) & 7)) * 16;
 }
 // A warpgroup's fragment (values v(j, hh, i) of local row lr = 16 warp + lane / 4 + 8 hh,
-// columns 8 j + 2 (lane & 3) + i, j < NJ) into `buf`: 16-byte chunk j of row lr at off(lr, j).
-template <class T, bool Stm = (MOE_SM90_STMATRIX != 0), int NJ = 16, class Val, class Off>
+// columns 8 j + 2 (lane & 3) + i, j < 16) into `buf`: 16-byte chunk j of row lr at off(lr, j).
+template <class T, bool Stm = (MOE_SM90_STMATRIX != 0), class Val, class Off>
 __device__ __forceinline__ void write_fragment(uint32_t buf, int tid_wg, Val v, Off off) {
   const int warp = tid_wg >> 5, lane = tid_wg & 31;
   if constexpr (Stm) {
@@ -66,14 +66,14 @@ __device__ __forceinline__ void write_fragment(uint32_t buf, int tid_wg, Val v, 
     const int q = lane >> 3, lr = warp * 16 + (q & 1) * 8 + (lane & 7);
     auto pk = [&](int j, int hh) { return pack2<T>(v(j, hh, 0), v(j, hh, 1)); };
 #pragma unroll
-    for (int jp = 0; jp < NJ; jp += 2)
+    for (int jp = 0; jp < 16; jp += 2)
       stmatrix_x4(buf + off(lr, jp + (q >> 1)), pk(jp, 0), pk(jp, 1), pk(jp + 1, 0), pk(jp + 1, 1));
   } else {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int lr = warp * 16 + (lane >> 2) + hh * 8;
 #pragma unroll
-      for (int j = 0; j < NJ; ++j)
+      for (int j = 0; j < 16; ++j)
         sts32(buf + off(lr, j) + (lane & 3) * 4, pack2<T>(v(j, hh, 0), v(j, hh, 1)));
     }
   }
@@ -102,16 +102,9 @@ __device__ __forceinline__ void store_pass(uint32_t buf, int bar, int tid_wg, Va
 // while the warpgroup goes on. The buffer is reused only after the previous group's smem
 // reads: thread 0 waits for them before the first barrier (so must a thread pass that follows
 // one of these in the same buffer, and the kernel must wait for the last group before exit).
-// Pending = 1: the buffer is one of two used in turn, so the other's group may still read.
-template <int Pending = 0, class Write, class Issue>
+template <class Write, class Issue>
 __device__ __forceinline__ void tma_pass(int bar, int tid_wg, Write write, Issue issue) {
-  static_assert(Pending == 0 || Pending == 1, "one or two buffers");
-  if (tid_wg == 0) {
-    if constexpr (Pending == 0)
-      bulk_wait_read0();
-    else
-      bulk_wait_read1();
-  }
+  if (tid_wg == 0) bulk_wait_read0();
   named_bar(bar, 128);
   write();
   fence_proxy_async();  // the generic-proxy writes, before the TMA (async proxy) reads them

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "cuda/fastdiv31.h"
 #include "cuda/sm90.h"
@@ -42,12 +41,11 @@ static_assert(128 * kTRow == kPassBytes, "a transposed pass fills one pass buffe
 // MOE_FUSED_WGRAD_BK=32), beside the two 16 KB pass buffers. A consumer holds a stage until
 // its next k-block's wgmma is issued, so smaller stages keep more of the smem in flight;
 // larger ones halve the barrier rounds.
-// The ping-pong kernel's 192-column Q tiles (BN_ = 192) fit 4 stages of 64 rows.
-template <int BK_, int BN_ = BN> struct Cfg {
-  static constexpr int BK = BK_, BN = BN_, S = BK_ == 32 ? 8 : 4;
+template <int BK_> struct Cfg {
+  static constexpr int BK = BK_, S = BK_ == 32 ? 8 : 4;
   static constexpr int ATOM = BK * 128;  // bytes of one 64-column atom of a k-block
   static constexpr int P_BYTES = BM * BK * 2, Q_BYTES = BN * BK * 2;
-  static constexpr int RPT = BK / 16;  // P rows a producer thread loads: trow + 16 i
+  static constexpr int RPT = BK / 32;  // P rows a producer thread loads: trow + 32 i
   static constexpr size_t kSmem = 1024 + size_t(S) * (P_BYTES + Q_BYTES) + NC * kPassBytes;
   static_assert(kSmem + 256 <= 227 * 1024, "dynamic smem + static barriers fit the opt-in limit");
 };
@@ -64,7 +62,7 @@ template <int BK_, int BN_ = BN> struct Cfg {
 
 struct WgParams {
   const void *p;  // P: [.., ldp], row of plan row r = p_div ? sorted[r] / p_div : r
-  uint32_t ldp;   // < 2^31: 32-bit row offsets (the producer's instructions are its limit)
+  uint32_t ldp;   // < 2^31: 32-bit row offsets
   int p_div;
   FastDiv31 p_fd;  // sorted[r] / p_div (fastdiv31.h)
   int32_t n_rows;
@@ -104,153 +102,16 @@ __device__ __forceinline__ void clamp_segment(const WgParams &p, int a, int b, i
   r0 = a;
   r1 = b;
 }
+#endif
 
-// Where a CTA's items come from: its own stream (items w = blockIdx.x + i gridDim.x), or (MC)
-// its cluster's: the pair takes item w's two m-tiles 2 mi + rank at the same expert, n-tile
-// and k-blocks, so each loads half of the Q stage and the TMA writes it to both (multicast).
-template <bool MC> struct Stream {
-  uint32_t first, step;  // the first item, the stride (unsigned, as blockIdx / gridDim)
-  uint32_t rank;         // MC: this CTA's rank in its pair
-  __device__ __forceinline__ Stream() {
-    if constexpr (MC) {
-      first = cluster_id_x(), step = cluster_count_x(), rank = cluster_ctarank();
-    } else {
-      first = blockIdx.x, step = gridDim.x, rank = 0;
-    }
-  }
-  // The m-tile of an item's pair m-tile index mi.
-  __device__ __forceinline__ int m_tile(int mi) const { return MC ? 2 * mi + int(rank) : mi; }
-};
-
-// The producer warpgroup: streams this CTA's k-blocks (items of Stream<MC>, each an expert's
-// rows in BK-row blocks) into the S-stage ring, P rows by cp.async (gathered when GP), Q by
-// TMA; the consumers take them in the same order.
-template <class T, bool GP, class C, bool MC = false>
-__device__ __forceinline__ void produce(const CUtensorMap &tmapQ, const WgParams &p, uint32_t sP,
-                                        uint32_t sQ, uint32_t sFull, uint32_t sEmpty, int tid_wg) {
-  constexpr int BK = C::BK, S = C::S, BN = C::BN, ATOM = C::ATOM, P_BYTES = C::P_BYTES,
-                Q_BYTES = C::Q_BYTES, RPT = C::RPT;
-  const Stream<MC> sm;
-  const int ntn = p.Nq / BN, per_e = (p.Mp / BM / (MC ? 2 : 1)) * ntn;
-  const int total = p.E * per_e;
-  const T *P = static_cast<const T *>(p.p);
-  const int piece = tid_wg & 7, trow = tid_wg >> 3;
-  // The stream of k-blocks this CTA loads: item w (rows [r0, r1), tile mi, ni), k-block kb.
-  // A k-block is a few adds; an item change divides and takes the item's offsets, loaded
-  // one item ahead (oa, ob: raw offsets of item w + sm.step), so that only an empty
-  // expert costs a dependent load.
-  struct Cursor {
-    int w, kb, r0, r1, mi, ni, oa, ob;
-  };
-  auto settle = [&](Cursor &c, int a, int b) {  // a, b: raw offsets of item c.w's expert
-    for (;;) {
-      if (c.w >= total) return;
-      clamp_segment(p, a, b, c.r0, c.r1);
-      if (c.r1 > c.r0) break;
-      c.w += sm.step;
-      if (c.w < total) {
-        a = p.offsets[c.w / per_e];
-        b = p.offsets[c.w / per_e + 1];
-      }
-    }
-    const int e = c.w / per_e, rem = c.w - e * per_e;
-    c.mi = rem / ntn;
-    c.ni = rem - c.mi * ntn;
-    const int wn = c.w + sm.step;
-    c.oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
-    c.ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
-  };
-  // A ring of DIST k-blocks, filled DIST k-blocks ahead of their loads: this thread's rows'
-  // raw sorted[] entries (GP) or plan rows, kNone past the segment (zero-filled), and the
-  // block's Q row and tile (qrow < 0: the stream has ended). Nothing may consume a loaded
-  // index before its slot is used, or the thread would wait for the load right there.
-  constexpr int32_t kNone = INT32_MIN;
-  int32_t idx[DIST][RPT];
-  int qrow[DIST], tile[DIST];
-  Cursor f{int(sm.first), 0, 0, 0, 0, 0, 0, 0};
-  if (f.w < total) settle(f, p.offsets[f.w / per_e], p.offsets[f.w / per_e + 1]);
-  auto fetch = [&](int d) {
-    if (f.w >= total) {
-      qrow[d] = -1;
-      return;
-    }
-    qrow[d] = f.r0 + f.kb * BK;
-    tile[d] = (sm.m_tile(f.mi) << 16) | f.ni;
-    const int r_first = qrow[d] + trow;
-    const int32_t *sp = p.sorted + r_first;  // rows r_first + 16 i: immediate offsets
-#pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-      const int r = r_first + 16 * i;
-      if (GP)
-        idx[d][i] = ld_if(r < f.r1, sp + 16 * i, kNone);
-      else
-        idx[d][i] = r < f.r1 ? r : kNone;
-    }
-    if (++f.kb * BK >= f.r1 - f.r0) {
-      f.kb = 0;
-      f.w += sm.step;
-      settle(f, f.oa, f.ob);
-    }
-  };
-#pragma unroll
-  for (int d = 0; d < DIST; ++d) fetch(d);
-  uint32_t it = 0;
-  bool more = true;
-  while (more) {
-#pragma unroll
-    for (int d = 0; d < DIST; ++d) {
-      if (qrow[d] < 0) {
-        more = false;
-        break;
-      }
-      const int m0 = (tile[d] >> 16) * BM, n0 = (tile[d] & 0xFFFF) * BN;
-      const T *Pm = P + m0 + piece * 8;
-      const uint32_t st = it % S, ph = (it / S) & 1;
-      mbar_wait(sEmpty + 8 * st, ph ^ 1);
-      const uint32_t a = sP + st * P_BYTES;
-#pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        const int kr = trow + 16 * i;
-        const uint32_t off = kr * 128 + ((piece ^ (kr & 7)) << 4);
-        const int32_t v = idx[d][i];
-        const bool ok = v != kNone;
-        // Clamped like the portable kernels (a corrupt plan reads nothing out of bounds);
-        // sorted / p_div by one 32-bit multiply-high (fastdiv31.h: cv < n_rows < 2^31). The
-        // producer's instructions a k-block bound this kernel (ncu, 30B-A3B T=16384: its
-        // consumers wait on full stages 31% of the time while it waits on empty ones 17%).
-        const uint32_t cv = uint32_t(min(max(v, 0), p.n_rows - 1));
-        const uint32_t row = !GP ? uint32_t(v) : __umulhi(cv << 1, p.p_fd.m) >> p.p_fd.l;
-        const T *src = ok ? Pm + uint64_t(row) * p.ldp : P;
-#pragma unroll
-        for (int q = 0; q < BM / 64; ++q)
-          cp_async16_zfill(a + q * ATOM + off, src + (ok ? q * 64 : 0), ok ? 16 : 0);
-      }
-      cp_async_mbar_arrive(sFull + 8 * st);
-      if (tid_wg == 0) {
-        const uint32_t bar = sFull + 8 * st, b = sQ + st * Q_BYTES;
-        mbar_expect_tx(bar, Q_BYTES);  // MC: half of them from the peer's multicast
-#pragma unroll
-        for (int q = 0; q < BN / 64; ++q) {
-          if (!MC)
-            tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar);
-          else if ((q * 2) / (BN / 64) == int(sm.rank))
-            tma_load_2d_mc(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar, 0x3);
-        }
-      }
-      ++it;
-      fetch(d);  // refill this slot, DIST k-blocks ahead
-    }
-  }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
-}
-
-// The cooperative schedule: both consumer warpgroups on one 128 x 256 tile; MC: in clusters
-// of two sharing the Q stages (Stream).
-template <class T, bool GP, bool TR, int BKT, bool MC>
-__device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, const CUtensorMap &tmapC,
-                                                  const WgParams &p) {
+template <class T, bool GP, bool TR, int BKT>
+__global__ void __launch_bounds__(THREADS, 1)
+    wgrad_sm90(const __grid_constant__ CUtensorMap tmapQ, const __grid_constant__ CUtensorMap tmapC,
+               const WgParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BKT>;
-  constexpr int BK = C::BK, S = C::S, ATOM = C::ATOM, P_BYTES = C::P_BYTES, Q_BYTES = C::Q_BYTES;
+  constexpr int BK = C::BK, S = C::S, ATOM = C::ATOM, P_BYTES = C::P_BYTES, Q_BYTES = C::Q_BYTES,
+                RPT = C::RPT;
   __shared__ __align__(8) uint64_t s_bars[2 * S];
   extern __shared__ __align__(128) uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
@@ -261,23 +122,128 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(sFull + 8 * s, 128 + 1);
-      mbar_init(sEmpty + 8 * s, NC * (MC ? 2 : 1));  // MC: a stage is free in both CTAs
+      mbar_init(sEmpty + 8 * s, NC);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  if constexpr (MC)
-    cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
-  else
-    __syncthreads();
+  __syncthreads();
   const int wg = tid / 128, tid_wg = tid % 128;
-  const int mt = p.Mp / BM / (MC ? 2 : 1), ntn = p.Nq / BN, per_e = mt * ntn;
+  const int mt = p.Mp / BM, ntn = p.Nq / BN, per_e = mt * ntn;
   const int total = p.E * per_e;
 
   if (wg == 0) {  // producer
     // The register split must stay within the launch's 168 x 384: 56 x 128 + 224 x 256, or
     // the consumers' setmaxnreg.inc waits forever.
     setmaxnreg_dec<56>();
-    produce<T, GP, Cfg<BKT>, MC>(tmapQ, p, sP, sQ, sFull, sEmpty, tid_wg);
+    const T *P = static_cast<const T *>(p.p);
+    // Four threads a P row (16-byte chunks piece + 4 j), 32 rows a pass: the producer's
+    // instructions a k-block bound this kernel (ncu, 30B-A3B T=16384: its consumers waited
+    // on full stages 31% of the time, it on empty ones 17%), and the row's index and address
+    // work is per thread, so fewer rows a thread is less of it.
+    const int piece = tid_wg & 3, trow = tid_wg >> 2;
+    // The stream of k-blocks this CTA loads: item w (rows [r0, r1), tile mi, ni), k-block kb.
+    // A k-block is a few adds; an item change divides and takes the item's offsets, loaded
+    // one item ahead (oa, ob: raw offsets of item w + gridDim.x), so that only an empty
+    // expert costs a dependent load.
+    struct Cursor {
+      int w, kb, r0, r1, mi, ni, oa, ob;
+    };
+    auto settle = [&](Cursor &c, int a, int b) {  // a, b: raw offsets of item c.w's expert
+      for (;;) {
+        if (c.w >= total) return;
+        clamp_segment(p, a, b, c.r0, c.r1);
+        if (c.r1 > c.r0) break;
+        c.w += gridDim.x;
+        if (c.w < total) {
+          a = p.offsets[c.w / per_e];
+          b = p.offsets[c.w / per_e + 1];
+        }
+      }
+      const int e = c.w / per_e, rem = c.w - e * per_e;
+      c.mi = rem / ntn;
+      c.ni = rem - c.mi * ntn;
+      const int wn = c.w + gridDim.x;
+      c.oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
+      c.ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
+    };
+    // A ring of DIST k-blocks, filled DIST k-blocks ahead of their loads: this thread's rows'
+    // raw sorted[] entries (GP) or plan rows, kNone past the segment (zero-filled), and the
+    // block's Q row and tile (qrow < 0: the stream has ended). Nothing may consume a loaded
+    // index before its slot is used, or the thread would wait for the load right there.
+    constexpr int32_t kNone = INT32_MIN;
+    int32_t idx[DIST][RPT];
+    int qrow[DIST], tile[DIST];
+    Cursor f{int(blockIdx.x), 0, 0, 0, 0, 0, 0, 0};
+    if (f.w < total) settle(f, p.offsets[f.w / per_e], p.offsets[f.w / per_e + 1]);
+    auto fetch = [&](int d) {
+      if (f.w >= total) {
+        qrow[d] = -1;
+        return;
+      }
+      qrow[d] = f.r0 + f.kb * BK;
+      tile[d] = (f.mi << 16) | f.ni;
+      const int r_first = qrow[d] + trow;
+      const int32_t *sp = p.sorted + r_first;  // rows r_first + 32 i: immediate offsets
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const int r = r_first + 32 * i;
+        if (GP)
+          idx[d][i] = ld_if(r < f.r1, sp + 32 * i, kNone);
+        else
+          idx[d][i] = r < f.r1 ? r : kNone;
+      }
+      if (++f.kb * BK >= f.r1 - f.r0) {
+        f.kb = 0;
+        f.w += gridDim.x;
+        settle(f, f.oa, f.ob);
+      }
+    };
+#pragma unroll
+    for (int d = 0; d < DIST; ++d) fetch(d);
+    uint32_t it = 0;
+    bool more = true;
+    while (more) {
+#pragma unroll
+      for (int d = 0; d < DIST; ++d) {
+        if (qrow[d] < 0) {
+          more = false;
+          break;
+        }
+        const int m0 = (tile[d] >> 16) * BM, n0 = (tile[d] & 0xFFFF) * BN;
+        const T *Pm = P + m0 + piece * 8;  // + 32 j for chunk piece + 4 j
+        const uint32_t st = it % S, ph = (it / S) & 1;
+        mbar_wait(sEmpty + 8 * st, ph ^ 1);
+        const uint32_t a = sP + st * P_BYTES;
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+          const int kr = trow + 32 * i;
+          const int32_t v = idx[d][i];
+          const bool ok = v != kNone;
+          // Clamped like the portable kernels (a corrupt plan reads nothing out of bounds);
+          // sorted / p_div by one 32-bit multiply-high (fastdiv31.h: cv < n_rows < 2^31).
+          const uint32_t cv = uint32_t(min(max(v, 0), p.n_rows - 1));
+          const uint32_t row = !GP ? uint32_t(v) : __umulhi(cv << 1, p.p_fd.m) >> p.p_fd.l;
+          const T *src = ok ? Pm + uint64_t(row) * p.ldp : P;
+#pragma unroll
+          for (int j = 0; j < BM / 32; ++j) {  // chunk piece + 4 j of the row's BM columns
+            const int ch = piece + 4 * j;
+            const uint32_t off = (ch >> 3) * ATOM + kr * 128 + (((ch & 7) ^ (kr & 7)) << 4);
+            cp_async16_zfill(a + off, src + (ok ? 32 * j : 0), ok ? 16 : 0);
+          }
+        }
+        cp_async_mbar_arrive(sFull + 8 * st);
+        if (tid_wg == 0) {
+          const uint32_t bar = sFull + 8 * st, b = sQ + st * Q_BYTES;
+          mbar_expect_tx(bar, Q_BYTES);
+#pragma unroll
+          for (int q = 0; q < BN / 64; ++q)
+            tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar);
+        }
+        ++it;
+        fetch(d);  // refill this slot, DIST k-blocks ahead
+      }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
   } else {  // consumers
     setmaxnreg_inc<224>();
     const int c = wg - 1;
@@ -286,23 +252,18 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
     const bool tma_c = MOE_SM90_WGRAD_TMA_STORE && p.tma_c;
     uint32_t it = 0;
     float acc[BN / 2];
-    const Stream<MC> sm;
-    auto release = [&](uint32_t st) {  // MC: the stage is free here and, for the peer's loads, there
-      mbar_arrive(sEmpty + 8 * st);
-      if constexpr (MC) mbar_arrive_cluster(sEmpty + 8 * st, sm.rank ^ 1);
-    };
     // The next item's raw offsets are loaded one item ahead (consumed at its start).
     int oa = 0, ob = 0;
-    if (sm.first < total) {
-      oa = p.offsets[sm.first / per_e];
-      ob = p.offsets[sm.first / per_e + 1];
+    if (blockIdx.x < total) {
+      oa = p.offsets[blockIdx.x / per_e];
+      ob = p.offsets[blockIdx.x / per_e + 1];
     }
-    for (int w = sm.first; w < total; w += sm.step) {
+    for (int w = blockIdx.x; w < total; w += gridDim.x) {
       const int e = w / per_e, rem = w % per_e;
-      const int m0 = sm.m_tile(rem / ntn) * BM, n0 = (rem % ntn) * BN;
+      const int m0 = (rem / ntn) * BM, n0 = (rem % ntn) * BN;
       int r0, r1;
       clamp_segment(p, oa, ob, r0, r1);
-      const int wn = w + sm.step;
+      const int wn = w + gridDim.x;
       oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
       ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
       const int KB = (r1 - r0 + BK - 1) / BK;
@@ -320,11 +281,11 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
         }
         wgmma_commit();
         wgmma_wait<1>();
-        if (kb > 0 && tid_wg == 0) release(prev);
+        if (kb > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
         prev = st;
       }
       wgmma_wait<0>();
-      if (KB > 0 && tid_wg == 0) release(prev);
+      if (KB > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
       if (KB == 0) {
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -413,247 +374,40 @@ __device__ __forceinline__ void wgrad_cooperative(const CUtensorMap &tmapQ, cons
     }
     if (tma_c && tid_wg == 0) bulk_wait0();  // smem stays until the stores are done
   }
-  if constexpr (MC) cluster_sync();  // no CTA leaves while its peer may still write to it
-}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
-
-// -DMOE_SM90_WGRAD_PINGPONG=1: the ping-pong schedule. Each consumer warpgroup owns whole
-// 128 x 192 tiles (two m64n192 a k-step, 192 fp32 accumulators a thread), the CTA's items
-// alternating between the two; an order barrier hands the tensor cores over at the end of
-// each mainloop, so one warpgroup's epilogue runs under the other's mainloop. The cooperative
-// kernel's tensor cores idle through its epilogue, a large share here where the reduction is
-// short (T k / E rows an expert: 16 k-blocks at 30B-A3B T=16384). Operand bytes a MAC are
-// 1.11x the 128 x 256 tile's. Needs Q's columns a multiple of 192 and C by TMA ({64, 64}
-// boxes through MOE_SM90_WGRAD_PP_BUFS 8 KB buffers a warpgroup, used in turn, by stmatrix);
-// the stages fill the rest of the smem.
-#ifndef MOE_SM90_WGRAD_PINGPONG
-#define MOE_SM90_WGRAD_PINGPONG 0
-#endif
-#ifndef MOE_SM90_WGRAD_PP_BUFS
-#define MOE_SM90_WGRAD_PP_BUFS 1
-#endif
-constexpr int PP_BN = 192;
-template <int BK_> struct PpCfg {
-  static constexpr int BK = BK_, BN = PP_BN, BUFS = MOE_SM90_WGRAD_PP_BUFS;
-  static_assert(BUFS == 1 || BUFS == 2, "one or two store buffers a warpgroup");
-  static constexpr int ATOM = BK * 128, P_BYTES = BM * BK * 2, Q_BYTES = BN * BK * 2, RPT = BK / 16;
-  static constexpr uint32_t kBuf = 8192;  // one {64, 64} box
-  static constexpr int S = int((227 * 1024 - 256 - 1024 - NC * BUFS * kBuf) / (P_BYTES + Q_BYTES));
-  static constexpr size_t kSmem = 1024 + size_t(S) * (P_BYTES + Q_BYTES) + NC * BUFS * kBuf;
-  static_assert(kSmem + 8 * (2 * S + 2) <= 227 * 1024, "dynamic smem + static barriers fit");
-};
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <class T, bool GP, bool TR, int BKT>
-__device__ __forceinline__ void wgrad_pingpong(const CUtensorMap &tmapQ, const CUtensorMap &tmapC,
-                                               const WgParams &p) {
-  using C = PpCfg<BKT>;
-  constexpr int BK = C::BK, S = C::S, ATOM = C::ATOM, P_BYTES = C::P_BYTES, Q_BYTES = C::Q_BYTES;
-  constexpr int NACC = PP_BN / 2;  // accumulators of one m64n192: 4 x 24 column chunks
-  __shared__ __align__(8) uint64_t s_bars[2 * S + 2];
-  extern __shared__ __align__(128) uint8_t smem_raw[];
-  const uint32_t sbase = (smem_u32(smem_raw) + 1023) & ~1023u;
-  const uint32_t sP = sbase, sQ = sbase + S * P_BYTES, sC = sQ + S * Q_BYTES;
-  const uint32_t sFull = smem_u32(s_bars), sEmpty = sFull + 8 * S, sOrder = sEmpty + 8 * S;
-  const int tid = threadIdx.x;
-  if (tid == 0) {
-    for (int s = 0; s < S; ++s) {
-      mbar_init(sFull + 8 * s, 128 + 1);
-      mbar_init(sEmpty + 8 * s, 1);  // each fill is one warpgroup's
-    }
-    mbar_init(sOrder, 1);
-    mbar_init(sOrder + 8, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-  const int wg = tid / 128, tid_wg = tid % 128;
-  if (wg == 0) {
-    // 40 x 128 + 232 x 256 = 64512 registers: within the launch's 168 x 384.
-    setmaxnreg_dec<40>();
-    produce<T, GP, C>(tmapQ, p, sP, sQ, sFull, sEmpty, tid_wg);
-  } else {
-    setmaxnreg_inc<232>();
-    const int c = wg - 1;
-    const int warp = tid_wg >> 5, lane = tid_wg & 31;
-    const int ntn = p.Nq / PP_BN, per_e = (p.Mp / BM) * ntn, total = p.E * per_e;
-    const uint32_t buf = sC + uint32_t(c) * C::BUFS * C::kBuf;
-    float acc0[NACC], acc1[NACC];  // the tile's rows m 0-63 and 64-127
-    // it: the CTA's k-blocks before this item (both warpgroups'), the ring position;
-    // turns: this warpgroup's waits on its order barrier; passes: its epilogue passes.
-    uint32_t it = 0, turns = 0, passes = 0;
-    int oa = 0, ob = 0;  // the next item's raw offsets, loaded one item ahead
-    if (blockIdx.x < total) {
-      oa = p.offsets[blockIdx.x / per_e];
-      ob = p.offsets[blockIdx.x / per_e + 1];
-    }
-    int j = 0;
-    for (int w = blockIdx.x; w < total; w += gridDim.x, ++j) {
-      int r0, r1;
-      clamp_segment(p, oa, ob, r0, r1);
-      const int wn = w + gridDim.x;
-      oa = ld_if(wn < total, p.offsets + wn / per_e, 0);
-      ob = ld_if(wn < total, p.offsets + wn / per_e + 1, 0);
-      const int KB = (r1 - r0 + BK - 1) / BK;
-      if ((j & 1) != c) {  // the other warpgroup's item: its k-blocks pass through the ring
-        it += KB;
-        continue;
-      }
-      const int e = w / per_e, rem = w - e * per_e;
-      const int m0 = (rem / ntn) * BM, n0 = (rem % ntn) * PP_BN;
-      // Wait until the other warpgroup has issued its mainloop (item j - 1): the mainloops
-      // then take the ring in stream order, which also keeps the shared full barriers'
-      // parities right (every earlier fill has been waited for).
-      if (j > 0) {
-        mbar_wait(sOrder + 8 * c, turns & 1);
-        ++turns;
-      }
-      uint32_t prev = 0;
-      for (int kb = 0; kb < KB; ++kb, ++it) {
-        const uint32_t st = it % S, ph = (it / S) & 1;
-        mbar_wait(sFull + 8 * st, ph);
-        fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
-        wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < BK / 16; ++k) {
-          const uint32_t a = sP + st * P_BYTES + k * 2048;
-          const uint64_t db = make_desc_mn(sQ + st * Q_BYTES + k * 2048, ATOM);
-          const int sd = (kb > 0 || k > 0) ? 1 : 0;
-          Wgmma<T>::template m64n192<1, 1>(acc0, make_desc_mn(a, ATOM), db, sd);
-          Wgmma<T>::template m64n192<1, 1>(acc1, make_desc_mn(a + ATOM, ATOM), db, sd);
-        }
-        wgmma_commit();
-        wgmma_wait<1>();
-        if (kb > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
-        prev = st;
-      }
-      if (tid_wg == 0) mbar_arrive(sOrder + 8 * (c ^ 1));  // the other's mainloop may start
-      wgmma_wait<0>();
-      if (KB > 0 && tid_wg == 0) mbar_arrive(sEmpty + 8 * prev);
-      if (KB == 0) {
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) acc0[i] = acc1[i] = 0.f;
-      }
-      // Six {64, 64} boxes: rows m hm * 64.., columns n qn * 64.. of D (of C^T when TR).
-      // Fragment: D row m = hm * 64 + 16 warp + lane / 4 + 8 hh, column n = 8 jn + 2 (lane & 3)
-      // + b in acc_hm[4 jn + 2 hh + b].
-      auto out = [&](float(&acc)[NACC], int hm) {
-#pragma unroll
-        for (int qn = 0; qn < PP_BN / 64; ++qn, ++passes) {
-          const uint32_t half = buf + (C::BUFS == 2 ? (passes & 1) * C::kBuf : 0);
-          auto v = [&](int jj, int hh, int b) { return acc[(qn * 8 + jj) * 4 + hh * 2 + b]; };
-          auto write = [&] {
-            if constexpr (TR) {
-              // D^T: smem row n (64), this box's 64 m, 16-byte chunk m / 8 XOR (n & 7). Tile
-              // q of a stmatrix.trans: fragment row half hh = q & 1, columns 8 (jp + q / 2)..
-              const int q = lane >> 3, r = lane & 7;
-              auto pk = [&](int jj, int hh) { return pack2<T>(v(jj, hh, 0), v(jj, hh, 1)); };
-#pragma unroll
-              for (int jp = 0; jp < 8; jp += 2) {
-                const int n = 8 * (jp + (q >> 1)) + r;
-                const uint32_t addr = half + n * 128 + ((((warp * 2 + (q & 1)) ^ r) & 7) << 4);
-                stmatrix_x4_trans(addr, pk(jp, 0), pk(jp, 1), pk(jp + 1, 0), pk(jp + 1, 1));
-              }
-            } else {
-              write_fragment<T, true, 8>(half, tid_wg, v, [](int lr, int jj) {
-                return uint32_t(lr) * 128 + uint32_t(((jj ^ lr) & 7) << 4);
-              });
-            }
-          };
-          tma_pass<C::BUFS - 1>(1 + c, tid_wg, write, [&] {
-            if constexpr (TR)
-              tma_store_3d(&tmapC, half, m0 + hm * 64, n0 + qn * 64, e);
-            else
-              tma_store_3d(&tmapC, half, n0 + qn * 64, m0 + hm * 64, e);
-          });
-        }
-      };
-      out(acc0, 0);
-      out(acc1, 1);
-    }
-    if (tid_wg == 0) bulk_wait0();  // smem stays until the stores are done
-  }
-}
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
-
-// -DMOE_SM90_WGRAD_MCAST=1: the cooperative kernel in clusters of two sharing the Q stages
-// by multicast (Stream<true>) where the m-tiles pair up: the wgrad GEMMs read about 9.6 GB
-// through L2 at 30B-A3B T=16384 (~6.8 TB/s), Q (dh, s a) two thirds of it.
-#ifndef MOE_SM90_WGRAD_MCAST
-#define MOE_SM90_WGRAD_MCAST 0
-#endif
-enum Sched { kCoop = 0, kCoopPair = 1, kPingPong = 2 };
-
-// One kernel name for every schedule (the profiling tools find the wgrad GEMMs by it; TR, the
-// third template argument, tells dW1 from dW2).
-template <class T, bool GP, bool TR, int BKT, int SCHED>
-__global__ void __launch_bounds__(THREADS, 1)
-    wgrad_sm90(const __grid_constant__ CUtensorMap tmapQ, const __grid_constant__ CUtensorMap tmapC,
-               const WgParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (SCHED == kPingPong)
-    wgrad_pingpong<T, GP, TR, BKT>(tmapQ, tmapC, p);
-  else
-    wgrad_cooperative<T, GP, TR, BKT, SCHED == kCoopPair>(tmapQ, tmapC, p);
-#endif
 }
 
-template <class T, bool GP, bool TR, int BKT, int SCHED> KernelGate &gate() {
+template <class T, bool GP, bool TR, int BKT> KernelGate &gate() {
   static KernelGate g;
   return g;
 }
 
-template <class T, bool GP, bool TR, int BKT, int SCHED>
+template <class T, bool GP, bool TR, int BKT>
 bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, cudaStream_t stream,
             moe_status_t *status) {
-  using C = std::conditional_t<SCHED == kPingPong, PpCfg<BKT>, Cfg<BKT>>;
-  static_assert(C::ATOM % 1024 == 0 && C::RPT * 16 == C::BK, "atoms of whole 8-row groups");
-  auto kern = wgrad_sm90<T, GP, TR, BKT, SCHED>;
-  KernelGate &g = gate<T, GP, TR, BKT, SCHED>();
+  using C = Cfg<BKT>;
+  static_assert(C::ATOM % 1024 == 0 && C::RPT * 32 == C::BK, "atoms of whole 8-row groups");
+  auto kern = wgrad_sm90<T, GP, TR, BKT>;
   int sms = 0;
-  if (!kernel_usable(reinterpret_cast<const void *>(kern), C::kSmem, g, &sms)) return false;
-  const int64_t items = std::max<int64_t>(1, int64_t(p.E) * (p.Mp / BM) * (p.Nq / C::BN));
-  if constexpr (SCHED == kCoopPair) {
-    // An even, persistent grid of the clusters that fit at once.
-    const int fit = cluster_grid(reinterpret_cast<const void *>(kern), C::kSmem, THREADS, 2, g, sms);
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(unsigned(std::min<int64_t>(fit, (items + 1) / 2 * 2)));
-    cfg.blockDim = dim3(THREADS);
-    cfg.dynamicSmemBytes = C::kSmem;
-    cfg.stream = stream;
-    cudaLaunchAttribute at{};
-    at.id = cudaLaunchAttributeClusterDimension;
-    at.val.clusterDim.x = 2;
-    at.val.clusterDim.y = 1;
-    at.val.clusterDim.z = 1;
-    cfg.attrs = &at;
-    cfg.numAttrs = 1;
-    cudaLaunchKernelEx(&cfg, kern, map, mapC, p);
-  } else {
-    kern<<<int(std::min<int64_t>(sms, items)), THREADS, C::kSmem, stream>>>(map, mapC, p);
-  }
+  if (!kernel_usable(reinterpret_cast<const void *>(kern), Cfg<BKT>::kSmem, gate<T, GP, TR, BKT>(),
+                     &sms))
+    return false;
+  const int64_t items = int64_t(p.E) * (p.Mp / BM) * (p.Nq / BN);
+  const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
+  kern<<<grid, THREADS, Cfg<BKT>::kSmem, stream>>>(map, mapC, p);
   *status = launch_status("sm90 wgrad");
   return true;
 }
 
-template <class T, int BKT, int SCHED>
+template <class T, int BKT>
 bool dispatch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool tr,
               cudaStream_t st, moe_status_t *status) {
   const bool gp = p.p_div > 0;
   if (tr)
-    return gp ? launch<T, true, true, BKT, SCHED>(map, mapC, p, st, status)
-              : launch<T, false, true, BKT, SCHED>(map, mapC, p, st, status);
-  return gp ? launch<T, true, false, BKT, SCHED>(map, mapC, p, st, status)
-            : launch<T, false, false, BKT, SCHED>(map, mapC, p, st, status);
-}
-
-template <int SCHED>
-bool run(bool bf16, int bk, const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p,
-         bool tr, cudaStream_t st, moe_status_t *status) {
-  if (bk == 64)
-    return bf16 ? dispatch<__nv_bfloat16, 64, SCHED>(map, mapC, p, tr, st, status)
-                : dispatch<__half, 64, SCHED>(map, mapC, p, tr, st, status);
-  return bf16 ? dispatch<__nv_bfloat16, 32, SCHED>(map, mapC, p, tr, st, status)
-              : dispatch<__half, 32, SCHED>(map, mapC, p, tr, st, status);
+    return gp ? launch<T, true, true, BKT>(map, mapC, p, st, status)
+              : launch<T, false, true, BKT>(map, mapC, p, st, status);
+  return gp ? launch<T, true, false, BKT>(map, mapC, p, st, status)
+            : launch<T, false, false, BKT>(map, mapC, p, st, status);
 }
 
 // 64 x 3 measured faster on the H100 (30B-A3B T=16384: dW1 2.84 -> 2.41 ms, dW2 1.37 -> 1.09;
@@ -680,38 +434,23 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   const void *P = tr ? w.B : w.A, *Q = tr ? w.A : w.B;
   const int64_t ldp = tr ? w.ldb : w.lda, ldq = tr ? w.lda : w.ldb;
   const int Mp = tr ? w.N : w.M, Nq = tr ? w.M : w.N;
-  const int bk = wgrad_bk();
-  if (Mp % BM != 0 || (Nq % BN != 0 && Nq % PP_BN != 0)) return false;
-  if (Mp / BM >= (1 << 15) || Nq / PP_BN >= (1 << 16)) return false;  // the producer's packed tile
-  if (int64_t(w.E) * (Mp / BM) * (Nq / PP_BN) >= (int64_t(1) << 31)) return false;
+  if (Mp % BM != 0 || Nq % BN != 0) return false;
+  if (Mp / BM >= (1 << 15) || Nq / BN >= (1 << 16)) return false;  // the producer's packed tile
+  if (int64_t(w.E) * (Mp / BM) * (Nq / BN) >= (int64_t(1) << 31)) return false;
   if (!aligned16(P) || ldp % 8 != 0 || !aligned16(Q) || ldq % 8 != 0 || ldq < Nq) return false;
   if (ldp >= (int64_t(1) << 31)) return false;
   if (!aligned16(w.C) || w.ldc % 8 != 0 || w.strideCE % 8 != 0) return false;
   const bool bf16 = w.dtype == MOE_DTYPE_BF16;
   CUtensorMap map;
+  const int bk = wgrad_bk();
   if (!encode_2d(&map, bf16, Q, uint64_t(Nq), uint64_t(w.n_rows), uint64_t(ldq) * 2, 64, bk))
     return false;
   // C as [E][M][N]: a warpgroup's pass is a {64, 64} box of D = C, or a {64 m, 128 n} box of
-  // D^T ({64, 64} for the ping-pong kernel); thread stores where the TMA refuses the layout
-  // (e.g. strideCE = 0).
+  // D^T; thread stores where the TMA refuses the layout (e.g. strideCE = 0).
   CUtensorMap mapC = map;
-  auto encode_c = [&](int box_rows) {
-    return MOE_SM90_WGRAD_TMA_STORE &&
-           encode_3d(&mapC, bf16, w.C, uint64_t(w.N), uint64_t(w.M), uint64_t(w.E),
-                     uint64_t(w.ldc) * 2, uint64_t(w.strideCE) * 2, 64, box_rows);
-  };
-  // The ping-pong kernel where its tiles fit and C leaves by TMA; else the cooperative one
-  // (its thread stores take any layout), in pairs where the m-tiles pair up.
-  int sched = kCoop;
-  bool tma_c = false;
-  if (MOE_SM90_WGRAD_PINGPONG && Nq % PP_BN == 0 && encode_c(64)) {
-    sched = kPingPong;
-    tma_c = true;
-  } else {
-    if (Nq % BN != 0) return false;
-    tma_c = encode_c(tr ? 128 : 64);
-    if (MOE_SM90_WGRAD_MCAST && (Mp / BM) % 2 == 0) sched = kCoopPair;
-  }
+  const bool tma_c = MOE_SM90_WGRAD_TMA_STORE &&
+                     encode_3d(&mapC, bf16, w.C, uint64_t(w.N), uint64_t(w.M), uint64_t(w.E),
+                               uint64_t(w.ldc) * 2, uint64_t(w.strideCE) * 2, 64, tr ? 128 : 64);
   WgParams p{};
   p.p = P;
   p.ldp = uint32_t(ldp);
@@ -727,13 +466,11 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   p.ldc = w.ldc;
   p.strideCE = w.strideCE;
   p.tma_c = tma_c;
-  if constexpr (MOE_SM90_WGRAD_PINGPONG != 0) {
-    if (sched == kPingPong) return run<kPingPong>(bf16, bk, map, mapC, p, tr, stream, status);
-  }
-  if constexpr (MOE_SM90_WGRAD_MCAST != 0) {
-    if (sched == kCoopPair) return run<kCoopPair>(bf16, bk, map, mapC, p, tr, stream, status);
-  }
-  return run<kCoop>(bf16, bk, map, mapC, p, tr, stream, status);
+  if (bk == 64)
+    return bf16 ? dispatch<__nv_bfloat16, 64>(map, mapC, p, tr, stream, status)
+                : dispatch<__half, 64>(map, mapC, p, tr, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16, 32>(map, mapC, p, tr, stream, status)
+              : dispatch<__half, 32>(map, mapC, p, tr, stream, status);
 }
 
 }  // namespace cuda
