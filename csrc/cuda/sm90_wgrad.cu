@@ -223,12 +223,15 @@ __global__ void __launch_bounds__(THREADS, 1)
           // sorted / p_div by one 32-bit multiply-high (fastdiv31.h: cv < n_rows < 2^31).
           const uint32_t cv = uint32_t(min(max(v, 0), p.n_rows - 1));
           const uint32_t row = !GP ? uint32_t(v) : __umulhi(cv << 1, p.p_fd.m) >> p.p_fd.l;
-          const T *src = ok ? Pm + uint64_t(row) * p.ldp : P;
+          // Past the segment: zero-filled, nothing read (from row 0, in bounds), so that the
+          // chunks' sources stay one base and immediate offsets.
+          const T *src = ok ? Pm + uint64_t(row) * p.ldp : Pm;
+          const uint32_t bytes = ok ? 16 : 0;
 #pragma unroll
           for (int j = 0; j < BM / 32; ++j) {  // chunk piece + 4 j of the row's BM columns
             const int ch = piece + 4 * j;
             const uint32_t off = (ch >> 3) * ATOM + kr * 128 + (((ch & 7) ^ (kr & 7)) << 4);
-            cp_async16_zfill(a + off, src + (ok ? 32 * j : 0), ok ? 16 : 0);
+            cp_async16_zfill(a + off, src + 32 * j, bytes);
           }
         }
         cp_async_mbar_arrive(sFull + 8 * st);
