@@ -373,6 +373,30 @@ def test_fwd_bwd_sm90_vs_portable_vs_float64(case, dtype):
     print(case, dtype, "rel err sm90/portable:", ", ".join(errs))
 
 
+@pytest.mark.parametrize(
+    "case",
+    [(300, 8, 512, 256, 16, "skewed"), (3000, 2, 256, 256, 2, "random"), (1000, 8, 1024, 768, 32, "random")],
+    ids=lambda c: "T{}k{}H{}I{}E{}{}".format(*c),
+)
+def test_wgrad_bk32_sm90(case, monkeypatch):
+    """MOE_FUSED_WGRAD_BK=32 (the weight-gradient GEMMs' 32-row, 8-stage pipeline, kept for
+    comparison) runs the BK 32 kernels and gives the default's gradients: ragged and empty
+    experts, long segments, 3 and 6 column tiles."""
+    T, k, H, I, E, route = case
+    d = make_experts(T, k, H, I, E, torch.bfloat16, seed=T + E, route=route)
+    ref = ref_experts(d["x"], d["idx"], d["s"], d["w1"], d["w2"], d["dout"])
+    with path("sm90"):
+        g64 = run_experts(d, "cuda")
+        monkeypatch.setenv("MOE_FUSED_WGRAD_BK", "32")
+        g32 = run_experts(d, "cuda")
+        names = kernels_of(lambda: run_experts(d, "cuda"))
+    wgrad = [n for n in names if SM90_WGRAD in n]
+    assert len(wgrad) == 2 and all(", 32>" in n for n in wgrad), wgrad
+    for n, a, b, r in zip(GRADS, g32, g64, ref):
+        assert torch.isfinite(a).all(), n
+        assert rel(a, r) < TOL[torch.bfloat16] and rel(a, r) <= 1.5 * rel(b, r) + 1e-4, (n, rel(a, r), rel(b, r))
+
+
 LIN_CASES = [
     # N, E, in, out: in % 64 == 0 and out % 256 == 0 (forward), in % 256 == 0 and out % 64 == 0 (dX)
     (300, 8, 256, 512),
