@@ -17,7 +17,8 @@
 # Beside it: ab.sh (time build variants A B A B in one session), ncu_source.sh (stall samples
 # per SASS instruction of one launch), ncu_sm90.sh (speed of light + stall reasons),
 # step_timeline.py (a step's GPU idle gaps and host time, ours and HF's), host_cost.py and
-# py_overhead.py (host microseconds of the Python wrapper and the C calls).
+# py_overhead.py (host microseconds of the Python wrapper and the C calls; bench/host_overhead.py
+# --device cuda, session 11, times both and the wrapper's newer pieces, not yet run on a GPU).
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"
