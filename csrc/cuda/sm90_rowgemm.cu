@@ -54,6 +54,15 @@ namespace {
 #endif
 template <int EPI>
 constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
+// -DMOE_SM90_GATHER_TMA=1 (prepared, not measured; notes/hopper.md session 11): GEMM1's and
+// dA''s gathered A rows by TMA, one {BK, 1} box a row at its place in the swizzled stage
+// (the swizzle follows the smem address bits), a thread a row, instead of 16-byte cp.async;
+// the twin of sm90_wgrad.cu's MOE_SM90_WGRAD_TMA_P. maps.a is then the gathered tensor.
+#ifndef MOE_SM90_GATHER_TMA
+#define MOE_SM90_GATHER_TMA 0
+#endif
+template <int EPI>
+constexpr bool kGatherTma = MOE_SM90_GATHER_TMA && EPI != EPI_STORE;
 // -DMOE_SM90_TMA_STORE=1: GEMM2 / dX (EPI_STORE, rows not scattered) send a warpgroup's 64
 // output rows by TMA when all are the tile's (store_pass_tma): one thread issues the stores
 // and they drain while the next item's mainloop runs, instead of every thread copying 16-byte
@@ -204,7 +213,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(sFull + 8 * s, kTmaA<EPI> && p.tma_a ? 1 : 128 + 1);  // + 128 cp.async arrivals
+      // + 128 cp.async arrivals, unless A comes by TMA
+      mbar_init(sFull + 8 * s, (kTmaA<EPI> && p.tma_a) || kGatherTma<EPI> ? 1 : 128 + 1);
       mbar_init(sEmpty + 8 * s, 2 * NC);  // both CTAs' consumers: a stage is free in both
     }
     for (int b = 0; b < NC * 2; ++b) mbar_init(smem_u32(s_hbars) + 8 * b, 1);
@@ -236,7 +246,11 @@ __global__ void __launch_bounds__(THREADS, 1)
         const Tile t = pt.t;
         const int nt = w % ntn;
         const T *src[TMA_A ? 1 : RPT];
-        if constexpr (!TMA_A) {
+        int grow = 0;  // kGatherTma: this thread's row's row in the gathered tensor
+        if constexpr (!TMA_A && kGatherTma<EPI>) {
+          const int r = min(t.row0 + tid_wg, max(t.row1 - 1, t.row0));  // as below
+          grow = int(p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r);
+        } else if constexpr (!TMA_A) {
 #pragma unroll
           for (int j = 0; j < RPT; ++j) {
             // rows past the end (or of an empty tile): loaded, never stored
@@ -258,7 +272,9 @@ __global__ void __launch_bounds__(THREADS, 1)
           const uint32_t st = it % S, ph = (it / S) & 1;
           mbar_wait(sEmpty + 8 * st, ph ^ 1);
           const uint32_t a = sA + st * A_BYTES;
-          if constexpr (!TMA_A) {
+          if constexpr (!TMA_A && kGatherTma<EPI>) {
+            tma_load_2d(a + tid_wg * ROW, &maps.a, kb * BK, grow, sFull + 8 * st);
+          } else if constexpr (!TMA_A) {
 #pragma unroll
             for (int j = 0; j < RPT; ++j) {
               cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
@@ -269,7 +285,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             const uint32_t bar = sFull + 8 * st, b = sB + st * B_BYTES;
             // B: the whole tile (both halves when shared). TMA A: rows past the tensor come
             // as zeros, those of the next tile are loaded and never stored.
-            mbar_expect_tx(bar, B_BYTES + (TMA_A ? A_BYTES : 0));
+            mbar_expect_tx(bar, B_BYTES + (TMA_A || kGatherTma<EPI> ? A_BYTES : 0));
             if (TMA_A) tma_load_2d(a, &maps.a, kb * BK, t.row0, bar);
             // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
             auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
@@ -342,7 +358,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         mbar_wait(sFull + 8 * st, ph);
         // cp.async (generic proxy) writes -> wgmma (async proxy) reads; TMA writes need none
-        if (!(kTmaA<EPI> && p.tma_a)) fence_proxy_async();
+        if (!(kTmaA<EPI> && p.tma_a) && !kGatherTma<EPI>) fence_proxy_async();
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < BK / 16; ++k) {
@@ -695,6 +711,12 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   const bool tma_a = MOE_SM90_TMA_A && g.epilogue == EPI_STORE && g.a_div == 0 &&
                      encode_2d(&maps.a, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
                                uint64_t(g.lda) * 2, BK, BM, ROW);
+  // MOE_SM90_GATHER_TMA: A as the gathered tensor (tokens when a_div > 0), {BK, 1} boxes.
+  if (MOE_SM90_GATHER_TMA && g.epilogue != EPI_STORE &&
+      !encode_2d(&maps.a, bf16, g.A, uint64_t(K),
+                 uint64_t(g.a_div > 0 ? g.n_rows / g.a_div : g.n_rows), uint64_t(g.lda) * 2, BK, 1,
+                 ROW))
+    return false;
 
   // C's rows in plan (or window) order, TMA tensors of c_rows rows: C, {64, 64} boxes; GEMM1
   // C = h (2I columns) and C2 = a (I columns); dA' C = dh, boxes of the h chunks'.
