@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         const Tile t = pt.t;
         const int nt = w % ntn;
         const T *src[TMA_A ? 1 : RPT];
-        int grow = 0;  // kGatherTma: this thread's row's row in the gathered tensor
+        int grow = 0;  // kGatherTma: the gathered tensor's row of this thread's tile row
         if constexpr (!TMA_A && kGatherTma<EPI>) {
           const int r = min(t.row0 + tid_wg, max(t.row1 - 1, t.row0));  // as below
           grow = int(p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r);
