@@ -54,15 +54,6 @@ namespace {
 #endif
 template <int EPI>
 constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
-// -DMOE_SM90_GATHER_TMA=1 (prepared, not measured; notes/hopper.md session 11): GEMM1's and
-// dA''s gathered A rows by TMA, one {BK, 1} box a row at its place in the swizzled stage
-// (the swizzle follows the smem address bits), a thread a row, instead of 16-byte cp.async;
-// the twin of sm90_wgrad.cu's MOE_SM90_WGRAD_TMA_P. maps.a is then the gathered tensor.
-#ifndef MOE_SM90_GATHER_TMA
-#define MOE_SM90_GATHER_TMA 0
-#endif
-template <int EPI>
-constexpr bool kGatherTma = MOE_SM90_GATHER_TMA && EPI != EPI_STORE;
 // -DMOE_SM90_TMA_STORE=1: GEMM2 / dX (EPI_STORE, rows not scattered) send a warpgroup's 64
 // output rows by TMA when all are the tile's (store_pass_tma): one thread issues the stores
 // and they drain while the next item's mainloop runs, instead of every thread copying 16-byte
@@ -104,16 +95,33 @@ __host__ __device__ constexpr uint32_t kmajor_off(int r, int ch) {
 #ifndef MOE_SM90_DA_HC
 #define MOE_SM90_DA_HC 32
 #endif
-constexpr int kHC = MOE_SM90_DA_HC;
+// -DMOE_SM90_DA_H_RING=1: the producer loads h into the stage ring, after an item's k-blocks,
+// as BN / 64 more stages (h-stages: 64 columns of g in the A part, the same of u in the B
+// part, all 128 rows), instead of the consumers loading it two 32-column chunks ahead into
+// buffers of their own. Why: the epilogue's h loads (from DRAM: h is 384 MiB at 30B-A3B
+// T=16384) then run four 48 KB stages ahead like the mainloop's, not one chunk ahead, and
+// the next item's first k-blocks load while the epilogue still works (ncu: dA' is the one
+// GEMM whose L2 -> SM bytes run at 27 B a cycle an SM, against 36-39 for the others).
+#ifndef MOE_SM90_DA_H_RING
+#define MOE_SM90_DA_H_RING 0
+#endif
+constexpr bool kHRing = MOE_SM90_DA_H_RING != 0;
+constexpr int kHC = kHRing ? 64 : MOE_SM90_DA_HC;
 static_assert(kHC == 32 || kHC == 64, "dA' h chunk: 32 or 64 columns");
-constexpr uint32_t kHChunk = 2 * 64 * kHC * 2;  // bytes of one chunk buffer (g and u)
+static_assert(!kHRing || BK == 64, "the h ring puts 128 rows x 64 columns of g in a stage's A");
+constexpr uint32_t kHHalf = 64 * kHC * 2;   // bytes of a warpgroup's g (or u) in one chunk
+constexpr uint32_t kHChunk = 2 * kHHalf;    // bytes of one chunk buffer (g and u)
+// h-stages an item (the h ring), 0 otherwise.
+template <int EPI>
+constexpr int kHStages = kHRing && EPI == EPI_DSWIGLU ? BN / kHC : 0;
 // Stages: the loads are latency-bound (consumers wait on full stages), so as many as fit:
 // 192 KB of them beside the 32 KB of staging or of 32-column h chunk buffers (144 KB beside
 // 64-column ones): 4 (3) of BK = 64, 8 (6) of BK = 32.
 template <int EPI>
-constexpr int kStages = (EPI == EPI_DSWIGLU && kHC == 64 ? 3 : 4) * (64 / BK);
+constexpr int kStages = (EPI == EPI_DSWIGLU && kHC == 64 && !kHRing ? 3 : 4) * (64 / BK);
 template <int EPI>
-constexpr uint32_t kEpiBytes = EPI == EPI_DSWIGLU ? NC * 2 * kHChunk : NC * kPassBytes;
+constexpr uint32_t kEpiBytes =
+    EPI == EPI_DSWIGLU ? (kHRing ? 0 : NC * 2 * kHChunk) : NC * kPassBytes;
 template <int EPI>
 constexpr size_t kSmem = 1024 + size_t(kStages<EPI>) * (A_BYTES + B_BYTES) + kEpiBytes<EPI>;
 static_assert(kSmem<EPI_SWIGLU> + 256 <= 227 * 1024 && kSmem<EPI_DSWIGLU> + 256 <= 227 * 1024,
@@ -192,6 +200,15 @@ __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowPa
   tma_load_2d(buf, map, col, row, bar);
   tma_load_2d(buf + kHChunk / 2, map, p.N + col, row, bar);
 }
+// dA', the h ring: TMA of h-stage q of item (t, nt): g columns nt BN + 64 q.. of the tile's
+// 128 rows into the stage's A part, the same u columns into its B part.
+__device__ __forceinline__ void load_h_stage(const CUtensorMap *map, const RowParams &p, uint32_t g,
+                                             uint32_t u, uint32_t bar, const Tile &t, int nt, int q) {
+  const int col = nt * BN + q * kHC;
+  mbar_expect_tx(bar, 2 * NC * kHHalf);
+  tma_load_2d(g, map, col, t.row0, bar);
+  tma_load_2d(u, map, p.N + col, t.row0, bar);
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <class T, int EPI, bool B_MN>
@@ -213,8 +230,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      // + 128 cp.async arrivals, unless A comes by TMA
-      mbar_init(sFull + 8 * s, (kTmaA<EPI> && p.tma_a) || kGatherTma<EPI> ? 1 : 128 + 1);
+      mbar_init(sFull + 8 * s, kTmaA<EPI> && p.tma_a ? 1 : 128 + 1);  // + 128 cp.async arrivals
       mbar_init(sEmpty + 8 * s, 2 * NC);  // both CTAs' consumers: a stage is free in both
     }
     for (int b = 0; b < NC * 2; ++b) mbar_init(smem_u32(s_hbars) + 8 * b, 1);
@@ -246,11 +262,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         const Tile t = pt.t;
         const int nt = w % ntn;
         const T *src[TMA_A ? 1 : RPT];
-        int grow = 0;  // kGatherTma: the gathered tensor's row of this thread's tile row
-        if constexpr (!TMA_A && kGatherTma<EPI>) {
-          const int r = min(t.row0 + tid_wg, max(t.row1 - 1, t.row0));  // as below
-          grow = int(p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r);
-        } else if constexpr (!TMA_A) {
+        if constexpr (!TMA_A) {
 #pragma unroll
           for (int j = 0; j < RPT; ++j) {
             // rows past the end (or of an empty tile): loaded, never stored
@@ -272,9 +284,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           const uint32_t st = it % S, ph = (it / S) & 1;
           mbar_wait(sEmpty + 8 * st, ph ^ 1);
           const uint32_t a = sA + st * A_BYTES;
-          if constexpr (!TMA_A && kGatherTma<EPI>) {
-            tma_load_2d(a + tid_wg * ROW, &maps.a, kb * BK, grow, sFull + 8 * st);
-          } else if constexpr (!TMA_A) {
+          if constexpr (!TMA_A) {
 #pragma unroll
             for (int j = 0; j < RPT; ++j) {
               cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
@@ -285,7 +295,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             const uint32_t bar = sFull + 8 * st, b = sB + st * B_BYTES;
             // B: the whole tile (both halves when shared). TMA A: rows past the tensor come
             // as zeros, those of the next tile are loaded and never stored.
-            mbar_expect_tx(bar, B_BYTES + (TMA_A || kGatherTma<EPI> ? A_BYTES : 0));
+            mbar_expect_tx(bar, B_BYTES + (TMA_A ? A_BYTES : 0));
             if (TMA_A) tma_load_2d(a, &maps.a, kb * BK, t.row0, bar);
             // Box q of B: shared, this CTA loads its half of the boxes, written to both CTAs.
             auto load_b = [&](int q, uint32_t dst, int c0, int c1) {
@@ -303,6 +313,15 @@ __global__ void __launch_bounds__(THREADS, 1)
               load_b(1, b + B_BYTES / 2, kb * BK, b1);
             }
           }
+        }
+        // The h ring: the item's h-stages behind its k-blocks. The full barrier counts 128
+        // thread arrivals as for cp.async, and thread 0's expect_tx.
+        for (int q = 0; q < kHStages<EPI>; ++q, ++it) {
+          const uint32_t st = it % S, ph = (it / S) & 1;
+          mbar_wait(sEmpty + 8 * st, ph ^ 1);
+          if (tid_wg == 0)
+            load_h_stage(&maps.h, p, sA + st * A_BYTES, sB + st * B_BYTES, sFull + 8 * st, t, nt, q);
+          mbar_arrive(sFull + 8 * st);
         }
       }
     };
@@ -345,7 +364,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           // h chunks 0 and 1 of this warpgroup's rows into its two buffers (free: the previous
           // item's epilogue ended with a proxy fence and a warpgroup barrier, and its TMA
           // stores have read them).
-          if (tid_wg == 0) {
+          if (!kHRing && tid_wg == 0) {
             if (kTmaStore<EPI>) bulk_wait_read0();
             load_h_chunk(&maps.h, p, sHbuf(c, 0), hbar(c, 0), t, c, nt, 0);
             load_h_chunk(&maps.h, p, sHbuf(c, 1), hbar(c, 1), t, c, nt, 1);
@@ -358,7 +377,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         mbar_wait(sFull + 8 * st, ph);
         // cp.async (generic proxy) writes -> wgmma (async proxy) reads; TMA writes need none
-        if (!(kTmaA<EPI> && p.tma_a) && !kGatherTma<EPI>) fence_proxy_async();
+        if (!(kTmaA<EPI> && p.tma_a)) fence_proxy_async();
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < BK / 16; ++k) {
@@ -474,96 +493,110 @@ __global__ void __launch_bounds__(THREADS, 1)
         float dot[2] = {0.f, 0.f};
 #pragma unroll
         for (int q = 0; q < BN / kHC; ++q) {
-          mbar_wait(hbar(c, q & 1), (q >> 1) & 1);
-          const uint32_t hb = sHbuf(c, q & 1);
+          // this warpgroup's g of the chunk at hb, its u hu_off bytes on
+          uint32_t hb, hu_off = kHHalf, hst = 0;
+          if constexpr (kHRing) {
+            hst = it % S;
+            mbar_wait(sFull + 8 * hst, (it / S) & 1);
+            hb = sA + hst * A_BYTES + c * kHHalf;
+            hu_off = sB + hst * B_BYTES - sA - hst * A_BYTES;
+          } else {
+            mbar_wait(hbar(c, q & 1), (q >> 1) & 1);
+            hb = sHbuf(c, q & 1);
+          }
           // This thread's g, u of the chunk, all loaded before any dg, du store: each store
           // (a memory clobber) kept the next load behind it, and so behind the previous load
           // and its math: one smem latency a column pair, the epilogue's main stall (ncu);
           // A/B on the H100 at 30B T=16384: dA' 0.99 vs 1.07 ms.
-          constexpr int JJ = kHC / 8;
-          auto hoff = [&](int hh, int jj) {
-            const int lr = warp * 16 + (lane >> 2) + hh * 8;  // row in the chunk buffer
-            // the TMA's swizzle: 16-byte chunk jj of row lr XOR (row bits of the atom)
-            const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
-            return uint32_t(lr * (kHC * 2) + ((jj ^ sw) << 4) + (lane & 3) * 4);
-          };
-          // stmatrix (MOE_SM90_STMATRIX): the chunk's g, u come by ldmatrix and dg, du go
-          // back by stmatrix, four 8 x 8 tiles an instruction; tile q of one is (fragment row
-          // half q & 1, 16-byte chunk jp + q / 2), this lane giving the address of its row
-          // lane % 8. Rows past the tile get zeros (stored nowhere).
-          constexpr bool kStm = MOE_SM90_STMATRIX && JJ % 2 == 0;
-          uint32_t stm_addr[JJ / 2 > 0 ? JJ / 2 : 1];
-          if constexpr (kStm) {
-            const int mq = lane >> 3, lr = warp * 16 + (mq & 1) * 8 + (lane & 7);
-            const int swz = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
+          // In 32-column sub-chunks (sc), so that a 64-column chunk's g, u do not all sit in
+          // registers at once.
+          constexpr int JJ = 4, NSC = kHC / 32;  // 16-byte chunks a sub-chunk; sub-chunks
 #pragma unroll
-            for (int jp = 0; jp < JJ; jp += 2)
-              stm_addr[jp / 2] = hb + lr * (kHC * 2) + (((jp + (mq >> 1)) ^ swz) << 4);
-          }
-          uint32_t gv[2][JJ], uv[2][JJ];
-          if constexpr (kStm) {
+          for (int sc = 0; sc < NSC; ++sc) {
+            auto hoff = [&](int hh, int jj) {
+              const int lr = warp * 16 + (lane >> 2) + hh * 8;  // row in the chunk buffer
+              // the TMA's swizzle: 16-byte chunk jj of row lr XOR (row bits of the atom)
+              const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
+              return uint32_t(lr * (kHC * 2) + ((jj ^ sw) << 4) + (lane & 3) * 4);
+            };
+            // stmatrix (MOE_SM90_STMATRIX): the chunk's g, u come by ldmatrix and dg, du go
+            // back by stmatrix, four 8 x 8 tiles an instruction; tile q of one is (fragment row
+            // half q & 1, 16-byte chunk jp + q / 2), this lane giving the address of its row
+            // lane % 8. Rows past the tile get zeros (stored nowhere).
+            constexpr bool kStm = MOE_SM90_STMATRIX && JJ % 2 == 0;
+            uint32_t stm_addr[JJ / 2 > 0 ? JJ / 2 : 1];
+            if constexpr (kStm) {
+              const int mq = lane >> 3, lr = warp * 16 + (mq & 1) * 8 + (lane & 7);
+              const int swz = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
 #pragma unroll
-            for (int jp = 0; jp < JJ; jp += 2) {
-              ldmatrix_x4(stm_addr[jp / 2], gv[0][jp], gv[1][jp], gv[0][jp + 1], gv[1][jp + 1]);
-              ldmatrix_x4(stm_addr[jp / 2] + kHChunk / 2, uv[0][jp], uv[1][jp], uv[0][jp + 1],
-                          uv[1][jp + 1]);
+              for (int jp = 0; jp < JJ; jp += 2)
+                stm_addr[jp / 2] = hb + lr * (kHC * 2) + (((sc * JJ + jp + (mq >> 1)) ^ swz) << 4);
             }
-          } else {
+            uint32_t gv[2][JJ], uv[2][JJ];
+            if constexpr (kStm) {
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-              for (int jj = 0; jj < JJ; ++jj) {
-                gv[hh][jj] = lds32(hb + hoff(hh, jj));
-                uv[hh][jj] = lds32(hb + kHChunk / 2 + hoff(hh, jj));
+              for (int jp = 0; jp < JJ; jp += 2) {
+                ldmatrix_x4(stm_addr[jp / 2], gv[0][jp], gv[1][jp], gv[0][jp + 1], gv[1][jp + 1]);
+                ldmatrix_x4(stm_addr[jp / 2] + hu_off, uv[0][jp], uv[1][jp], uv[0][jp + 1],
+                            uv[1][jp + 1]);
               }
-          }
+            } else {
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int r = t.row0 + rfrag + hh * 8;
-            if (r < t.row1) {
-              const float s = sw[hh];
-              T *sar = SA + int64_t(r) * p.ldc2 + n0;
+              for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-              for (int jj = 0; jj < JJ; ++jj) {
-                const int j = q * JJ + jj;
-                const uint32_t off = hoff(hh, jj);
-                float g[2], u[2], dg[2], du[2], sa[2];
-                unpack2<T>(gv[hh][jj], g[0], g[1]);
-                unpack2<T>(uv[hh][jj], u[0], u[1]);
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                  float d = acc[j * 4 + hh * 2 + i];
-                  const float sg = sigmoid_f(g[i]);
-                  const float sil = g[i] * sg;
-                  const float dsil = sg + sil * (1.f - sg);
-                  dot[hh] += d * sil * u[i];
-                  d *= s;
-                  dg[i] = d * u[i] * dsil;
-                  du[i] = d * sil;
-                  sa[i] = s * sil * u[i];
+                for (int jj = 0; jj < JJ; ++jj) {
+                  gv[hh][jj] = lds32(hb + hoff(hh, sc * JJ + jj));
+                  uv[hh][jj] = lds32(hb + hu_off + hoff(hh, sc * JJ + jj));
                 }
-                if constexpr (kStm) {  // dg, du in g's, u's registers, stored below
-                  gv[hh][jj] = pack2<T>(dg[0], dg[1]);
-                  uv[hh][jj] = pack2<T>(du[0], du[1]);
-                } else {
-                  sts32(hb + off, pack2<T>(dg[0], dg[1]));
-                  sts32(hb + kHChunk / 2 + off, pack2<T>(du[0], du[1]));
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              const int r = t.row0 + rfrag + hh * 8;
+              if (r < t.row1) {
+                const float s = sw[hh];
+                T *sar = SA + int64_t(r) * p.ldc2 + n0;
+#pragma unroll
+                for (int jj = 0; jj < JJ; ++jj) {
+                  const int j = (q * NSC + sc) * JJ + jj;
+                  const uint32_t off = hoff(hh, sc * JJ + jj);
+                  float g[2], u[2], dg[2], du[2], sa[2];
+                  unpack2<T>(gv[hh][jj], g[0], g[1]);
+                  unpack2<T>(uv[hh][jj], u[0], u[1]);
+#pragma unroll
+                  for (int i = 0; i < 2; ++i) {
+                    float d = acc[j * 4 + hh * 2 + i];
+                    const float sg = sigmoid_f(g[i]);
+                    const float sil = g[i] * sg;
+                    const float dsil = sg + sil * (1.f - sg);
+                    dot[hh] += d * sil * u[i];
+                    d *= s;
+                    dg[i] = d * u[i] * dsil;
+                    du[i] = d * sil;
+                    sa[i] = s * sil * u[i];
+                  }
+                  if constexpr (kStm) {  // dg, du in g's, u's registers, stored below
+                    gv[hh][jj] = pack2<T>(dg[0], dg[1]);
+                    uv[hh][jj] = pack2<T>(du[0], du[1]);
+                  } else {
+                    sts32(hb + off, pack2<T>(dg[0], dg[1]));
+                    sts32(hb + hu_off + off, pack2<T>(du[0], du[1]));
+                  }
+                  if (SA) *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
                 }
-                if (SA) *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
+              } else if constexpr (kStm) {
+#pragma unroll
+                for (int jj = 0; jj < JJ; ++jj) gv[hh][jj] = uv[hh][jj] = 0;
               }
-            } else if constexpr (kStm) {
-#pragma unroll
-              for (int jj = 0; jj < JJ; ++jj) gv[hh][jj] = uv[hh][jj] = 0;
             }
-          }
-          if constexpr (kStm) {
+            if constexpr (kStm) {
 #pragma unroll
-            for (int jp = 0; jp < JJ; jp += 2) {
-              stmatrix_x4(stm_addr[jp / 2], gv[0][jp], gv[1][jp], gv[0][jp + 1], gv[1][jp + 1]);
-              stmatrix_x4(stm_addr[jp / 2] + kHChunk / 2, uv[0][jp], uv[1][jp], uv[0][jp + 1],
-                          uv[1][jp + 1]);
+              for (int jp = 0; jp < JJ; jp += 2) {
+                stmatrix_x4(stm_addr[jp / 2], gv[0][jp], gv[1][jp], gv[0][jp + 1], gv[1][jp + 1]);
+                stmatrix_x4(stm_addr[jp / 2] + hu_off, uv[0][jp], uv[1][jp], uv[0][jp + 1],
+                            uv[1][jp + 1]);
+              }
             }
-          }
+          }  // sub-chunk
           named_bar(1 + c, 128);  // the warpgroup's dg, du are in the buffer
           {
             // kCPR 16-byte chunks a row of each half; the warpgroup's 128 threads take rows
@@ -578,7 +611,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                 if (r < t.row1) {
                   const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
                   const uint32_t src =
-                      hb + half * (kHChunk / 2) + lr * (kHC * 2) + ((ch ^ sw) << 4);
+                      hb + half * hu_off + lr * (kHC * 2) + ((ch ^ sw) << 4);
                   T *dst = dH + int64_t(r) * p.ldc + half * p.N + nt * BN + q * kHC + ch * 8;
                   *reinterpret_cast<uint4 *>(dst) = lds128(src);
                 }
@@ -588,8 +621,12 @@ __global__ void __launch_bounds__(THREADS, 1)
           // chunk q + 2 here or with chunk 0 / 1 at the next item.
           fence_proxy_async();
           named_bar(1 + c, 128);
-          if (q + 2 < BN / kHC && tid_wg == 0)
+          if constexpr (kHRing) {
+            if (tid_wg == 0) release(hst);  // the h-stage, for the next loads
+            ++it;
+          } else if (q + 2 < BN / kHC && tid_wg == 0) {
             load_h_chunk(&maps.h, p, hb, hbar(c, q & 1), t, c, nt, q + 2);
+          }
         }
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -698,12 +735,13 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
                          : encode_2d(&map, bf16, g.B, uint64_t(K), uint64_t(E * b_rows),
                                      uint64_t(g.ldb) * 2, BK, BN / 2, ROW);
   if (!ok) return false;
-  // dA': h by TMA in boxes of kHC columns x 64 rows (see load_h_chunk); the other epilogues
+  // dA': h by TMA in boxes of kHC columns x 64 rows (see load_h_chunk), or x 128 rows (the h
+  // ring: load_h_stage); the other epilogues
   // take an unused copy of B's map.
   maps.h = map;
   if (g.epilogue == EPI_DSWIGLU &&
       !encode_2d(&maps.h, bf16, g.Hin, uint64_t(2 * N), uint64_t(g.n_rows), uint64_t(g.ldh) * 2,
-                 kHC, 64, kHC * 2))
+                 kHC, kHRing ? BM : 64, kHC * 2))
     return false;
 
   // A's rows in plan order (a_div == 0): a TMA tensor of n_rows rows, boxes {BK, BM}.
@@ -711,12 +749,6 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   const bool tma_a = MOE_SM90_TMA_A && g.epilogue == EPI_STORE && g.a_div == 0 &&
                      encode_2d(&maps.a, bf16, g.A, uint64_t(K), uint64_t(g.n_rows),
                                uint64_t(g.lda) * 2, BK, BM, ROW);
-  // MOE_SM90_GATHER_TMA: A as the gathered tensor (tokens when a_div > 0), {BK, 1} boxes.
-  if (MOE_SM90_GATHER_TMA && g.epilogue != EPI_STORE &&
-      !encode_2d(&maps.a, bf16, g.A, uint64_t(K),
-                 uint64_t(g.a_div > 0 ? g.n_rows / g.a_div : g.n_rows), uint64_t(g.lda) * 2, BK, 1,
-                 ROW))
-    return false;
 
   // C's rows in plan (or window) order, TMA tensors of c_rows rows: C, {64, 64} boxes; GEMM1
   // C = h (2I columns) and C2 = a (I columns); dA' C = dh, boxes of the h chunks'.

@@ -59,16 +59,6 @@ template <int BK_> struct Cfg {
 #define MOE_SM90_WGRAD_TMA_STORE 1
 #endif
 [[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
-// -DMOE_SM90_WGRAD_TMA_P=1 (prepared, not measured): the gathered P rows by TMA, one {64, 1}
-// box a row and 64-column atom (rows past the segment at row -1: the TMA zero-fills them),
-// instead of cp.async. The kernels whose gathered operand comes by cp.async (GEMM1, dA', dW1,
-// dW2) are the ones below torch's speed or the closest to it, those loading by TMA (GEMM2,
-// dX) 1.1-1.25x above; dW1 moves ~53 GB/s an SM whatever its tile (session 11). A TMA takes
-// its coordinates in uniform registers, so a warp's 16 rows x 2 atoms become a 32-iteration
-// loop: the producer's instructions rise, which is what this A/B weighs.
-#ifndef MOE_SM90_WGRAD_TMA_P
-#define MOE_SM90_WGRAD_TMA_P 0
-#endif
 
 struct WgParams {
   const void *p;  // P: [.., ldp], row of plan row r = p_div ? sorted[r] / p_div : r
@@ -117,7 +107,7 @@ __device__ __forceinline__ void clamp_segment(const WgParams &p, int a, int b, i
 template <class T, bool GP, bool TR, int BKT>
 __global__ void __launch_bounds__(THREADS, 1)
     wgrad_sm90(const __grid_constant__ CUtensorMap tmapQ, const __grid_constant__ CUtensorMap tmapC,
-               const __grid_constant__ CUtensorMap tmapP, const WgParams p) {
+               const WgParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BKT>;
   constexpr int BK = C::BK, S = C::S, ATOM = C::ATOM, P_BYTES = C::P_BYTES, Q_BYTES = C::Q_BYTES,
@@ -131,8 +121,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      // + the producer's 128 cp.async arrivals, or (TMA P) thread 0's arrive alone
-      mbar_init(sFull + 8 * s, MOE_SM90_WGRAD_TMA_P ? 1 : 128 + 1);
+      mbar_init(sFull + 8 * s, 128 + 1);
       mbar_init(sEmpty + 8 * s, NC);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -236,27 +225,19 @@ __global__ void __launch_bounds__(THREADS, 1)
           const uint32_t row = !GP ? uint32_t(v) : __umulhi(cv << 1, p.p_fd.m) >> p.p_fd.l;
           // Past the segment: zero-filled, nothing read (from row 0, in bounds), so that the
           // chunks' sources stay one base and immediate offsets.
-          if constexpr (MOE_SM90_WGRAD_TMA_P) {
-            // Pieces 0 and 1 of the row: its atom `piece`, at the row's swizzled place (the
-            // 128-byte swizzle follows the smem address bits, as the whole-tile boxes' do).
-            if (piece < BM / 64)
-              tma_load_2d(a + piece * ATOM + kr * 128, &tmapP, m0 + piece * 64, ok ? int(row) : -1,
-                          sFull + 8 * st);
-          } else {
-            const T *src = ok ? Pm + uint64_t(row) * p.ldp : Pm;
-            const uint32_t bytes = ok ? 16 : 0;
+          const T *src = ok ? Pm + uint64_t(row) * p.ldp : Pm;
+          const uint32_t bytes = ok ? 16 : 0;
 #pragma unroll
-            for (int j = 0; j < BM / 32; ++j) {  // chunk piece + 4 j of the row's BM columns
-              const int ch = piece + 4 * j;
-              const uint32_t off = (ch >> 3) * ATOM + kr * 128 + (((ch & 7) ^ (kr & 7)) << 4);
-              cp_async16_zfill(a + off, src + 32 * j, bytes);
-            }
+          for (int j = 0; j < BM / 32; ++j) {  // chunk piece + 4 j of the row's BM columns
+            const int ch = piece + 4 * j;
+            const uint32_t off = (ch >> 3) * ATOM + kr * 128 + (((ch & 7) ^ (kr & 7)) << 4);
+            cp_async16_zfill(a + off, src + 32 * j, bytes);
           }
         }
-        if constexpr (!MOE_SM90_WGRAD_TMA_P) cp_async_mbar_arrive(sFull + 8 * st);
+        cp_async_mbar_arrive(sFull + 8 * st);
         if (tid_wg == 0) {
           const uint32_t bar = sFull + 8 * st, b = sQ + st * Q_BYTES;
-          mbar_expect_tx(bar, Q_BYTES + (MOE_SM90_WGRAD_TMA_P ? P_BYTES : 0));
+          mbar_expect_tx(bar, Q_BYTES);
 #pragma unroll
           for (int q = 0; q < BN / 64; ++q)
             tma_load_2d(b + q * ATOM, &tmapQ, n0 + q * 64, qrow[d], bar);
@@ -405,8 +386,8 @@ template <class T, bool GP, bool TR, int BKT> KernelGate &gate() {
 }
 
 template <class T, bool GP, bool TR, int BKT>
-bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const CUtensorMap &mapP,
-            const WgParams &p, cudaStream_t stream, moe_status_t *status) {
+bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, cudaStream_t stream,
+            moe_status_t *status) {
   using C = Cfg<BKT>;
   static_assert(C::ATOM % 1024 == 0 && C::RPT * 32 == C::BK, "atoms of whole 8-row groups");
   auto kern = wgrad_sm90<T, GP, TR, BKT>;
@@ -416,20 +397,20 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const CUtensorMap &
     return false;
   const int64_t items = int64_t(p.E) * (p.Mp / BM) * (p.Nq / BN);
   const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
-  kern<<<grid, THREADS, Cfg<BKT>::kSmem, stream>>>(map, mapC, mapP, p);
+  kern<<<grid, THREADS, Cfg<BKT>::kSmem, stream>>>(map, mapC, p);
   *status = launch_status("sm90 wgrad");
   return true;
 }
 
 template <class T, int BKT>
-bool dispatch(const CUtensorMap &map, const CUtensorMap &mapC, const CUtensorMap &mapP,
-              const WgParams &p, bool tr, cudaStream_t st, moe_status_t *status) {
+bool dispatch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool tr,
+              cudaStream_t st, moe_status_t *status) {
   const bool gp = p.p_div > 0;
   if (tr)
-    return gp ? launch<T, true, true, BKT>(map, mapC, mapP, p, st, status)
-              : launch<T, false, true, BKT>(map, mapC, mapP, p, st, status);
-  return gp ? launch<T, true, false, BKT>(map, mapC, mapP, p, st, status)
-            : launch<T, false, false, BKT>(map, mapC, mapP, p, st, status);
+    return gp ? launch<T, true, true, BKT>(map, mapC, p, st, status)
+              : launch<T, false, true, BKT>(map, mapC, p, st, status);
+  return gp ? launch<T, true, false, BKT>(map, mapC, p, st, status)
+            : launch<T, false, false, BKT>(map, mapC, p, st, status);
 }
 
 // 64 x 3 measured faster on the H100 (30B-A3B T=16384: dW1 2.84 -> 2.41 ms, dW2 1.37 -> 1.09;
@@ -473,13 +454,6 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   const bool tma_c = MOE_SM90_WGRAD_TMA_STORE &&
                      encode_3d(&mapC, bf16, w.C, uint64_t(w.N), uint64_t(w.M), uint64_t(w.E),
                                uint64_t(w.ldc) * 2, uint64_t(w.strideCE) * 2, 64, tr ? 128 : 64);
-  // P as [rows][Mp] ({64, 1} boxes) for the TMA gather; rows: tokens when gathered.
-  CUtensorMap mapP = map;
-  if (MOE_SM90_WGRAD_TMA_P) {
-    const int div = tr ? w.b_div : w.a_div;
-    const uint64_t p_rows = uint64_t(div > 0 ? w.n_rows / div : w.n_rows);
-    if (!encode_2d(&mapP, bf16, P, uint64_t(Mp), p_rows, uint64_t(ldp) * 2, 64, 1)) return false;
-  }
   WgParams p{};
   p.p = P;
   p.ldp = uint32_t(ldp);
@@ -496,10 +470,10 @@ bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_sta
   p.strideCE = w.strideCE;
   p.tma_c = tma_c;
   if (bk == 64)
-    return bf16 ? dispatch<__nv_bfloat16, 64>(map, mapC, mapP, p, tr, stream, status)
-                : dispatch<__half, 64>(map, mapC, mapP, p, tr, stream, status);
-  return bf16 ? dispatch<__nv_bfloat16, 32>(map, mapC, mapP, p, tr, stream, status)
-              : dispatch<__half, 32>(map, mapC, mapP, p, tr, stream, status);
+    return bf16 ? dispatch<__nv_bfloat16, 64>(map, mapC, p, tr, stream, status)
+                : dispatch<__half, 64>(map, mapC, p, tr, stream, status);
+  return bf16 ? dispatch<__nv_bfloat16, 32>(map, mapC, p, tr, stream, status)
+              : dispatch<__half, 32>(map, mapC, p, tr, stream, status);
 }
 
 }  // namespace cuda
