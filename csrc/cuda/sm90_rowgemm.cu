@@ -88,22 +88,25 @@ constexpr int ROW = BK * 2;  // bytes of a K-major tile row, and its swizzle spa
 __host__ __device__ constexpr uint32_t kmajor_off(int r, int ch) {
   return uint32_t(r * ROW + ((ch ^ (BK == 64 ? (r & 7) : ((r >> 1) & 3))) << 4));
 }
-// dA': h arrives in chunks of kHC columns of g and the same of u, 64 rows (a warpgroup's),
-// two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage: A/B on
+// dA' without the h ring (below): h arrives in chunks of kHC columns of g and the same of u, 64
+// rows (a warpgroup's), two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage: A/B on
 // the H100 (30B-A3B, in-place dg / du epilogue, two rounds): dA' 1.04 / 1.00 ms vs 1.12 / 1.08
 // at T=16384, 0.355 vs 0.364 ms at T=4096. (Before that epilogue 64 had won at T=16384.)
 #ifndef MOE_SM90_DA_HC
 #define MOE_SM90_DA_HC 32
 #endif
-// -DMOE_SM90_DA_H_RING=1: the producer loads h into the stage ring, after an item's k-blocks,
-// as BN / 64 more stages (h-stages: 64 columns of g in the A part, the same of u in the B
-// part, all 128 rows), instead of the consumers loading it two 32-column chunks ahead into
-// buffers of their own. Why: the epilogue's h loads (from DRAM: h is 384 MiB at 30B-A3B
-// T=16384) then run four 48 KB stages ahead like the mainloop's, not one chunk ahead, and
-// the next item's first k-blocks load while the epilogue still works (ncu: dA' is the one
-// GEMM whose L2 -> SM bytes run at 27 B a cycle an SM, against 36-39 for the others).
+// MOE_SM90_DA_H_RING (default 1): the producer loads h into the stage ring, after an item's
+// k-blocks, as BN / 64 more stages (h-stages: 64 columns of g in the A part, the same of u in the B
+// part, all 128 rows), instead of the consumers loading it two 32-column chunks ahead into buffers
+// of their own. Why: the epilogue's h loads (from DRAM: h is 384 MiB at 30B-A3B T=16384) then run
+// four 48 KB stages ahead like the mainloop's, not one chunk ahead, and the next item's first
+// k-blocks load while the epilogue still works (ncu: dA' is the one GEMM whose L2 -> SM bytes run
+// at 27 B a cycle an SM, against 36-39 for the others). A/B on the H100 (session 12, three rounds,
+// each over GEMM1 in its round): dA' -3.0% at 30B-A3B T=16384 (0.962 vs 1.025 ms), -2.7% at T=4096,
+// -2.5% at 235B-A22B T=16384; GPU tests and compute-sanitizer clean. -DMOE_SM90_DA_H_RING=0 keeps
+// the chunk buffers.
 #ifndef MOE_SM90_DA_H_RING
-#define MOE_SM90_DA_H_RING 0
+#define MOE_SM90_DA_H_RING 1
 #endif
 constexpr bool kHRing = MOE_SM90_DA_H_RING != 0;
 constexpr int kHC = kHRing ? 64 : MOE_SM90_DA_HC;
@@ -202,8 +205,9 @@ __device__ __forceinline__ void load_h_chunk(const CUtensorMap *map, const RowPa
 }
 // dA', the h ring: TMA of h-stage q of item (t, nt): g columns nt BN + 64 q.. of the tile's
 // 128 rows into the stage's A part, the same u columns into its B part.
-__device__ __forceinline__ void load_h_stage(const CUtensorMap *map, const RowParams &p, uint32_t g,
-                                             uint32_t u, uint32_t bar, const Tile &t, int nt, int q) {
+__device__ __forceinline__ void load_h_stage(const CUtensorMap *map, const RowParams &p,
+                                             uint32_t g, uint32_t u, uint32_t bar, const Tile &t,
+                                             int nt, int q) {
   const int col = nt * BN + q * kHC;
   mbar_expect_tx(bar, 2 * NC * kHHalf);
   tma_load_2d(g, map, col, t.row0, bar);
@@ -320,7 +324,8 @@ __global__ void __launch_bounds__(THREADS, 1)
           const uint32_t st = it % S, ph = (it / S) & 1;
           mbar_wait(sEmpty + 8 * st, ph ^ 1);
           if (tid_wg == 0)
-            load_h_stage(&maps.h, p, sA + st * A_BYTES, sB + st * B_BYTES, sFull + 8 * st, t, nt, q);
+            load_h_stage(&maps.h, p, sA + st * A_BYTES, sB + st * B_BYTES, sFull + 8 * st, t,
+                         nt, q);
           mbar_arrive(sFull + 8 * st);
         }
       }
