@@ -89,10 +89,9 @@ __host__ __device__ constexpr uint32_t kmajor_off(int r, int ch) {
   return uint32_t(r * ROW + ((ch ^ (BK == 64 ? (r & 7) : ((r >> 1) & 3))) << 4));
 }
 // dA' without the h ring (below): h arrives in chunks of kHC columns of g and the same of u, 64
-// rows (a warpgroup's), two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for
-// a 4th stage: A/B on the H100 (30B-A3B, in-place dg / du epilogue, two rounds): dA' 1.04 / 1.00
-// ms vs 1.12 / 1.08 at T=16384, 0.355 vs 0.364 ms at T=4096. (Before that epilogue 64 had won
-// at T=16384.)
+// rows (a warpgroup's), two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage: A/B on
+// the H100 (30B-A3B, in-place dg / du epilogue, two rounds): dA' 1.04 / 1.00 ms vs 1.12 / 1.08
+// at T=16384, 0.355 vs 0.364 ms at T=4096. (Before that epilogue 64 had won at T=16384.)
 #ifndef MOE_SM90_DA_HC
 #define MOE_SM90_DA_HC 32
 #endif
@@ -110,13 +109,6 @@ __host__ __device__ constexpr uint32_t kmajor_off(int r, int ch) {
 #define MOE_SM90_DA_H_RING 1
 #endif
 constexpr bool kHRing = MOE_SM90_DA_H_RING != 0;
-// -DMOE_SM90_DA_SA_SMEM=1 (the h ring only): s*a goes out like dg and du, through smem (the
-// h-stage's unused last 16 KB of B) in 16-byte row stores, instead of 4-byte stores from the
-// fragments (a warp's 4-byte store touches eight rows, half a sector each).
-#ifndef MOE_SM90_DA_SA_SMEM
-#define MOE_SM90_DA_SA_SMEM 0
-#endif
-constexpr bool kSaSmem = kHRing && MOE_SM90_DA_SA_SMEM != 0;
 constexpr int kHC = kHRing ? 64 : MOE_SM90_DA_HC;
 static_assert(kHC == 32 || kHC == 64, "dA' h chunk: 32 or 64 columns");
 static_assert(!kHRing || BK == 64, "the h ring puts 128 rows x 64 columns of g in a stage's A");
@@ -545,7 +537,7 @@ __global__ void __launch_bounds__(THREADS, 1)
               for (int jp = 0; jp < JJ; jp += 2)
                 stm_addr[jp / 2] = hb + lr * (kHC * 2) + (((sc * JJ + jp + (mq >> 1)) ^ swz) << 4);
             }
-            uint32_t gv[2][JJ], uv[2][JJ], sv[kSaSmem ? 2 : 1][kSaSmem ? JJ : 1];
+            uint32_t gv[2][JJ], uv[2][JJ];
             if constexpr (kStm) {
 #pragma unroll
               for (int jp = 0; jp < JJ; jp += 2) {
@@ -594,21 +586,11 @@ __global__ void __launch_bounds__(THREADS, 1)
                     sts32(hb + off, pack2<T>(dg[0], dg[1]));
                     sts32(hb + hu_off + off, pack2<T>(du[0], du[1]));
                   }
-                  if constexpr (kSaSmem) {
-                    if constexpr (kStm)
-                      sv[hh][jj] = pack2<T>(sa[0], sa[1]);
-                    else
-                      sts32(hb + hu_off + 2 * kHHalf + off, pack2<T>(sa[0], sa[1]));
-                  } else if (SA) {
-                    *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
-                  }
+                  if (SA) *reinterpret_cast<uint32_t *>(sar + j * 8) = pack2<T>(sa[0], sa[1]);
                 }
               } else if constexpr (kStm) {
 #pragma unroll
-                for (int jj = 0; jj < JJ; ++jj) {
-                  gv[hh][jj] = uv[hh][jj] = 0;
-                  if constexpr (kSaSmem) sv[hh][jj] = 0;
-                }
+                for (int jj = 0; jj < JJ; ++jj) gv[hh][jj] = uv[hh][jj] = 0;
               }
             }
             if constexpr (kStm) {
@@ -617,9 +599,6 @@ __global__ void __launch_bounds__(THREADS, 1)
                 stmatrix_x4(stm_addr[jp / 2], gv[0][jp], gv[1][jp], gv[0][jp + 1], gv[1][jp + 1]);
                 stmatrix_x4(stm_addr[jp / 2] + hu_off, uv[0][jp], uv[1][jp], uv[0][jp + 1],
                             uv[1][jp + 1]);
-                if constexpr (kSaSmem)
-                  stmatrix_x4(stm_addr[jp / 2] + hu_off + 2 * kHHalf, sv[0][jp], sv[1][jp],
-                              sv[0][jp + 1], sv[1][jp + 1]);
               }
             }
           }  // sub-chunk
@@ -627,26 +606,21 @@ __global__ void __launch_bounds__(THREADS, 1)
           {
             // kCPR 16-byte chunks a row of each half; the warpgroup's 128 threads take rows
             // rb + kStep i of both halves, chunk ch (all rows of one i share a swizzle phase).
-            // Half 2 (kSaSmem): s*a, 2 kHHalf bytes past u.
             constexpr int kCPR = kHC / 8, kStep = 128 / kCPR;
             const int ch = tid_wg % kCPR, rb = tid_wg / kCPR;
 #pragma unroll
-            for (int half = 0; half < (kSaSmem ? 3 : 2); ++half) {
-              if (half == 2 && !SA) break;
+            for (int half = 0; half < 2; ++half)
 #pragma unroll
               for (int i = 0; i < 64 / kStep; ++i) {
                 const int lr = rb + kStep * i, r = t.row0 + c * 64 + lr;
                 if (r < t.row1) {
                   const int sw = kHC == 64 ? (lr & 7) : ((lr >> 1) & 3);
-                  const uint32_t src = hb + (half == 0 ? 0u : hu_off + (half - 1) * 2 * kHHalf) +
-                                       lr * (kHC * 2) + ((ch ^ sw) << 4);
-                  const int col = nt * BN + q * kHC + ch * 8;
-                  T *dst = half < 2 ? dH + int64_t(r) * p.ldc + half * p.N + col
-                                    : SA + int64_t(r) * p.ldc2 + col;
+                  const uint32_t src =
+                      hb + half * hu_off + lr * (kHC * 2) + ((ch ^ sw) << 4);
+                  T *dst = dH + int64_t(r) * p.ldc + half * p.N + nt * BN + q * kHC + ch * 8;
                   *reinterpret_cast<uint4 *>(dst) = lds128(src);
                 }
               }
-            }
           }
           // All reads of this buffer come before the TMA (async proxy) overwrites it, with
           // chunk q + 2 here or with chunk 0 / 1 at the next item.
