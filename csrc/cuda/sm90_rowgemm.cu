@@ -89,9 +89,10 @@ __host__ __device__ constexpr uint32_t kmajor_off(int r, int ch) {
   return uint32_t(r * ROW + ((ch ^ (BK == 64 ? (r & 7) : ((r >> 1) & 3))) << 4));
 }
 // dA' without the h ring (below): h arrives in chunks of kHC columns of g and the same of u, 64
-// rows (a warpgroup's), two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for a 4th stage: A/B on
-// the H100 (30B-A3B, in-place dg / du epilogue, two rounds): dA' 1.04 / 1.00 ms vs 1.12 / 1.08
-// at T=16384, 0.355 vs 0.364 ms at T=4096. (Before that epilogue 64 had won at T=16384.)
+// rows (a warpgroup's), two buffers a warpgroup. 32 columns (64-byte swizzle) leave the smem for
+// a 4th stage: A/B on the H100 (30B-A3B, in-place dg / du epilogue, two rounds): dA' 1.04 / 1.00
+// ms vs 1.12 / 1.08 at T=16384, 0.355 vs 0.364 ms at T=4096. (Before that epilogue 64 had won
+// at T=16384.)
 #ifndef MOE_SM90_DA_HC
 #define MOE_SM90_DA_HC 32
 #endif
