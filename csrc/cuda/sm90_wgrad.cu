@@ -59,14 +59,15 @@ template <int BK_> struct Cfg {
 #define MOE_SM90_WGRAD_TMA_STORE 1
 #endif
 [[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
-// -DMOE_SM90_WGRAD_MCAST=1: clusters of two CTAs, each item an expert's pair of m-tiles
-// (2 mi, 2 mi + 1) at one n-tile: both need the same Q stages (the expert's rows, the same
-// 256 columns), so each CTA loads half of every Q stage and the TMA writes it to both CTAs
-// (multicast); P (the m-tile's columns) stays each CTA's own. Taken where the m-tiles pair
-// up (Mp / BM even). Session 12 measured it on session 11's first producer: 235B-A22B T=16384
-// dW1 / dW2 4% faster than the same producer without it, 30B-A3B level.
+// MOE_SM90_WGRAD_MCAST (default 1): clusters of two CTAs, each item an expert's pair of
+// m-tiles (2 mi, 2 mi + 1) at one n-tile: both need the same Q stages (the expert's rows, the
+// same 256 columns), so each CTA loads half of every Q stage and the TMA writes it to both
+// CTAs (multicast); P (the m-tile's columns) stays each CTA's own. Taken where the m-tiles
+// pair up (Mp / BM even). H100 A/B (session 12, three rounds, over GEMM1 in each round):
+// 30B-A3B T=16384 dW1 -4.9%, dW2 -1.2%; 235B-A22B T=16384 dW1 -2.9%, dW2 -2.6%; sm90 tests
+// and compute-sanitizer clean. (On session 11's older producer it had been level at 30B.)
 #ifndef MOE_SM90_WGRAD_MCAST
-#define MOE_SM90_WGRAD_MCAST 0
+#define MOE_SM90_WGRAD_MCAST 1
 #endif
 
 struct WgParams {
