@@ -16,7 +16,9 @@
 // Two consumer warpgroups run wgmma m64n256k16; the tile goes out through a swizzled smem
 // pass buffer in 16-byte row stores (sm90_epilogue.cuh) while the next tile's loads are in
 // flight. Persistent grid over
-// (expert, m-tile, n-tile), n fastest so that concurrent CTAs share the expert's rows in L2.
+// (expert, m-tile, n-tile), n fastest so that concurrent CTAs share the expert's rows in L2;
+// by default in clusters of two taking an expert's m-tiles in pairs, which share the Q stages
+// by TMA multicast (MOE_SM90_WGRAD_MCAST).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
