@@ -667,19 +667,7 @@ bool launch(const RowMaps &maps, const RowParams &p, int64_t max_items, cudaStre
   const int fit = cluster_grid(reinterpret_cast<const void *>(kern), smem, THREADS, 2,
                                gate<T, EPI, B_MN>(), sms);
   const int64_t want = (std::max<int64_t>(1, max_items) + 1) / 2 * 2;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(std::min<int64_t>(fit, want)));
-  cfg.blockDim = dim3(THREADS);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute at{};
-  at.id = cudaLaunchAttributeClusterDimension;
-  at.val.clusterDim.x = 2;
-  at.val.clusterDim.y = 1;
-  at.val.clusterDim.z = 1;
-  cfg.attrs = &at;
-  cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kern, maps, p);
+  launch_in_pairs(kern, unsigned(std::min<int64_t>(fit, want)), THREADS, smem, stream, maps, p);
   *status = launch_status("sm90 row GEMM");
   return true;
 }

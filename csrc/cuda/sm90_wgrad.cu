@@ -438,19 +438,8 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, 
     // Clusters of two: an even, persistent grid of the CTAs that fit at once.
     const int fit = cluster_grid(reinterpret_cast<const void *>(kern), C::kSmem, THREADS, 2, g,
                                  sms);
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(unsigned(std::min<int64_t>(fit, std::max<int64_t>(2, items))));
-    cfg.blockDim = dim3(THREADS);
-    cfg.dynamicSmemBytes = C::kSmem;
-    cfg.stream = stream;
-    cudaLaunchAttribute at{};
-    at.id = cudaLaunchAttributeClusterDimension;
-    at.val.clusterDim.x = 2;
-    at.val.clusterDim.y = 1;
-    at.val.clusterDim.z = 1;
-    cfg.attrs = &at;
-    cfg.numAttrs = 1;
-    cudaLaunchKernelEx(&cfg, kern, map, mapC, p);
+    launch_in_pairs(kern, unsigned(std::min<int64_t>(fit, std::max<int64_t>(2, items))), THREADS,
+                    C::kSmem, stream, map, mapC, p);
   } else {
     const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
     kern<<<grid, THREADS, C::kSmem, stream>>>(map, mapC, p);
