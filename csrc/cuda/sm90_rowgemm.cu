@@ -624,7 +624,8 @@ __global__ void __launch_bounds__(THREADS, 1)
               }
           }
           // All reads of this buffer come before the TMA (async proxy) overwrites it, with
-          // chunk q + 2 here or with chunk 0 / 1 at the next item.
+          // chunk q + 2 here or with chunk 0 / 1 at the next item (the h ring: with whatever
+          // the producer loads into the stage once it is released).
           fence_proxy_async();
           named_bar(1 + c, 128);
           if constexpr (kHRing) {

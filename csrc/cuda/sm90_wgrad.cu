@@ -438,8 +438,9 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, 
     // Clusters of two: an even, persistent grid of the CTAs that fit at once.
     const int fit = cluster_grid(reinterpret_cast<const void *>(kern), C::kSmem, THREADS, 2, g,
                                  sms);
-    launch_in_pairs(kern, unsigned(std::min<int64_t>(fit, std::max<int64_t>(2, items))), THREADS,
-                    C::kSmem, stream, map, mapC, p);
+    const int64_t want = (std::max<int64_t>(1, items) + 1) / 2 * 2;  // items is even here
+    launch_in_pairs(kern, unsigned(std::min<int64_t>(fit, want)), THREADS, C::kSmem, stream, map,
+                    mapC, p);
   } else {
     const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
     kern<<<grid, THREADS, C::kSmem, stream>>>(map, mapC, p);
