@@ -491,3 +491,16 @@ def test_ab_summary_reads_rounds_and_normalizes_by_the_reference(tmp_path):
     assert rows["dX/sm90"][1:] == ["1.000", "0.880", "0.880", "0.800"]  # base, v, ratio, vs ref
     assert rows["dW2+dW1/sm90'"][1:] == ["0.250", "0.275", "1.100", "1.000"]
     assert rows["combine_kernel"][-1] == "1.000" and rows["GEMM1/sm90"][-1] == "1.000"
+
+
+def test_time_interleaved_varies_the_order():
+    # Each implementation runs right after each other one in some round, and each gets its
+    # runs: a fixed order would always time one of them right after the same neighbour.
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("hf", "ours", "other")}
+    timed = bench._time_interleaved(fns, torch.device("cpu"), warmup=0, iters=10, max_seconds=60)
+    assert {name: n for name, (_, n) in timed.items()} == {"hf": 10, "ours": 10, "other": 10}
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == sorted(fns) for r in rounds)
+    after = {(a, b) for r in rounds for a, b in zip(r, r[1:])}
+    assert after == {(a, b) for a in fns for b in fns if a != b}

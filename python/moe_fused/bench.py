@@ -44,6 +44,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import sys
 import time
@@ -202,7 +203,11 @@ def median_ms(fn, device, warmup=3, iters=10):
 
 def _time_interleaved(fns, device, warmup, iters, max_seconds):
     """{name: (median ms, runs)} of each fn, timed round-robin (one run of each in turn),
-    so that a change of background load hits every implementation alike. Each gets up to
+    so that a change of background load hits every implementation alike. The order is
+    shuffled each round (a fixed seed: runs repeat), so that no implementation always runs
+    right after the same other one (on the H100 the same kernels timed after HF's and after
+    another implementation differed by up to 3% at small T: the host time before a step's
+    first kernel). Each gets up to
     `iters` runs (at least 3; fewer once its own runs exceed max_seconds). Warmup stops
     after one run when that run alone takes over a second."""
     for fn in fns.values():
@@ -214,11 +219,13 @@ def _time_interleaved(fns, device, warmup, iters, max_seconds):
                 break
     _sync(device)
     times = {name: [] for name in fns}
+    order = random.Random(0)
     while True:
         active = [n for n in fns if len(times[n]) < iters and
                   (len(times[n]) < 3 or sum(times[n]) < max_seconds * 1e3)]
         if not active:
             break
+        order.shuffle(active)
         for name in active:
             times[name].append(_run_once(fns[name], device))
     return {name: (statistics.median(t), len(t)) for name, t in times.items()}
