@@ -449,23 +449,25 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, 
   return true;
 }
 
+// The kernel for P gathered or not (gp) and D stored transposed or not (tr).
+template <class T, int BKT, bool MC>
+bool launch_for(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool gp,
+                bool tr, cudaStream_t st, moe_status_t *status) {
+  if (tr)
+    return gp ? launch<T, true, true, BKT, MC>(map, mapC, p, st, status)
+              : launch<T, false, true, BKT, MC>(map, mapC, p, st, status);
+  return gp ? launch<T, true, false, BKT, MC>(map, mapC, p, st, status)
+            : launch<T, false, false, BKT, MC>(map, mapC, p, st, status);
+}
+
 template <class T, int BKT>
 bool dispatch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool tr,
               cudaStream_t st, moe_status_t *status) {
   const bool gp = p.p_div > 0;
   constexpr bool MC = MOE_SM90_WGRAD_MCAST != 0;
-  if (MC && (p.Mp / BM) % 2 == 0) {
-    if (tr)
-      return gp ? launch<T, true, true, BKT, MC>(map, mapC, p, st, status)
-                : launch<T, false, true, BKT, MC>(map, mapC, p, st, status);
-    return gp ? launch<T, true, false, BKT, MC>(map, mapC, p, st, status)
-              : launch<T, false, false, BKT, MC>(map, mapC, p, st, status);
-  }
-  if (tr)
-    return gp ? launch<T, true, true, BKT, false>(map, mapC, p, st, status)
-              : launch<T, false, true, BKT, false>(map, mapC, p, st, status);
-  return gp ? launch<T, true, false, BKT, false>(map, mapC, p, st, status)
-            : launch<T, false, false, BKT, false>(map, mapC, p, st, status);
+  if (MC && (p.Mp / BM) % 2 == 0)  // the multicast pairs need the m-tiles in pairs
+    return launch_for<T, BKT, MC>(map, mapC, p, gp, tr, st, status);
+  return launch_for<T, BKT, false>(map, mapC, p, gp, tr, st, status);
 }
 
 // 64 x 3 measured faster on the H100 (30B-A3B T=16384: dW1 2.84 -> 2.41 ms, dW2 1.37 -> 1.09;
