@@ -116,7 +116,7 @@ pieces = [
     ("_eager_ok", lambda: ops._eager_ok(x, idx, s, w1, w2)),
     ("torch.empty x5", lambda: [torch.empty(8, device=dev) for _ in range(5)]),
     ("_lib.tensor x7", lambda: [_lib.tensor(x, "hidden_states") for _ in range(7)]),
-    ("_lib.plan", lambda: _lib.plan(*out_h[2:])),
+    ("_lib.packed_plan", lambda: _lib.packed_plan(out_h[2], E, T * k)),
     ("workspace size", lambda: _lib.experts_forward_call_workspace_size(dev, x.dtype, T, k, H, I, E, 0)),
     ("_lib.Context", lambda: _lib.Context(dev, 1 << 20, 0)),
     ("_window_flag", lambda: ops._window_flag(x, k)),

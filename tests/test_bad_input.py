@@ -85,6 +85,55 @@ def test_experts_bad_input(device, case):
         _call(args)
 
 
+def _args_ok(args):
+    from moe_fused import ops
+
+    return ops._experts_args_ok(*(args[n] for n in ("hidden_states", "top_k_index", "top_k_weights",
+                                                    "gate_up_proj", "down_proj")))
+
+
+@pytest.mark.parametrize("case", [c for c in EXPERTS_CASES if c[2] is not IndexError], ids=lambda c: c[0])
+def test_experts_fast_check_rejects_what_the_checks_reject(case):
+    """moe_experts runs the one-expression check (_experts_args_ok) and the detailed, naming
+    checks only when it fails: it must fail on every input they reject (the index range is
+    the C library's / the CUDA check's, not theirs)."""
+    _, changes, _, _ = case
+    assert not _args_ok(_with("cpu", **changes))
+
+
+@pytest.mark.parametrize("name", ["hidden_states", "top_k_index", "top_k_weights", "gate_up_proj", "down_proj"])
+def test_experts_fast_check_rejects_another_device(name):
+    args = _good("cpu")
+    args[name] = args[name].to("meta")
+    assert not _args_ok(args)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, dict(top_k_index=lambda t: t.int()), dict(top_k_weights=lambda t: t.float())],
+    ids=["f32", "int32-index", "f32-weights"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_experts_fast_check_accepts_good_input(changes, dtype):
+    args = _good("cpu", dtype)
+    for n, fn in changes.items():
+        args[n] = fn(args[n])
+    assert _args_ok(args)
+
+
+def test_packed_plan_describes_its_three_views():
+    """The packed plan's one descriptor pack equals the descriptors of its three views, and a
+    buffer of the wrong size or dtype is refused, naming the plan."""
+    n, e = 7, 3
+    buf = torch.arange(_lib.packed_plan_numel(e, n), dtype=torch.int32)
+    off, srt, rows = _lib.packed_plan_views(buf, e, n)
+    assert off.numel() == e + 1 and srt.numel() == rows.numel() == n
+    assert bytes(_lib.packed_plan(buf, e, n)) == bytes(_lib.plan(off, srt, rows))
+    for bad in (buf[:-1], buf.long(), torch.zeros(2, buf.numel() // 2 + 1, dtype=torch.int32)[:, 0]):
+        with pytest.raises(ValueError, match="plan"):
+            _lib.packed_plan(bad, e, n)
+
+
 @pytest.mark.parametrize("name", ["top_k_index", "top_k_weights", "gate_up_proj", "down_proj"])
 def test_experts_wrong_device(name):
     """A tensor on another device: ValueError naming it (meta stands in for a GPU)."""

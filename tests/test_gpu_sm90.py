@@ -452,8 +452,8 @@ def test_cuda_graph_capture_sm90_backward():
     ops = torch.ops.moe_fused
 
     def step():
-        out, h, off, srt, rows = ops.experts_forward(x, idx, s, w1, w2)
-        return (out,) + tuple(ops.experts_backward(dout, x, s, w1, w2, off, srt, rows, h, True, True, True, True))
+        out, h, plan = ops.experts_forward(x, idx, s, w1, w2)
+        return (out,) + tuple(ops.experts_backward(dout, x, s, w1, w2, plan, h, True, True, True, True))
 
     with path("sm90"):
         side = torch.cuda.Stream()

@@ -409,7 +409,8 @@ def test_experts_degenerate_sizes(device, T, H, I, E, k):
     out.backward(torch.ones_like(out))
     for t in (x, w, w1, w2):
         assert t.grad is not None and t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0
-    _, _, offsets, sorted_pairs, pair_rows = torch.ops.moe_fused.experts_forward(x, idx, w, w1, w2)
+    _, _, plan = torch.ops.moe_fused.experts_forward(x, idx, w, w1, w2)
+    offsets, sorted_pairs, pair_rows = moe_fused._lib.packed_plan_views(plan, E, T * k)
     flat = idx.reshape(-1).cpu()
     assert torch.equal(offsets.cpu().long(), torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(flat, minlength=E).cumsum(0)]))
     assert torch.equal(sorted_pairs.cpu().long(), torch.sort(flat, stable=True).indices)
@@ -492,9 +493,7 @@ def test_experts_saves_only_x_weights_plan_and_h():
         ((T, k), torch.float32),  # routing weights
         ((E, 2 * I, H), torch.float32),  # gate_up_proj
         ((E, H, I), torch.float32),  # down_proj
-        ((E + 1,), torch.int32),  # expert_offsets
-        ((T * k,), torch.int32),  # sorted_pairs
-        ((T * k,), torch.int32),  # pair_rows
+        ((2 * T * k + E + 1,), torch.int32),  # the plan: sorted_pairs, pair_rows, expert_offsets
         ((T * k, 2 * I), torch.float32),  # h
     ]
     assert sorted(saved, key=str) == sorted(expected, key=str)
@@ -654,6 +653,6 @@ def test_cuda_guard_switches_only_to_another_device(monkeypatch):
     monkeypatch.setattr(ops, "_cuda_get_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Guard)
     kernel = ops._cuda_guarded(lambda t, v: (t.device.index, v))
-    on = lambda i: SimpleNamespace(device=torch.device("cuda", i))  # noqa: E731
+    on = lambda i: SimpleNamespace(device=torch.device("cuda", i), get_device=lambda: i)  # noqa: E731
     assert kernel(on(0), "a") == (0, "a") and entered == []
     assert kernel(on(1), "b") == (1, "b") and entered == [1]

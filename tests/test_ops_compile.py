@@ -29,11 +29,8 @@ def test_opcheck_experts_forward(device, index_dtype):
 @pytest.mark.parametrize("needs", [(True, True, True, True), (True, False, False, True), (False, True, True, False)])
 def test_opcheck_experts_backward(device, needs):
     x, idx, w, w1, w2, grad = _experts_args(device, requires_grad=False)
-    out, h, offsets, sorted_pairs, pair_rows = OPS.experts_forward(x, idx, w, w1, w2)
-    torch.library.opcheck(
-        OPS.experts_backward.default,
-        (grad, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, *needs),
-    )
+    out, h, plan = OPS.experts_forward(x, idx, w, w1, w2)
+    torch.library.opcheck(OPS.experts_backward.default, (grad, x, w, w1, w2, plan, h, *needs))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -51,9 +48,11 @@ def test_opcheck_linear(device):
 def test_plan_outputs_are_a_valid_plan():
     """expert_offsets / sorted_pairs / pair_rows form the documented stable routing plan."""
     x, idx, w, w1, w2, _ = _experts_args("cpu", requires_grad=False)
-    _, h, offsets, sorted_pairs, pair_rows = OPS.experts_forward(x, idx, w, w1, w2)
+    _, h, plan = OPS.experts_forward(x, idx, w, w1, w2)
     E, k = w1.shape[0], idx.shape[1]
     flat = idx.reshape(-1)
+    assert plan.shape == (2 * flat.numel() + E + 1,)
+    offsets, sorted_pairs, pair_rows = moe_fused._lib.packed_plan_views(plan, E, flat.numel())
     expected = torch.sort(flat, stable=True).indices
     assert offsets.dtype == sorted_pairs.dtype == pair_rows.dtype == torch.int32
     assert torch.equal(sorted_pairs.long(), expected)

@@ -110,7 +110,7 @@ def test_forward_impl_without_h(device):
     without = ops._experts_forward_impl(x, idx, w, w1, w2, False)
     assert with_h[1].shape == (45 * 3, 24) and without[1].shape == (0, 24)
     assert without[1].dtype == x.dtype and without[1].device == x.device
-    for a, b in zip(with_h[:1] + with_h[2:], without[:1] + without[2:]):
+    for a, b in zip(with_h[:1] + with_h[2:], without[:1] + without[2:]):  # out, plan
         assert torch.equal(a, b)
 
 

@@ -345,6 +345,52 @@ def plan(expert_offsets: torch.Tensor, sorted_pairs: torch.Tensor, pair_rows: to
     return p
 
 
+# ---- the routing plan in one int32 buffer -------------------------------------------------
+# The experts layer keeps its routing plan (the forward's output, the backward's input) in one
+# int32 tensor [2 n + E + 1]: sorted_pairs [n], pair_rows [n], expert_offsets [E + 1] back to
+# back, every element written by the plan builders. One allocation instead of three, and one
+# descriptor pack without views: the host time before the first kernel is time the GPU waits
+# (bench/device/host_stages.py: a torch.empty of a CUDA tensor costs ~10 us on the H100
+# machine's host). The kernels read the plan as single int32s (no alignment asked).
+_PLAN_LAYOUT = struct.Struct("@" + 3 * _TENSOR_LAYOUTS[1].format.lstrip("@"))
+assert _PLAN_LAYOUT.size == ctypes.sizeof(MoePlan)
+
+
+def packed_plan_numel(num_experts, num_pairs):
+    """Elements of the packed plan (SymInts welcome: the fake kernels size it under compile)."""
+    return 2 * num_pairs + num_experts + 1
+
+
+def packed_plan_views(buf: torch.Tensor, num_experts: int, num_pairs: int):
+    """(expert_offsets [E+1], sorted_pairs [n], pair_rows [n]): views of a packed plan."""
+    n = num_pairs
+    return buf[2 * n : 2 * n + num_experts + 1], buf[:n], buf[n : 2 * n]
+
+
+def packed_plan(buf: torch.Tensor, num_experts: int, num_pairs: int) -> MoePlan:
+    """The moe_plan_t of a packed plan (no views made); the C library checks the sizes."""
+    if (buf.dtype != torch.int32 or buf.dim() != 1 or buf.stride(0) != 1
+            or buf.numel() != packed_plan_numel(num_experts, num_pairs)):
+        raise ValueError(
+            f"plan: a contiguous int32 [{packed_plan_numel(num_experts, num_pairs)}] tensor "
+            f"is expected for {num_experts} experts and {num_pairs} pairs, got {buf.dtype} "
+            f"{tuple(buf.shape)} with strides {buf.stride()}"
+        )
+    n, base, i32, name = num_pairs, buf.data_ptr(), MOE_DTYPE_I32, _plan_name
+    p = MoePlan()
+    _PLAN_LAYOUT.pack_into(
+        p, 0,
+        base + 8 * n, i32, 1, num_experts + 1, 1, name("expert_offsets"),
+        base, i32, 1, n, 1, name("sorted_pairs"),
+        base + 4 * n, i32, 1, n, 1, name("pair_rows"),
+    )
+    return p
+
+
+def _plan_name(name: str) -> int:
+    return _NAMES.get(name) or _name_address(name)
+
+
 def device_type(device: torch.device) -> int:
     if device.type == "cpu":
         return MOE_DEVICE_CPU

@@ -4,14 +4,16 @@ Ops (namespace ``moe_fused``), each defined once here with a fake implementation
 ``torch.compile(fullgraph=True)`` traces them) and a real implementation for "cpu" and
 "cuda" that calls the C ABI of libmoe_fused (see ``_lib.py``):
 
-    experts_forward(x, idx, w, w1, w2) -> (out, h, expert_offsets, sorted_pairs, pair_rows)
-    experts_backward(grad_out, x, w, w1, w2, expert_offsets, sorted_pairs, pair_rows, h,
-                     need_x, need_w, need_w1, need_w2) -> (dx, dw, dw1, dw2)
+    experts_forward(x, idx, w, w1, w2) -> (out, h, plan)
+    experts_backward(grad_out, x, w, w1, w2, plan, h, need_x, need_w, need_w1, need_w2)
+        -> (dx, dw, dw1, dw2)
     linear_forward(input, weight, selected_experts) -> out
     linear_backward(grad_out, input, weight, selected_experts, need_input, need_weight)
         -> (grad_input, grad_weight)
 
-A gradient that is not needed is returned as an empty tensor (numel 0) and not computed.
+plan is the routing plan in one int32 tensor (sorted_pairs, pair_rows, expert_offsets; see
+``_lib.packed_plan_views``). A gradient that is not needed is returned as an empty tensor
+(numel 0) and not computed.
 The experts backward needs only x, the routing weights, the expert weights, the routing
 plan and h = [g; u]; a = silu(g) * u and y = down_proj[e] a are recomputed, never saved.
 
@@ -156,12 +158,12 @@ _LIB = torch.library.Library("moe_fused", "FRAGMENT")  # kept alive for the proc
 
 _LIB.define(
     "experts_forward(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, "
-    "Tensor gate_up_proj, Tensor down_proj) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor gate_up_proj, Tensor down_proj) -> (Tensor, Tensor, Tensor)"
 )
 _LIB.define(
     "experts_backward(Tensor grad_out, Tensor hidden_states, Tensor top_k_weights, "
-    "Tensor gate_up_proj, Tensor down_proj, Tensor expert_offsets, Tensor sorted_pairs, "
-    "Tensor pair_rows, Tensor h, bool need_hidden_states, bool need_top_k_weights, "
+    "Tensor gate_up_proj, Tensor down_proj, Tensor plan, Tensor h, "
+    "bool need_hidden_states, bool need_top_k_weights, "
     "bool need_gate_up_proj, bool need_down_proj) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _LIB.define("linear_forward(Tensor input, Tensor weight, Tensor selected_experts) -> Tensor")
@@ -207,7 +209,31 @@ def _check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
         raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
 
 
+def _experts_args_ok(x, idx, w, w1, w2) -> bool:
+    """True exactly when every check of _check_experts passes, as one expression: what each
+    call runs (the checks' helper calls cost ~25 us a call on the H100 machine's host, before
+    the first kernel); the detailed checks then run only to name what is wrong."""
+    T_ = torch.Tensor
+    if not (isinstance(x, T_) and isinstance(idx, T_) and isinstance(w, T_) and isinstance(w1, T_)
+            and isinstance(w2, T_)):
+        return False
+    xs, ks, ws1 = x.shape, idx.shape, w1.shape
+    if len(xs) != 2 or len(ks) != 2 or len(ws1) != 3:
+        return False
+    d, dt = x.device, x.dtype
+    E, two_i, H = ws1
+    return (
+        idx.device == d and w.device == d and w1.device == d and w2.device == d
+        and dt in _FLOAT_DTYPES and idx.dtype in _INDEX_DTYPES
+        and w1.dtype == dt and w2.dtype == dt and (w.dtype == dt or w.dtype == torch.float32)
+        and ks[0] == xs[0] and w.shape == ks and H == xs[1] and two_i % 2 == 0
+        and w2.shape == (E, H, two_i // 2)
+    )
+
+
 def _check_experts(x, idx, w, w1, w2) -> None:
+    if _experts_args_ok(x, idx, w, w1, w2):
+        return
     names = ("hidden_states", "top_k_index", "top_k_weights", "gate_up_proj", "down_proj")
     _check_tensors(list(zip(names, (x, idx, w, w1, w2))))
     _check_float("hidden_states", x)
@@ -302,15 +328,13 @@ def _ref(desc):
 
 
 def _experts_outputs(x, idx, w1, factory, need_h=True):
+    """(out [T, H], h [T*k, 2I] ([0, 2I] without need_h: not stored), the packed routing
+    plan [2 T*k + E + 1] int32), each made by factory(shape, dtype)."""
     T, H = x.shape
-    k = idx.shape[1]
+    n = T * idx.shape[1]
     E, two_i = w1.shape[0], w1.shape[1]
-    out = factory((T, H), x.dtype)
-    h = factory((T * k if need_h else 0, two_i), x.dtype)  # need_h False: empty, not stored
-    offsets = factory((E + 1,), torch.int32)
-    sorted_pairs = factory((T * k,), torch.int32)
-    pair_rows = factory((T * k,), torch.int32)
-    return out, h, offsets, sorted_pairs, pair_rows
+    return (factory((T, H), x.dtype), factory((n if need_h else 0, two_i), x.dtype),
+            factory((_lib.packed_plan_numel(E, n),), torch.int32))
 
 
 @torch.library.register_fake("moe_fused::experts_forward", lib=_LIB)
@@ -329,14 +353,15 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     k = idx.shape[1]
     E, two_i = w1.shape[0], w1.shape[1]
     I = two_i // 2
+    n = T * k
     # (sizes as arguments, not a tuple: torch parses them faster)
-    outs = _experts_outputs(
+    out, h, plan_buf = _experts_outputs(
         x, idx, w1, lambda shape, dt: torch.empty(*shape, dtype=dt, device=dev), need_h
     )
-    out, h, offsets, sorted_pairs, pair_rows = outs
-    if T * k == 0 or I == 0 or H == 0:
-        return _experts_forward_degenerate(idx, E, outs)
-    _check_index_range("top_k_index", idx, E)
+    if n == 0 or I == 0 or H == 0:
+        return _experts_forward_degenerate(idx, E, out, h, plan_buf)
+    if _cuda_index_check and dev.type == "cuda":
+        _check_index_range("top_k_index", idx, E)
     x, idx, w = x.contiguous(), idx.contiguous(), w.contiguous()
     lib = _lib.lib()
     # The environment is read once: the size query and the call see the same flags.
@@ -344,7 +369,7 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     ws_flags = flags if need_h else flags | _lib.MOE_FLAG_FORWARD_NO_H
     nbytes = _lib.experts_forward_call_workspace_size(dev, x.dtype, T, k, H, I, E, ws_flags)
     ctx = _lib.Context(dev, nbytes, flags)
-    plan = _lib.plan(offsets, sorted_pairs, pair_rows)
+    plan = _lib.packed_plan(plan_buf, E, n)
     t = _lib.tensor
     status = lib.moe_experts_forward(
         ctx.ref(),
@@ -358,17 +383,18 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
         _ref(t(out, "out")),
     )
     _lib.check(status, "moe_experts_forward")
-    return outs
+    return out, h, plan_buf
 
 
-def _experts_forward_degenerate(idx, E, outs):
+def _experts_forward_degenerate(idx, E, out, h, plan_buf):
     """T*k, I or H is 0: out = 0; the plan from torch ops (no pair, or nothing to multiply)."""
-    out, h, offsets, sorted_pairs, pair_rows = outs
     out.zero_()
     h.zero_()
+    plan_buf.zero_()
+    outs = (out, h, plan_buf)
     flat = idx.reshape(-1)
+    offsets, sorted_pairs, pair_rows = _lib.packed_plan_views(plan_buf, E, flat.numel())
     if flat.numel() == 0:
-        offsets.zero_()
         return outs
     _check_index_range("top_k_index", idx, E, any_device=True)
     order = torch.sort(flat, stable=True).indices
@@ -381,7 +407,7 @@ def _experts_forward_degenerate(idx, E, outs):
 
 
 @torch.library.register_fake("moe_fused::experts_backward", lib=_LIB)
-def _experts_backward_fake(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2):
+def _experts_backward_fake(g, x, w, w1, w2, plan_buf, h, n_x, n_w, n_w1, n_w2):
     def like(t, need):
         return t.new_empty(t.shape) if need else t.new_empty((0,))
 
@@ -389,7 +415,7 @@ def _experts_backward_fake(g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h,
 
 
 def _experts_backward_impl(
-    g, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2, overwrite_h=False
+    g, x, w, w1, w2, plan_buf, h, n_x, n_w, n_w1, n_w2, overwrite_h=False
 ):
     # overwrite_h (the eager fast path only, never the op): the C call may write dh over h.
     dev = x.device
@@ -422,7 +448,7 @@ def _experts_backward_impl(
             )
             nbytes = _lib.experts_backward_call_workspace_size(dev, x.dtype, T, k, H, I, E, want, flags)
             ctx = _lib.Context(dev, nbytes, flags)
-            plan = _lib.plan(offsets, sorted_pairs, pair_rows)
+            plan = _lib.packed_plan(plan_buf, E, T * k)
             t, o = _lib.tensor, _lib.optional_tensor
             dx, dw, dw1, dw2 = grads
             status = lib.moe_experts_backward(
@@ -454,7 +480,7 @@ def _cuda_guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args):
-        index = args[0].device.index
+        index = args[0].get_device()  # (an int: no torch.device built)
         if _cuda_get_device is not None and index == _cuda_get_device():
             return fn(*args)  # already current: torch.cuda.device would set and restore it
         with torch.cuda.device(index):
@@ -478,27 +504,25 @@ _register_kernels("experts_backward", _experts_backward_impl)
 
 def _experts_setup_context(ctx, inputs, output):
     x, idx, w, w1, w2 = inputs
-    out, h, offsets, sorted_pairs, pair_rows = output
+    out, h, plan_buf = output
     # Saved: x, the routing weights, both expert weights, the plan and h. Not a, not y.
-    ctx.save_for_backward(x, w, w1, w2, offsets, sorted_pairs, pair_rows, h)
-    ctx.mark_non_differentiable(h, offsets, sorted_pairs, pair_rows)
+    ctx.save_for_backward(x, w, w1, w2, plan_buf, h)
+    ctx.mark_non_differentiable(h, plan_buf)
     # No zero-filled gradient for h (a [T*k, 2I] tensor) or the plan: they arrive as None.
     ctx.set_materialize_grads(False)
 
 
 def _experts_grads(ctx, grad_out, backward):
     """The input gradients from the saved tensors, `backward` the op or its kernel."""
-    x, w, w1, w2, offsets, sorted_pairs, pair_rows, h = ctx.saved_tensors
+    x, w, w1, w2, plan_buf, h = ctx.saved_tensors
     n_x, _n_idx, n_w, n_w1, n_w2 = ctx.needs_input_grad
     if grad_out is None or not (n_x or n_w or n_w1 or n_w2):
         return None, None, None, None, None
-    dx, dw, dw1, dw2 = backward(
-        grad_out, x, w, w1, w2, offsets, sorted_pairs, pair_rows, h, n_x, n_w, n_w1, n_w2
-    )
+    dx, dw, dw1, dw2 = backward(grad_out, x, w, w1, w2, plan_buf, h, n_x, n_w, n_w1, n_w2)
     return (dx if n_x else None, None, dw if n_w else None, dw1 if n_w1 else None, dw2 if n_w2 else None)
 
 
-def _experts_backward(ctx, grad_out, _grad_h, _grad_offsets, _grad_sorted, _grad_rows):
+def _experts_backward(ctx, grad_out, _grad_h, _grad_plan):
     return _experts_grads(ctx, grad_out, torch.ops.moe_fused.experts_backward)
 
 
@@ -518,17 +542,23 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _functorch_on = getattr(torch._C, "_are_functorch_transforms_active", None)
+_EAGER_CHECKABLE = None not in (_dispatch_stack_len, _function_mode_on, _functorch_on)
 
 
 def _eager_ok(*tensors) -> bool:
-    if _dispatch_stack_len is None or _function_mode_on is None or _functorch_on is None:
-        return False
-    if torch.compiler.is_compiling():
+    """Whether the autograd.Function fast path may run (checked devices alike already)."""
+    if not _EAGER_CHECKABLE or torch.compiler.is_compiling():
         return False
     if _dispatch_stack_len() or _function_mode_on() or _functorch_on():
         return False
     # cpu / cuda only: meta tensors (shape inference) take the op's fake implementation
-    return tensors[0].device.type in ("cpu", "cuda") and all(type(t) in _PLAIN for t in tensors)
+    x = tensors[0]
+    if not (x.is_cuda or x.is_cpu):
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def _kernel(impl, device):
@@ -544,8 +574,8 @@ def _grad_may_follow(*tensors) -> bool:
 class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, idx, w, w1, w2):
-        out, h, offsets, sorted_pairs, pair_rows = _kernel(_experts_forward_impl, x.device)(x, idx, w, w1, w2)
-        ctx.save_for_backward(x, w, w1, w2, offsets, sorted_pairs, pair_rows, h)
+        out, h, plan_buf = _kernel(_experts_forward_impl, x.device)(x, idx, w, w1, w2)
+        ctx.save_for_backward(x, w, w1, w2, plan_buf, h)
         ctx.set_materialize_grads(False)
         ctx.device = x.device
         # Decided at the forward, so that a setting changed in between cannot apply half-way.
@@ -688,8 +718,15 @@ class _LinearFunction(torch.autograd.Function):
 # ---- public API ---------------------------------------------------------------------------
 
 
+# One call that says whether autocast is on for any device (most calls: no): the per-device
+# query below costs more on slow hosts.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _autocast_dtype(device: torch.device):
     """The autocast dtype when autocast is on for this device type, else None."""
+    if _any_autocast is not None and not _any_autocast():
+        return None
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
