@@ -270,9 +270,9 @@ static moe_status_t linear_plan(const moe_context_t &ctx, const LinearProblem &p
   int64_t s0, s1, k;
   index_strides(sel, &s0, &s1, &k);
   cudaStream_t st = stream_of(ctx);
+  const PlanTiles tiles{BMT, L.tiles, L.num_tiles};
   build_plan(sel.data, sel.dtype, s0, 0, 1, p.n, int(p.num_experts), L.offsets, L.sorted, L.rows,
-             L.plan.scratch, st);
-  build_tiles(L.offsets, int(p.num_experts), p.n, BMT, L.tiles, L.num_tiles, st);
+             L.plan.scratch, st, &tiles);
   return launch_status("moe_linear (plan)");
 }
 
@@ -431,16 +431,17 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   int32_t *rows = static_cast<int32_t *>(plan.pair_rows.data);
   int64_t s0, s1, kk;
   index_strides(top_k_index, &s0, &s1, &kk);
+  // The tile list with the plan (float32 runs the SIMT path, which does not walk tiles).
+  const bool f32 = hidden_states.dtype == MOE_DTYPE_F32;
+  const PlanTiles tiles{BMT, L.tiles, L.num_tiles};
   build_plan(top_k_index.data, top_k_index.dtype, s0, s1, int(k), n, int(E), off, sorted, rows,
-             L.plan.scratch, st);
-  if (hidden_states.dtype == MOE_DTYPE_F32) {
-    MOE_CU_TRY(launch_status("moe_experts_forward (plan)"));
+             L.plan.scratch, st, f32 ? nullptr : &tiles);
+  MOE_CU_TRY(launch_status("moe_experts_forward (plan)"));
+  if (f32) {
     WsArena ar32(ctx.workspace);
     return f32_experts_forward(st, p, hidden_states, top_k_weights, gate_up_proj, down_proj, off,
                                sorted, rows, h, out, ar32.take<char>(1));
   }
-  build_tiles(off, int(E), n, BMT, L.tiles, L.num_tiles, st);
-  MOE_CU_TRY(launch_status("moe_experts_forward (plan)"));
 
   // GEMM1 + SwiGLU. Without h (no backward follows) the epilogue stores a alone: h is 2/3
   // of GEMM1's output bytes. a is the same either way (from the rounded g, u).

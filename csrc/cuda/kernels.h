@@ -24,10 +24,16 @@ size_t plan_scratch_bytes(int64_t n, int64_t E);
 // idx: [n/k, k] int32/int64 with element strides s0 (rows) and s1 (slots); for a
 // [N] index tensor pass k = 1, s1 = 0. Values outside [0, E) are clamped (the
 // Python layer checks ranges; here they must only never cause a wild access).
-// Writes offsets[E+1], sorted[n], rows[n] (the inverse).
+// Writes offsets[E+1], sorted[n], rows[n] (the inverse), and with `tiles` the tile list
+// build_tiles would make (in the same launches: one launch fewer).
+struct PlanTiles {
+  int BM;
+  Tile *tiles;          // [max_tiles(n, E, BM)]
+  int32_t *num_tiles;   // [1]
+};
 void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, int64_t n,
                 int E, int32_t *offsets, int32_t *sorted, int32_t *rows, void *scratch,
-                cudaStream_t stream);
+                cudaStream_t stream, const PlanTiles *tiles = nullptr);
 // Tile list of BM-row tiles over the segments [offsets[e], offsets[e+1]) (clamped
 // to [0, n], made monotone): tiles[max_tiles(n,E,BM)], num_tiles[1].
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,

@@ -2,6 +2,8 @@
 // each), exclusive column scans, expert offsets, stable scatter (pairs keep
 // ascending p within an expert), inverse permutation, and the BM-row tile
 // list the grouped GEMMs walk. No host synchronisation; graph capturable.
+// Three launches (histogram; scans, offsets and tile list; scatter): on slow hosts each
+// launch is ~10 us the GPU waits for before the first GEMM can start.
 #include <algorithm>
 
 #include "common/backend.h"
@@ -20,9 +22,11 @@ __device__ __forceinline__ int expert_of(const Idx *idx, int64_t s0, int64_t s1,
   return v < 0 ? 0 : (v >= E ? E - 1 : static_cast<int>(v));  // clamp: never wild
 }
 
+// Also zeroes plan_scan's block counter (the workspace is not zeroed between calls).
 template <class Idx>
 __global__ void plan_hist(const Idx *idx, int64_t s0, int64_t s1, int k, int64_t n, int E,
-                          int32_t *counts, int64_t nsub) {
+                          int32_t *counts, int64_t nsub, unsigned *scan_done) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *scan_done = 0u;
   const int64_t warp = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (warp >= nsub) return;
@@ -68,27 +72,13 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int *total) {
   return before + x - v;
 }
 
-// counts[s][e] -> exclusive prefix over s (per e); totals[e].
-__global__ void plan_colscan(int32_t *counts, int64_t nsub, int E, int32_t *totals) {
-  const int e = blockIdx.x;
-  int carry = 0;
-  for (int64_t b = 0; b < nsub; b += blockDim.x) {
-    const int64_t s = b + threadIdx.x;
-    const int v = s < nsub ? counts[s * E + e] : 0;
-    int tot;
-    const int ex = block_exclusive_scan(v, &tot);
-    if (s < nsub) counts[s * E + e] = carry + ex;
-    carry += tot;
-  }
-  if (threadIdx.x == 0) totals[e] = carry;
-}
-
-// offsets[e] = sum_{e' < e} totals[e'], offsets[E] = n.
-__global__ void plan_offsets(const int32_t *totals, int E, int32_t *offsets) {
+// offsets[e] = sum_{e' < e} totals[e'], offsets[E] = n; one block. totals come from other
+// blocks of plan_scan: read from L2 (__ldcg), past the block counter's fence.
+__device__ void offsets_block(const int32_t *totals, int E, int32_t *offsets) {
   int carry = 0;
   for (int b = 0; b < E; b += blockDim.x) {
     const int e = b + threadIdx.x;
-    const int v = e < E ? totals[e] : 0;
+    const int v = e < E ? __ldcg(totals + e) : 0;
     int tot;
     const int ex = block_exclusive_scan(v, &tot);
     if (e < E) offsets[e] = carry + ex;
@@ -139,9 +129,9 @@ __device__ __forceinline__ int lower_row(const int32_t *sorted, int s, int t, in
 // entries, and the tile count. With sorted, the window's runs are also packed back to
 // back (expert order): delta[e] = (rows of the window before e) - lo_e, in every tile
 // of e and in win_delta[e], so C row r + delta is dense in [0, window pairs).
-__global__ void tiles_kernel(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
-                             int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
-                             int32_t *win_delta, int64_t maxT) {
+__device__ void tiles_block(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
+                            int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
+                            int32_t *win_delta, int64_t maxT) {
   int carry = 0, row_carry = 0;
   for (int b = 0; b < E; b += blockDim.x) {
     const int e = b + threadIdx.x;
@@ -173,33 +163,71 @@ __global__ void tiles_kernel(const int32_t *offsets, const int32_t *sorted, int 
   if (threadIdx.x == 0) *num_tiles = static_cast<int32_t>(carry < maxT ? carry : maxT);
 }
 
+__global__ void tiles_kernel(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
+                             int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
+                             int32_t *win_delta, int64_t maxT) {
+  tiles_block(offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles, win_delta, maxT);
+}
+
+// Block e: counts[s][e] -> exclusive prefix over s, totals[e]. The last block to finish
+// (scan_done, zeroed by plan_hist) then makes the expert offsets and, when tiles is given,
+// the tile list over them (build_tiles' work).
+__global__ void plan_scan(int32_t *counts, int64_t nsub, int E, int32_t *totals,
+                          unsigned *scan_done, int32_t *offsets, int64_t n, int BM, Tile *tiles,
+                          int32_t *num_tiles, int64_t maxT) {
+  const int e = blockIdx.x;
+  int carry = 0;
+  for (int64_t b = 0; b < nsub; b += blockDim.x) {
+    const int64_t s = b + threadIdx.x;
+    const int v = s < nsub ? counts[s * E + e] : 0;
+    int tot;
+    const int ex = block_exclusive_scan(v, &tot);
+    if (s < nsub) counts[s * E + e] = carry + ex;
+    carry += tot;
+  }
+  if (threadIdx.x == 0) totals[e] = carry;
+  __shared__ bool last;
+  __threadfence();  // totals[e] visible device-wide before this block counts itself done
+  if (threadIdx.x == 0) last = atomicAdd(scan_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  offsets_block(totals, E, offsets);
+  __syncthreads();  // this block's offsets writes, visible to its own threads
+  if (tiles) tiles_block(offsets, nullptr, E, n, 0, n, BM, tiles, num_tiles, nullptr, maxT);
+}
+
 }  // namespace
 
 size_t plan_scratch_bytes(int64_t n, int64_t E) {
   const int64_t nsub = (n + kSub - 1) / kSub;
-  return ws_align(size_t(std::max<int64_t>(nsub, 1)) * size_t(E) * 4) + ws_align(size_t(E) * 4);
+  return ws_align(size_t(std::max<int64_t>(nsub, 1)) * size_t(E) * 4) + ws_align(size_t(E) * 4) +
+         ws_align(sizeof(unsigned));  // counts, totals, plan_scan's block counter
 }
 
 void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, int64_t n,
                 int E, int32_t *offsets, int32_t *sorted, int32_t *rows, void *scratch,
-                cudaStream_t stream) {
+                cudaStream_t stream, const PlanTiles *tiles) {
   const int64_t nsub = (n + kSub - 1) / kSub;
+  const size_t counts_bytes = ws_align(size_t(std::max<int64_t>(nsub, 1)) * size_t(E) * 4);
   int32_t *counts = static_cast<int32_t *>(scratch);
-  int32_t *totals = reinterpret_cast<int32_t *>(static_cast<char *>(scratch) +
-                                                ws_align(size_t(std::max<int64_t>(nsub, 1)) *
-                                                         size_t(E) * 4));
+  int32_t *totals = reinterpret_cast<int32_t *>(static_cast<char *>(scratch) + counts_bytes);
+  unsigned *scan_done = reinterpret_cast<unsigned *>(static_cast<char *>(scratch) + counts_bytes +
+                                                     ws_align(size_t(E) * 4));
   const int warps_per_block = 4;
   const unsigned blocks = static_cast<unsigned>((nsub + warps_per_block - 1) / warps_per_block);
-  if (nsub > 0) {
-    if (idx_dtype == MOE_DTYPE_I64)
-      plan_hist<int64_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
-          static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, nsub);
-    else
-      plan_hist<int32_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
-          static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub);
-  }
-  plan_colscan<<<E, 256, 0, stream>>>(counts, nsub, E, totals);
-  plan_offsets<<<1, 1024, 0, stream>>>(totals, E, offsets);
+  // at least one block: it zeroes scan_done even without pairs
+  const unsigned hist_blocks = std::max(blocks, 1u);
+  if (idx_dtype == MOE_DTYPE_I64)
+    plan_hist<int64_t><<<hist_blocks, 32 * warps_per_block, 0, stream>>>(
+        static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
+  else
+    plan_hist<int32_t><<<hist_blocks, 32 * warps_per_block, 0, stream>>>(
+        static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
+  plan_scan<<<E, 256, 0, stream>>>(counts, nsub, E, totals, scan_done, offsets, n,
+                                    tiles ? tiles->BM : 1, tiles ? tiles->tiles : nullptr,
+                                    tiles ? tiles->num_tiles : nullptr,
+                                    tiles ? max_tiles(n, E, tiles->BM) : 0);
   if (nsub > 0) {
     if (idx_dtype == MOE_DTYPE_I64)
       plan_scatter<int64_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
