@@ -26,7 +26,7 @@ if __name__ != "__main__":
     from test_gpu_ops import TOL, make_experts, ref_experts, ref_linear, rel, run_experts
 
 import moe_fused  # noqa: F401
-from moe_fused import moe_experts, moe_fused_linear
+from moe_fused import _lib, moe_experts, moe_fused_linear
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,12 +65,12 @@ def path(which):
 
 
 def fwd_raw(d, w1=None):
-    """torch.ops.moe_fused.experts_forward: (out, h, offsets, sorted_pairs, pair_rows)."""
+    """torch.ops.moe_fused.experts_forward as (out, h, offsets, sorted_pairs, pair_rows)."""
     w1 = d["w1"].cuda() if w1 is None else w1
     with torch.no_grad():
-        outs = torch.ops.moe_fused.experts_forward(d["x"].cuda(), d["idx"].cuda(), d["s"].cuda(), w1, d["w2"].cuda())
+        out, h, plan = torch.ops.moe_fused.experts_forward(d["x"].cuda(), d["idx"].cuda(), d["s"].cuda(), w1, d["w2"].cuda())
     torch.cuda.synchronize()
-    return outs
+    return (out, h) + _lib.packed_plan_views(plan, w1.shape[0], d["idx"].numel())
 
 
 def kernels_of(fn):

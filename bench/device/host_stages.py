@@ -44,6 +44,10 @@ def instrument():
                                "Context", "plan", "tensor", "optional_tensor"))):
         for n in names:
             setattr(mod, n, _timed(n, getattr(mod, n)))
+    ops._grad_may_follow = _timed("_grad_may_follow", ops._grad_may_follow)
+    fwd = ops._ExpertsFunction.forward
+    ops._ExpertsFunction.forward = staticmethod(_timed("Function.forward", fwd))
+    torch.empty = _timed("torch.empty", torch.empty)  # each allocation (numbered in order)
     lib = _lib.lib()
     for n in ("moe_experts_forward", "moe_experts_backward"):
         setattr(lib, n, _timed("C " + n, getattr(lib, n)))
