@@ -515,8 +515,8 @@ def test_experts_eager_fast_path_matches_the_op(device, monkeypatch):
     from moe_fused import ops
 
     taken = []
-    apply = ops._ExpertsFunction.apply
-    monkeypatch.setattr(ops._ExpertsFunction, "apply", lambda *a: taken.append(1) or apply(*a))
+    apply = ops._experts_apply
+    monkeypatch.setattr(ops, "_experts_apply", lambda *a: taken.append(1) or apply(*a))
     inp = make_experts_inputs(37, 48, 24, 6, 3, seed=3, empty_experts=1, skew=1.0)
     fast = _experts_case(inp, torch.bfloat16, device, _ours_experts)
     assert len(taken) == 1, "a plain eager call takes the autograd.Function fast path"
@@ -607,8 +607,8 @@ def test_linear_eager_fast_path_matches_the_op(device, monkeypatch):
     from moe_fused import ops
 
     taken = []
-    apply = ops._LinearFunction.apply
-    monkeypatch.setattr(ops._LinearFunction, "apply", lambda *a: taken.append(1) or apply(*a))
+    apply = ops._linear_apply
+    monkeypatch.setattr(ops, "_linear_apply", lambda *a: taken.append(1) or apply(*a))
     g = torch.Generator().manual_seed(7)
     x0 = torch.randn(29, 24, generator=g).bfloat16()
     w0 = torch.randn(5, 40, 24, generator=g).bfloat16()

@@ -114,12 +114,11 @@ def _device_memory(index: int) -> int:
 
 def _window_flag(x, k: int) -> int:
     """MOE_FLAG_ONE_WINDOW when one token window is wanted for x [T, H] with k slots."""
-    if x.device.type != "cuda":
+    if not x.is_cuda:
         return 0
     one = _one_window
-    if one is None:
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        one = x.numel() * k * x.element_size() <= _device_memory(index) // 50
+    if one is None:  # (get_device: the index without building a torch.device)
+        one = x.numel() * k * x.element_size() <= _device_memory(x.get_device()) // 50
     return _lib.MOE_FLAG_ONE_WINDOW if one else 0
 
 
@@ -599,6 +598,20 @@ class _ExpertsFunction(torch.autograd.Function):
         return grads
 
 
+def _direct_apply(fn_cls):
+    """fn_cls.apply without torch.autograd.Function.apply's Python layer, which does nothing
+    for these classes: its argument binding serves setup_context (they define none), its
+    unwrapping serves dead functorch wrappers (which fail here either way: no storage). On
+    the H100 machine's host the step between the checks and the forward cost ~50 us, most of
+    it that layer (bench/device/host_stages.py)."""
+    if fn_cls.setup_context is not torch.autograd.Function.setup_context:
+        return fn_cls.apply
+    return super(torch.autograd.Function, fn_cls).apply
+
+
+_experts_apply = _direct_apply(_ExpertsFunction)
+
+
 # ---- linear: fake and real --------------------------------------------------------------
 
 
@@ -718,6 +731,9 @@ class _LinearFunction(torch.autograd.Function):
 # ---- public API ---------------------------------------------------------------------------
 
 
+_linear_apply = _direct_apply(_LinearFunction)
+
+
 # One call that says whether autocast is on for any device (most calls: no): the per-device
 # query below costs more on slow hosts.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -781,7 +797,7 @@ def moe_experts(
             # No backward can follow: no graph node, and h is neither stored nor allocated.
             kernel = _kernel(_experts_forward_impl, hidden_states.device)
             return kernel(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, False)[0]
-        return _ExpertsFunction.apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
+        return _experts_apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     return torch.ops.moe_fused.experts_forward(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj
     )[0]
@@ -805,5 +821,5 @@ def moe_fused_linear(input: torch.Tensor, weight: torch.Tensor, selected_experts
             input, weight = _cast(input, dt), _cast(weight, dt)
     _check_linear(input, weight, selected_experts)
     if _eager_ok(input, weight, selected_experts):
-        return _LinearFunction.apply(input, weight, selected_experts)
+        return _linear_apply(input, weight, selected_experts)
     return torch.ops.moe_fused.linear_forward(input, weight, selected_experts)
