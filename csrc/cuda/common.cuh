@@ -99,35 +99,6 @@ template <class K> inline cudaError_t ensure_smem(K kernel, size_t bytes, uint64
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Programmatic dependent launch (sm_90+; -DMOE_PDL=0 or MOE_FUSED_PDL=0 turn it off): a
-// kernel launched so may be scheduled while the kernel before it on the stream finishes,
-// its CTAs' launch and setup overlapping that kernel's last CTAs and the launch gap. Every
-// kernel launched so calls pdl_wait() before touching global memory (its setup before it
-// reads nothing another kernel writes), so memory effects keep the stream's order; and
-// every kernel calls pdl_launch_dependents() once it has waited (the next kernel may then
-// be scheduled). Whether the current device takes it (cached per device).
-bool pdl_on();
-
-// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch where
-// pdl_on(): only for kernels that call pdl_wait() first.
-template <class... Params, class... Args>
-cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                       cudaStream_t stream, Args &&...args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute at{};
-  at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at.val.programmaticStreamSerializationAllowed = 1;
-  if (pdl_on()) {
-    cfg.attrs = &at;
-    cfg.numAttrs = 1;
-  }
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Args &&>(args)...);
-}
-
 // Inner stride 1 (or a size-1 last dim): what every CUDA operand needs.
 inline bool inner_contiguous(const moe_tensor_t &t) {
   return t.ndim == 0 || t.shape[t.ndim - 1] <= 1 || t.strides[t.ndim - 1] == 1;
@@ -161,19 +132,6 @@ __device__ __forceinline__ void store_weight(void *p, int dtype, int64_t off, fl
     static_cast<__half *>(p)[off] = __float2half(v);
   else
     static_cast<__nv_bfloat16 *>(p)[off] = __float2bfloat16(v);
-}
-
-// See pdl_on(): wait for the kernels before this one on the stream (and their memory), and
-// let the next one be scheduled. No-ops below sm_90 and in kernels not launched so.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {

@@ -137,32 +137,6 @@ int cluster_grid(const void *kernel, size_t smem, int threads, int cluster, Kern
 
 }  // namespace sm90
 
-// (common.cuh) Programmatic dependent launch: on by default on sm_90+ devices.
-#ifndef MOE_PDL
-#define MOE_PDL 1
-#endif
-bool pdl_on() {
-  static std::atomic<int> state[64];  // per device: 0 unknown, 1 on, 2 off
-  if (!MOE_PDL) return false;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
-    cudaGetLastError();
-    return false;
-  }
-  int s = state[dev].load(std::memory_order_acquire);
-  if (s == 0) {
-    int major = 0;
-    const bool ok = !sm90::env_is("MOE_FUSED_PDL", "0") &&
-                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
-                        cudaSuccess &&
-                    major >= 9;
-    cudaGetLastError();
-    s = ok ? 1 : 2;
-    state[dev].store(s, std::memory_order_release);
-  }
-  return s == 1;
-}
-
 bool sm90_enabled(uint64_t flags) {
   if (flags & MOE_FLAG_FORCE_PORTABLE) return false;
   if (sm90::env_is("MOE_FUSED_PORTABLE", "1")) return false;

@@ -8,8 +8,6 @@
 #include <atomic>
 #include <cstdint>
 
-#include "cuda/common.cuh"
-
 namespace moe {
 namespace cuda {
 namespace sm90 {
@@ -34,8 +32,7 @@ bool kernel_usable(const void *kernel, size_t smem, KernelGate &gate, int *sms);
 int cluster_grid(const void *kernel, size_t smem, int threads, int cluster, KernelGate &gate, int sms);
 
 // Launches `kernel` on `stream` as `grid` CTAs (even) in clusters of two, `threads` threads
-// and `smem` bytes of dynamic shared memory each; with programmatic dependent launch where
-// pdl_on() (the kernel calls pdl_wait() before touching global memory).
+// and `smem` bytes of dynamic shared memory each.
 template <class... Params, class... Args>
 void launch_in_pairs(void (*kernel)(Params...), unsigned grid, int threads, size_t smem,
                      cudaStream_t stream, Args &&...args) {
@@ -44,15 +41,13 @@ void launch_in_pairs(void (*kernel)(Params...), unsigned grid, int threads, size
   cfg.blockDim = dim3(unsigned(threads));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute at[2]{};
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = 2;
-  at[0].val.clusterDim.y = 1;
-  at[0].val.clusterDim.z = 1;
-  at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // see pdl_on()
-  at[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = pdl_on() ? 2 : 1;
+  cudaLaunchAttribute at{};
+  at.id = cudaLaunchAttributeClusterDimension;
+  at.val.clusterDim.x = 2;
+  at.val.clusterDim.y = 1;
+  at.val.clusterDim.z = 1;
+  cfg.attrs = &at;
+  cfg.numAttrs = 1;
   cudaLaunchKernelEx(&cfg, kernel, static_cast<Args &&>(args)...);
 }
 

@@ -242,8 +242,6 @@ __global__ void __launch_bounds__(THREADS, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
-  pdl_wait();  // (common.cuh) the setup above overlaps the previous kernel's end
-  pdl_launch_dependents();
   const int wg = tid / 128, tid_wg = tid % 128;
   const int KB = p.K / BK;
   const int ntn = is_swiglu(EPI) ? p.N / (BN / 2) : p.N / BN;

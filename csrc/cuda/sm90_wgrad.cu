@@ -156,8 +156,6 @@ __global__ void __launch_bounds__(THREADS, 1)
     cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
   else
     __syncthreads();
-  pdl_wait();  // (common.cuh) the setup above overlaps the previous kernel's end
-  pdl_launch_dependents();
   const int wg = tid / 128, tid_wg = tid % 128;
   const Stream<MC> sm;
   const int mt = p.Mp / BM / (MC ? 2 : 1), ntn = p.Nq / BN, per_e = mt * ntn;
@@ -445,7 +443,7 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, 
                     mapC, p);
   } else {
     const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
-    launch_pdl(kern, dim3(grid), dim3(THREADS), C::kSmem, stream, map, mapC, p);
+    kern<<<grid, THREADS, C::kSmem, stream>>>(map, mapC, p);
   }
   *status = launch_status("sm90 wgrad");
   return true;
