@@ -25,25 +25,21 @@ import tempfile
 import torch
 
 import moe_fused  # noqa: F401
-from moe_fused import moe_experts, ops
+from moe_fused import moe_experts
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from experts_inputs import make  # noqa: E402
+from experts_inputs import add_step_args, step_inputs  # noqa: E402
 
 HOST_CATS = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--shape", default="30b-a3b")
-    p.add_argument("-T", type=int, default=16384)
+    add_step_args(p)
     p.add_argument("--events", type=int, default=70)
     p.add_argument("--reps", type=int, default=300)
-    p.add_argument("--device", default="cuda", help="cpu: to try the script itself")
     args = p.parse_args()
-    ops.set_cuda_index_check(False)
-    x, idx, s, w1, w2, dout = make(args.T, args.shape, args.device)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    (x, idx, s, w1, w2, dout), sync = step_inputs(args)
 
     def step():
         for t in (x, s, w1, w2):
