@@ -16,9 +16,9 @@
 # e.g. one call: bash bench/device/run_all.sh build sonic gemms bench
 # Beside it: ab.sh (time build variants A B A B in one session), ncu_source.sh (stall samples
 # per SASS instruction of one launch), ncu_sm90.sh (speed of light + stall reasons),
-# step_timeline.py (a step's GPU idle gaps and host time, ours and HF's), host_cost.py and
-# py_overhead.py (host microseconds of the Python wrapper and the C calls; bench/host_overhead.py
-# --device cuda, session 11, times both and the wrapper's newer pieces, not yet run on a GPU).
+# step_timeline.py (a step's GPU idle gaps and host time, ours and HF's), bench/host_overhead.py
+# --device cuda (host microseconds of the Python wrapper and the C calls), host_stages.py (the
+# wrapper's stages timed inside real steps) and host_trace.py (a step's host events and launches).
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/moe_out}"; mkdir -p "$OUT"

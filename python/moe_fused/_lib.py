@@ -308,6 +308,10 @@ _NAME_BYTES: list[bytes] = []
 
 
 def _name_address(name: str) -> int:
+    """The address of `name`'s encoded bytes, kept alive for the process (made once)."""
+    address = _NAMES.get(name)
+    if address:
+        return address
     encoded = name.encode()
     _NAME_BYTES.append(encoded)
     return _NAMES.setdefault(name, ctypes.cast(c_char_p(encoded), c_void_p).value)
@@ -376,7 +380,8 @@ def packed_plan(buf: torch.Tensor, num_experts: int, num_pairs: int) -> MoePlan:
             f"is expected for {num_experts} experts and {num_pairs} pairs, got {buf.dtype} "
             f"{tuple(buf.shape)} with strides {buf.stride()}"
         )
-    n, base, i32, name = num_pairs, buf.data_ptr(), MOE_DTYPE_I32, _plan_name
+    n, base, i32 = num_pairs, buf.data_ptr(), MOE_DTYPE_I32
+    name = _name_address
     p = MoePlan()
     _PLAN_LAYOUT.pack_into(
         p, 0,
@@ -385,10 +390,6 @@ def packed_plan(buf: torch.Tensor, num_experts: int, num_pairs: int) -> MoePlan:
         base + 4 * n, i32, 1, n, 1, name("pair_rows"),
     )
     return p
-
-
-def _plan_name(name: str) -> int:
-    return _NAMES.get(name) or _name_address(name)
 
 
 def device_type(device: torch.device) -> int:
