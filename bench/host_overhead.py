@@ -54,8 +54,10 @@ dev = x.device
 
 lib = _lib.lib()
 marks = {}  # C entry point -> (perf_counter at its entry, time inside)
+# The ops call the raw handles (_lib.raw); an older moe_fused (A/B) the library's attributes.
+raw = getattr(_lib, "_RAW", None)
 for name in ("moe_experts_forward", "moe_experts_backward"):
-    fn = getattr(lib, name)
+    fn = raw[name] if raw else getattr(lib, name)
 
     def wrapper(*a, _fn=fn, _name=name):
         t0 = time.perf_counter()
@@ -63,7 +65,10 @@ for name in ("moe_experts_forward", "moe_experts_backward"):
         marks[_name] = (t0, time.perf_counter() - t0)
         return r
 
-    setattr(lib, name, wrapper)
+    if raw:
+        raw[name] = wrapper
+    else:
+        setattr(lib, name, wrapper)
 
 
 def median_us(fn, reps=args.reps):
@@ -117,8 +122,12 @@ pieces = [
     ("torch.empty x5", lambda: [torch.empty(8, device=dev) for _ in range(5)]),
     ("_lib.tensor x7", lambda: [_lib.tensor(x, "hidden_states") for _ in range(7)]),
     ("_lib.packed_plan", lambda: _lib.packed_plan(out_h[2], E, T * k)),
+    ("_lib.pack_call (fwd's 9)", lambda: _lib.pack_call(
+        _lib.context_values(dev, 0, 0)[0], _lib.packed_plan_values(out_h[2], E, T * k),
+        (x, idx, s, w1, w2, out_h[1], out_h[0]), ops._FORWARD_NAMES)),
     ("workspace size", lambda: _lib.experts_forward_call_workspace_size(dev, x.dtype, T, k, H, I, E, 0)),
     ("_lib.Context", lambda: _lib.Context(dev, 1 << 20, 0)),
+    ("_lib.context_values", lambda: _lib.context_values(dev, 1 << 20, 0)),
     ("_window_flag", lambda: ops._window_flag(x, k)),
     ("dev_flags", lambda: _lib.dev_flags()),
 ]

@@ -41,16 +41,22 @@ def instrument():
     for mod, names in ((ops, ("_check_experts", "_eager_ok", "_autocast_dtype", "_experts_outputs",
                               "_check_index_range", "_window_flag")),
                        (_lib, ("experts_forward_call_workspace_size", "experts_backward_call_workspace_size",
-                               "Context", "plan", "tensor", "optional_tensor"))):
+                               "Context", "plan", "tensor", "optional_tensor", "context_values",
+                               "pack_call", "packed_plan_values"))):
         for n in names:
-            setattr(mod, n, _timed(n, getattr(mod, n)))
+            if hasattr(mod, n):  # (an older moe_fused in an A/B lacks some)
+                setattr(mod, n, _timed(n, getattr(mod, n)))
     ops._grad_may_follow = _timed("_grad_may_follow", ops._grad_may_follow)
     fwd = ops._ExpertsFunction.forward
     ops._ExpertsFunction.forward = staticmethod(_timed("Function.forward", fwd))
     torch.empty = _timed("torch.empty", torch.empty)  # each allocation (numbered in order)
     lib = _lib.lib()
+    raw = getattr(_lib, "_RAW", None)  # the ops' raw handles (an older moe_fused: lib's attributes)
     for n in ("moe_experts_forward", "moe_experts_backward"):
-        setattr(lib, n, _timed("C " + n, getattr(lib, n)))
+        if raw:
+            raw[n] = _timed("C " + n, raw[n])
+        else:
+            setattr(lib, n, _timed("C " + n, getattr(lib, n)))
     kernels = ops._CUDA_KERNELS
     for impl, label in ((ops._experts_forward_impl, "fwd kernel"), (ops._experts_backward_impl, "bwd kernel")):
         kernels[impl] = _timed(label, kernels[impl])
