@@ -134,6 +134,44 @@ def test_packed_plan_describes_its_three_views():
             _lib.packed_plan(bad, e, n)
 
 
+def test_pack_call_matches_the_descriptor_objects():
+    """One call's buffer (pack_call) holds byte for byte the context, plan and tensor
+    descriptors that the ctypes objects hold, at the addresses it returns, NULL (None) for a
+    None tensor; a tensor no descriptor can describe is refused, naming it."""
+    import ctypes
+
+    n, e = 5, 2
+    plan_buf = torch.arange(_lib.packed_plan_numel(e, n), dtype=torch.int32)
+    a = torch.randn(3, 4)
+    b = torch.randn(2, 3, 4).transpose(1, 2)  # strided: its strides travel as they are
+    c = torch.zeros(6, dtype=torch.int64)
+    ctx_values, ws = _lib.context_values(torch.device("cpu"), 100, 4)
+    names = tuple(_lib.name_address(x) for x in ("a", "none", "b", "c"))
+    buf, (pc, pp, pa, pn, pb, pcc) = _lib.pack_call(
+        ctx_values, _lib.packed_plan_values(plan_buf, e, n), (a, None, b, c), names
+    )
+    assert pn is None
+
+    def at(address, obj):
+        return ctypes.string_at(address, ctypes.sizeof(obj)), bytes(obj)
+
+    ctx = _lib.MoeContext()
+    _lib._CONTEXT_LAYOUT.pack_into(ctx, 0, *ctx_values)
+    assert ctx_values[3] % _lib.WORKSPACE_ALIGN == 0 and ctx_values[4] == 100 and ws.numel() >= 100
+    for address, obj in ((pc, ctx), (pp, _lib.packed_plan(plan_buf, e, n)), (pa, _lib.tensor(a, "a")),
+                         (pb, _lib.tensor(b, "b")), (pcc, _lib.tensor(c, "c"))):
+        got, want = at(address, obj)
+        assert got == want
+    # without a plan: the tensors follow the context
+    buf2, (pc2, pa2) = _lib.pack_call(ctx_values, None, (a,), names[:1])
+    assert pa2 - pc2 == ctypes.sizeof(_lib.MoeContext)
+    assert at(pa2, _lib.tensor(a, "a"))[0] == bytes(_lib.tensor(a, "a"))
+    with pytest.raises(TypeError, match="weird.*bool"):
+        _lib.pack_call(ctx_values, None, (a.bool(),), (_lib.name_address("weird"),))
+    with pytest.raises(ValueError, match="five.*rank 5"):
+        _lib.pack_call(ctx_values, None, (torch.zeros(1, 1, 1, 1, 1),), (_lib.name_address("five"),))
+
+
 @pytest.mark.parametrize("name", ["top_k_index", "top_k_weights", "gate_up_proj", "down_proj"])
 def test_experts_wrong_device(name):
     """A tensor on another device: ValueError naming it (meta stands in for a GPU)."""

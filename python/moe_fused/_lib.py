@@ -231,17 +231,17 @@ def _load() -> ctypes.CDLL:
             fn = getattr(lib, name)
             fn.restype = restype
             fn.argtypes = argtypes
-        for name, n_pointers in _RAW_POINTER_ARGS.items():
-            fn = lib[name]  # a second handle of the same function
-            fn.restype = c_int32
-            fn.argtypes = [c_void_p] * n_pointers
-            _RAW[name] = fn
         version = lib.moe_abi_version()
         if version != ABI_VERSION:
             raise LibraryLoadError(
                 f"moe_fused: {path} has ABI version {version}, this Python package needs "
                 f"{ABI_VERSION}; rebuild the library from this source tree"
             )
+        for name, n_pointers in _RAW_POINTER_ARGS.items():
+            fn = lib[name]  # a second handle of the same function
+            fn.restype = c_int32
+            fn.argtypes = [c_void_p] * n_pointers
+            _RAW[name] = fn
         return lib
     hint = (
         f"set {LIBRARY_ENV}=/path/to/{_LIB_NAME} (e.g. build/dev/{_LIB_NAME} after "
