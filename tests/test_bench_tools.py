@@ -341,7 +341,7 @@ def _fake_sonicmoe():
 
 def _bench_args(**kw):
     a = dict(impls=["hf-grouped_mm", "moe_fused", "moe_fused-portable", "sonicmoe"], eager_max_tokens=0,
-             sonic_shapes=None, seed=0, warmup=0, iters=2, max_seconds=5.0)
+             sonic_shapes=None, seed=0, warmup=0, iters=2, max_seconds=5.0, burst=0, burst_rounds=1)
     a.update(kw)
     return argparse.Namespace(**a)
 

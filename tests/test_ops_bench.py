@@ -31,6 +31,28 @@ def test_bench_tiny_cpu(tmp_path, capsys):
     assert "moe_fused speedup vs eager / grouped_mm" in out
 
 
+def test_bench_steady_state_bursts(tmp_path, capsys, monkeypatch):
+    """--burst N: every implementation is also timed in bursts of N back-to-back calls (the
+    call count checked by counting the calls), reported beside the main figures with its own
+    speedups; off by default on the CPU."""
+    calls = []
+    real = bench._run_burst
+    monkeypatch.setattr(bench, "_run_burst", lambda fn, dev, n: calls.append(n) or real(fn, dev, n))
+    rc = bench.main(["--shapes", "32x16x4x2", "-T", "8", "--iters", "1", "--warmup", "0", "--burst", "3",
+                     "--burst-rounds", "2", "--out", str(tmp_path), "--name", "burst", "--no-plot"])
+    assert rc == 0
+    recs = json.loads((tmp_path / "burst.json").read_text())["results"]
+    for r in recs:
+        assert r["ms_steady"] > 0 and r["steady_calls"] == 3 and r["steady_rounds"] >= 2, r
+    ours = [r for r in recs if r["impl"] == "moe_fused"]
+    assert all(r["steady_speedup_vs_hf-grouped_mm"] > 0 for r in ours)
+    # two modes x three implementations x at least two rounds, each a burst of 3 calls
+    assert len(calls) >= 2 * len(bench.IMPLS) * 2 and set(calls) == {3}
+    out = capsys.readouterr().out
+    assert "steady state, ms a call in bursts of 3 back-to-back calls" in out
+    assert bench.parse_args(["--shapes", "32x16x4x2"]).burst == 0  # CPU default: off
+
+
 def test_bench_eager_skip_is_reported(tmp_path, capsys):
     rc = bench.main(["--shapes", "32x16x4x2", "-T", "8", "40", "--iters", "1", "--warmup", "0",
                      "--eager-max-tokens", "16", "--out", str(tmp_path), "--name", "skip", "--no-plot"])

@@ -192,6 +192,25 @@ def _run_once(fn, device):
     return (time.perf_counter() - t0) * 1e3
 
 
+def _run_burst(fn, device, calls):
+    """Milliseconds a call over `calls` back-to-back fn() calls and one sync at the end: each
+    call's host time before its first kernel overlaps the previous call's kernels, as in a
+    training loop whose host runs ahead of the GPU (only the burst's first call starts on an
+    idle GPU). CUDA: events around the burst; CPU: perf_counter."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
 def median_ms(fn, device, warmup=3, iters=10):
     """Median milliseconds of fn() over `iters` calls after `warmup` untimed ones (CUDA events
     around each call on CUDA, perf_counter on the CPU). Shared by the bench scripts."""
@@ -201,7 +220,7 @@ def median_ms(fn, device, warmup=3, iters=10):
     return statistics.median(_run_once(fn, device) for _ in range(iters))
 
 
-def _time_interleaved(fns, device, warmup, iters, max_seconds):
+def _time_interleaved(fns, device, warmup, iters, max_seconds, run=_run_once):
     """{name: (median ms, runs)} of each fn, timed round-robin (one run of each in turn),
     so that a change of background load hits every implementation alike. The order is
     shuffled each round (a fixed seed: runs repeat), so that no implementation always runs
@@ -209,7 +228,8 @@ def _time_interleaved(fns, device, warmup, iters, max_seconds):
     another implementation differed by up to 3% at small T: the host time before a step's
     first kernel). Each gets up to
     `iters` runs (at least 3; fewer once its own runs exceed max_seconds). Warmup stops
-    after one run when that run alone takes over a second."""
+    after one run when that run alone takes over a second. `run(fn, device)` times one run
+    (default: one call, _run_once; _run_burst for the steady-state figures)."""
     for fn in fns.values():
         for _ in range(warmup):
             t0 = time.perf_counter()
@@ -227,7 +247,7 @@ def _time_interleaved(fns, device, warmup, iters, max_seconds):
             break
         order.shuffle(active)
         for name in active:
-            times[name].append(_run_once(fns[name], device))
+            times[name].append(run(fns[name], device))
     return {name: (statistics.median(t), len(t)) for name, t in times.items()}
 
 
@@ -407,16 +427,23 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
     for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         timed = _time_interleaved({impl: make(impl) for impl in running}, device, args.warmup, args.iters, args.max_seconds)
         clear()
+        steady = {}
+        if args.burst:  # the supplementary steady-state figure: bursts of back-to-back calls
+            steady = _time_interleaved({impl: make(impl) for impl in running}, device, 0, args.burst_rounds,
+                                       args.max_seconds, run=lambda fn, dev: _run_burst(fn, dev, args.burst))
+            clear()
         for impl in running:
             ms, n = timed[impl]
             rec = dict(shape, impl=impl, mode=mode, ms=ms, runs=n,
                        tflops=_flops(mode, T, H, I, k) / (ms * 1e-3) / 1e12)
+            if impl in steady:
+                rec.update(ms_steady=steady[impl][0], steady_calls=args.burst, steady_rounds=steady[impl][1])
             t_first, t_first_fwd = first_ms.get(impl, (None, None))
             if mode == "fwd+bwd" and t_first is not None:
                 rec["first_call_ms"] = t_first
             if mode == "fwd" and t_first_fwd is not None:
                 rec["first_call_ms"] = t_first_fwd
-            mem = ""
+            mem = f"  steady {rec['ms_steady']:8.3f} ms" if "ms_steady" in rec else ""
             if mode == "fwd+bwd" and device.type == "cuda":
                 with impl_env(impl):
                     peak, kept, fwd_peak = _memory(forward_for_memory(impl), device)
@@ -425,7 +452,7 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
                 rec.update(peak_extra_bytes=peak, saved_bytes=kept, weight_grad_bytes=wg,
                            peak_extra_without_weight_grads_bytes=peak - wg,
                            forward_peak_extra_bytes=fwd_peak)
-                mem = (f"  peak +{peak / 2**20:9.1f} MiB (without the weight grads "
+                mem += (f"  peak +{peak / 2**20:9.1f} MiB (without the weight grads "
                        f"+{(peak - wg) / 2**20:9.1f}; forward alone +{fwd_peak / 2**20:9.1f})  "
                        f"saved {kept / 2**20:9.1f} MiB")
             results.append(rec)
@@ -439,6 +466,8 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
             if r["impl"] != impl and "ms" in r and r["mode"] in ours:
                 o = ours[r["mode"]]
                 o[f"speedup_vs_{r['impl']}"] = r["ms"] / o["ms"]
+                if "ms_steady" in r and "ms_steady" in o:
+                    o[f"steady_speedup_vs_{r['impl']}"] = r["ms_steady"] / o["ms_steady"]
                 for key, label in (("peak_extra_bytes", "peak_mem_ratio"),
                                    ("peak_extra_without_weight_grads_bytes", "peak_mem_without_weight_grads_ratio")):
                     if r.get(key) and o.get(key) is not None:
@@ -499,6 +528,23 @@ def _table(results):
             o = row.get(impl, {})
             sps.append(f"{' / '.join(f'{o[key]:.2f}x' if key in o else '-' for key in sp_keys):>{len(label)}s}")
         lines.append(f"{shape:12s} {T:6d} {mode:8s} " + " ".join(cells) + "   " + " | ".join(sps))
+    steady = [r for r in results if "ms_steady" in r]
+    if steady:
+        lines.append("")
+        st_impls = [i for i in impls if any(r["impl"] == i for r in steady)]
+        calls = steady[0]["steady_calls"]
+        hdr = (f"{'shape':12s} {'T':>6s} {'mode':8s} steady state, ms a call in bursts of {calls} back-to-back "
+               "calls, one sync (the host runs ahead, as in training; above, every call starts on an idle "
+               "GPU): " + ", ".join(st_impls) + "; moe_fused vs grouped_mm")
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        for shape, T, mode in sorted({(r["shape"], r["T"], r["mode"]) for r in steady},
+                                     key=lambda x: (x[0], x[1], x[2] != "fwd")):
+            row = {r["impl"]: r for r in steady if (r["shape"], r["T"], r["mode"]) == (shape, T, mode)}
+            cells = [f"{row[i]['ms_steady']:10.3f}" if i in row else f"{'-':>10s}" for i in st_impls]
+            sp = row.get("moe_fused", {}).get("steady_speedup_vs_hf-grouped_mm")
+            lines.append(f"{shape:12s} {T:6d} {mode:8s} " + " ".join(cells)
+                         + (f"   {sp:.2f}x" if sp is not None else "   -"))
     mem = [r for r in results if r.get("peak_extra_bytes") is not None]
     if mem:
         lines.append("")
@@ -520,7 +566,7 @@ def _table(results):
         lines.append("")
         first_impls = [i for i in impls if any(r["impl"] == i for r in first)]
         hdr = (f"{'shape':12s} {'T':>6s} first fwd+bwd at this shape and T, in this process, ms "
-               "(sonicmoe: JIT compile included; steady-state time in brackets): " + ", ".join(first_impls))
+               "(sonicmoe: JIT compile included; the timed figure in brackets): " + ", ".join(first_impls))
         lines.append(hdr)
         lines.append("-" * len(hdr))
         for shape, T in sorted({(r["shape"], r["T"]) for r in first}):
@@ -584,6 +630,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="default: 1 on cpu, 3 on cuda")
     p.add_argument("--iters", type=int, help="timed runs per measurement (default: 5 on cpu, 20 on cuda)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="stop a measurement after this many seconds (>= 3 runs)")
+    p.add_argument("--burst", type=int,
+                   help="also time bursts of this many back-to-back calls with one sync (steady state, "
+                   "reported beside the main figures; default: 8 on cuda, 0 = off on cpu)")
+    p.add_argument("--burst-rounds", type=int, default=5, help="bursts per implementation (median; default 5)")
     p.add_argument("--eager-max-tokens", type=int, default=0,
                    help="skip hf-eager above this T (it is slow); 0 = never skip. Skips are printed and saved.")
     p.add_argument("--index-check", action="store_true",
@@ -608,6 +658,9 @@ def parse_args(argv=None):
     args.dtype = args.dtype or d["dtype"]
     args.warmup = args.warmup if args.warmup is not None else (1 if args.device == "cpu" else 3)
     args.iters = args.iters or (5 if args.device == "cpu" else 20)
+    args.burst = args.burst if args.burst is not None else (0 if args.device == "cpu" else 8)
+    if args.burst < 0 or args.burst_rounds < 1:
+        p.error("--burst must be >= 0 and --burst-rounds >= 1")
     return args
 
 
