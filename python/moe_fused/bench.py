@@ -220,7 +220,7 @@ def median_ms(fn, device, warmup=3, iters=10):
     return statistics.median(_run_once(fn, device) for _ in range(iters))
 
 
-def _time_interleaved(fns, device, warmup, iters, max_seconds, run=_run_once):
+def _time_interleaved(fns, device, warmup, iters, max_seconds, run=_run_once, calls=1):
     """{name: (median ms, runs)} of each fn, timed round-robin (one run of each in turn),
     so that a change of background load hits every implementation alike. The order is
     shuffled each round (a fixed seed: runs repeat), so that no implementation always runs
@@ -229,7 +229,8 @@ def _time_interleaved(fns, device, warmup, iters, max_seconds, run=_run_once):
     first kernel). Each gets up to
     `iters` runs (at least 3; fewer once its own runs exceed max_seconds). Warmup stops
     after one run when that run alone takes over a second. `run(fn, device)` times one run
-    (default: one call, _run_once; _run_burst for the steady-state figures)."""
+    (default: one call, _run_once; _run_burst for the steady-state figures), in ms a call over
+    the `calls` calls it makes (what max_seconds counts)."""
     for fn in fns.values():
         for _ in range(warmup):
             t0 = time.perf_counter()
@@ -242,7 +243,7 @@ def _time_interleaved(fns, device, warmup, iters, max_seconds, run=_run_once):
     order = random.Random(0)
     while True:
         active = [n for n in fns if len(times[n]) < iters and
-                  (len(times[n]) < 3 or sum(times[n]) < max_seconds * 1e3)]
+                  (len(times[n]) < 3 or sum(times[n]) * calls < max_seconds * 1e3)]
         if not active:
             break
         order.shuffle(active)
@@ -430,7 +431,8 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
         steady = {}
         if args.burst:  # the supplementary steady-state figure: bursts of back-to-back calls
             steady = _time_interleaved({impl: make(impl) for impl in running}, device, 0, args.burst_rounds,
-                                       args.max_seconds, run=lambda fn, dev: _run_burst(fn, dev, args.burst))
+                                       args.max_seconds, run=lambda fn, dev: _run_burst(fn, dev, args.burst),
+                                       calls=args.burst)
             clear()
         for impl in running:
             ms, n = timed[impl]
