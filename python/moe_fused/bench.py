@@ -178,20 +178,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _run_once(fn, device):
-    """Milliseconds of one fn() call. CUDA: events around it; CPU: perf_counter."""
-    if device.type == "cuda":
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def _run_burst(fn, device, calls):
     """Milliseconds a call over `calls` back-to-back fn() calls and one sync at the end: each
     call's host time before its first kernel overlaps the previous call's kernels, as in a
@@ -209,6 +195,11 @@ def _run_burst(fn, device, calls):
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def _run_once(fn, device):
+    """Milliseconds of one fn() call, started on an idle GPU (the caller synchronised)."""
+    return _run_burst(fn, device, 1)
 
 
 def median_ms(fn, device, warmup=3, iters=10):
