@@ -120,13 +120,10 @@ pieces = [
     ("_check_experts", lambda: ops._check_experts(x, idx, s, w1, w2)),
     ("_eager_ok", lambda: ops._eager_ok(x, idx, s, w1, w2)),
     ("torch.empty x5", lambda: [torch.empty(8, device=dev) for _ in range(5)]),
-    ("_lib.tensor x7", lambda: [_lib.tensor(x, "hidden_states") for _ in range(7)]),
-    ("_lib.packed_plan", lambda: _lib.packed_plan(out_h[2], E, T * k)),
     ("_lib.pack_call (fwd's 9)", lambda: _lib.pack_call(
         _lib.context_values(dev, 0, 0)[0], _lib.packed_plan_values(out_h[2], E, T * k),
         (x, idx, s, w1, w2, out_h[1], out_h[0]), ops._FORWARD_NAMES)),
     ("workspace size", lambda: _lib.experts_forward_call_workspace_size(dev, x.dtype, T, k, H, I, E, 0)),
-    ("_lib.Context", lambda: _lib.Context(dev, 1 << 20, 0)),
     ("_lib.context_values", lambda: _lib.context_values(dev, 1 << 20, 0)),
     ("_window_flag", lambda: ops._window_flag(x, k)),
     ("dev_flags", lambda: _lib.dev_flags()),

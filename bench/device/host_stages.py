@@ -41,7 +41,7 @@ def instrument():
     for mod, names in ((ops, ("_check_experts", "_eager_ok", "_autocast_dtype", "_experts_outputs",
                               "_check_index_range", "_window_flag")),
                        (_lib, ("experts_forward_call_workspace_size", "experts_backward_call_workspace_size",
-                               "Context", "plan", "tensor", "optional_tensor", "context_values",
+                               "context_values",
                                "pack_call", "packed_plan_values"))):
         for n in names:
             if hasattr(mod, n):  # (an older moe_fused in an A/B lacks some)

@@ -344,21 +344,24 @@ def _name_address(name: str) -> int:
 name_address = _name_address
 
 
-def _bad_descriptor(t: torch.Tensor, name: str):
-    """The error for a tensor no moe_tensor_t can describe."""
-    if t.dtype not in TORCH_TO_MOE_DTYPE:
-        return TypeError(f"{name}: dtype {t.dtype} is not supported by moe_fused")
-    return ValueError(f"{name}: rank {t.dim()} is not supported (1..{MAX_DIMS})")
+def _tensor_fields(t: torch.Tensor, address: int) -> tuple:
+    """(rank, the moe_tensor_t fields of `t`) named by the name at `address` (_name_address);
+    a tensor no descriptor can describe raises, naming it."""
+    dtype = TORCH_TO_MOE_DTYPE.get(t.dtype)
+    shape = t.shape
+    ndim = len(shape)
+    if dtype is None or not 1 <= ndim <= MAX_DIMS:
+        name = next((k for k, v in _NAMES.items() if v == address), "a tensor")
+        if dtype is None:
+            raise TypeError(f"{name}: dtype {t.dtype} is not supported by moe_fused")
+        raise ValueError(f"{name}: rank {ndim} is not supported (1..{MAX_DIMS})")
+    return ndim, (t.data_ptr(), dtype, ndim, *shape, *t.stride(), address)
 
 
 def _pack_tensor(buf, offset: int, t: torch.Tensor, name: str) -> None:
     """Writes the moe_tensor_t of `t` into the ctypes object `buf` at byte `offset`."""
-    dtype = TORCH_TO_MOE_DTYPE.get(t.dtype)
-    ndim = t.dim()
-    if dtype is None or not 1 <= ndim <= MAX_DIMS:
-        raise _bad_descriptor(t, name)
-    address = _NAMES.get(name) or _name_address(name)
-    _TENSOR_LAYOUTS[ndim].pack_into(buf, offset, t.data_ptr(), dtype, ndim, *t.shape, *t.stride(), address)
+    ndim, fields = _tensor_fields(t, _NAMES.get(name) or _name_address(name))
+    _TENSOR_LAYOUTS[ndim].pack_into(buf, offset, *fields)
 
 
 def tensor(t: torch.Tensor, name: str) -> MoeTensor:
@@ -366,11 +369,6 @@ def tensor(t: torch.Tensor, name: str) -> MoeTensor:
     desc = MoeTensor()
     _pack_tensor(desc, 0, t, name)
     return desc
-
-
-def optional_tensor(t: torch.Tensor | None, name: str):
-    """pointer to a descriptor, or None (NULL) when `t` is None."""
-    return None if t is None else ctypes.byref(tensor(t, name))
 
 
 def plan(expert_offsets: torch.Tensor, sorted_pairs: torch.Tensor, pair_rows: torch.Tensor) -> MoePlan:
@@ -508,8 +506,7 @@ def context_values(device: torch.device, nbytes: int, flags: int) -> tuple:
 # tensor descriptors into one buffer with one struct.pack_into and pass the raw C function
 # addresses into it: ~5.9 us for a forward's context, plan and seven tensors on the
 # development machine against ~8.9 us as ctypes objects packed and passed by reference one by
-# one (bench/host_overhead.py prints the pieces); all of it is host time before the first
-# kernel.
+# one (session 14, measured with timeit); all of it is host time before the first kernel.
 @functools.lru_cache(maxsize=512)
 def _call_layout(has_plan: bool, ranks: tuple) -> tuple:
     """(Struct, ctypes array type, byte offsets) of a context, a plan (has_plan) and tensors
@@ -533,17 +530,12 @@ def pack_call(ctx_values: tuple, plan_values: tuple | None, tensors: tuple, name
     if plan_values is not None:
         values += plan_values
     ranks = []
-    dtypes = TORCH_TO_MOE_DTYPE
-    for t, name in zip(tensors, names):
+    for t, address in zip(tensors, names):
         if t is None:
             continue
-        shape = t.shape
-        ndim = len(shape)
-        dtype = dtypes.get(t.dtype)
-        if dtype is None or not 1 <= ndim <= MAX_DIMS:
-            raise _bad_descriptor(t, next((k for k, v in _NAMES.items() if v == name), "a tensor"))
+        ndim, fields = _tensor_fields(t, address)
         ranks.append(ndim)
-        values += (t.data_ptr(), dtype, ndim, *shape, *t.stride(), name)
+        values += fields
     layout, array, offsets = _call_layout(plan_values is not None, tuple(ranks))
     buf = array()
     layout.pack_into(buf, 0, *values)
