@@ -36,6 +36,11 @@ template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi)
   return uint32_t(reinterpret_cast<const uint16_t &>(a)) |
          (uint32_t(reinterpret_cast<const uint16_t &>(b)) << 16);
 }
+// Element hi (0: the low 16 bits) of a pack2 word, back as a float (exact).
+template <class T> __device__ __forceinline__ float unpack2(uint32_t v, int hi) {
+  const uint16_t bits = uint16_t(hi ? v >> 16 : v);
+  return DT<T>::to_f(reinterpret_cast<const T &>(bits));
+}
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));

@@ -60,6 +60,11 @@ template <int BK_> struct Cfg {
 #ifndef MOE_SM90_WGRAD_TMA_STORE
 #define MOE_SM90_WGRAD_TMA_STORE 1
 #endif
+// The k-block of the next item during which an item's deferred second epilogue pass is
+// written (see the consumers). Build knob for A/Bs.
+#ifndef MOE_SM90_WGRAD_FLUSH_KB
+#define MOE_SM90_WGRAD_FLUSH_KB 2
+#endif
 [[maybe_unused]] constexpr int DIST = 4;       // k-blocks between an index load and its use
 // MOE_SM90_WGRAD_MCAST (default 1): clusters of two CTAs, each item an expert's pair of
 // m-tiles (2 mi, 2 mi + 1) at one n-tile: both need the same Q stages (the expert's rows, the
@@ -293,6 +298,72 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_arrive(sEmpty + 8 * st);
       if constexpr (MC) mbar_arrive_cluster(sEmpty + 8 * st, sm.rank ^ 1);
     };
+    // Fragment: D rows m = c * 64 + warp * 16 + (lane >> 2) + 8 hh, columns
+    // n = 8 j + 2 (lane & 3) + b in acc[4 j + 2 hh + b]; a pass is half of them, columns
+    // n in [128 pass, 128 pass + 128): v(j, hh, b) = acc[64 pass + 4 j + 2 hh + b].
+    // D^T (TR): rows n of C, this warpgroup's 64 columns m of each, 128 rows n a pass. Element
+    // (n, m) at row n, 16-byte chunk m / 8 XOR (n & 7): the layout of a {64, 128} TMA box with
+    // the 128-byte swizzle; the fragment's writes and the rows' 16-byte reads are
+    // conflict-free.
+    auto write_tr = [&](uint32_t buf, auto v) {
+      if constexpr (MOE_SM90_STMATRIX) {
+        // Tile q of an instruction: fragment rows (m) hh = q & 1, columns (n) 8 jj..,
+        // jj = jp + q / 2, stored transposed: smem row n = 8 jj + r gets its 8 m.
+        const int q = lane >> 3, r = lane & 7;
+        auto pk = [&](int jj, int hh) { return pack2<T>(v(jj, hh, 0), v(jj, hh, 1)); };
+#pragma unroll
+        for (int jp = 0; jp < 16; jp += 2) {
+          const int n = 8 * (jp + (q >> 1)) + r;
+          const uint32_t addr = buf + n * kTRow + ((((warp * 2 + (q & 1)) ^ r) & 7) << 4);
+          stmatrix_x4_trans(addr, pk(jp, 0), pk(jp, 1), pk(jp + 1, 0), pk(jp + 1, 1));
+        }
+      } else {
+        const int ml = warp * 16 + (lane >> 2);  // local column m of fragment row hh = 0
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int m = ml + hh * 8;
+#pragma unroll
+          for (int b = 0; b < 2; ++b) {
+            // n = 8 jj + n7: the swizzle depends on n7 only, so one base address per (hh, b)
+            const int n7 = (lane & 3) * 2 + b;
+            const uint32_t base = buf + n7 * kTRow + ((((m >> 3) ^ n7) & 7) << 4) + (m & 7) * 2;
+#pragma unroll
+            for (int jj = 0; jj < 16; ++jj) {
+              const uint32_t addr = base + jj * 8 * kTRow;
+              asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
+                           "h"(bits16(v(jj, hh, b), (T *)nullptr))
+                           : "memory");
+            }
+          }
+        }
+      }
+    };
+    // One pass of item (e, m0, n0) by TMA (tma_c): values v(j, hh, b), through this
+    // warpgroup's pass buffer.
+    auto emit = [&](int pass, int e, int m0, int n0, auto v) {
+      const uint32_t buf = sC + uint32_t(c) * kPassBytes;
+      if constexpr (!TR)
+        store_pass_tma<T>(buf, 1 + c, tid_wg, v, [&](uint32_t src, int dc) {
+          tma_store_3d(&tmapC, src, n0 + pass * 128 + dc, m0 + c * 64, e);
+        });
+      else
+        tma_pass(1 + c, tid_wg, [&] { write_tr(buf, v); },
+                 [&] { tma_store_3d(&tmapC, buf, m0 + c * 64, n0 + pass * 128, e); });
+    };
+    // With TMA stores, an item's second pass waits in registers (packed, 32 words) until the
+    // next item's kFlushKb-th k-block is issued: a pass buffer is reused only after the TMA has
+    // read the previous pass out of it, and the SM's stores drain at ~20 B a cycle (H100), so
+    // writing both passes back to back kept the tensor cores idle while the first drained
+    // (session 15: an epilogue that stores nothing took dW1 from 1.38 to 1.21 ms at 30B-A3B
+    // T=16384).
+    constexpr int kFlushKb = MOE_SM90_WGRAD_FLUSH_KB;
+    uint32_t pend[32] = {};
+    int pend_e = -1, pend_m0 = 0, pend_n0 = 0;  // pend_e < 0: nothing pending
+    auto flush = [&] {
+      emit(1, pend_e, pend_m0, pend_n0,
+           [&](int j, int hh, int b) { return unpack2<T>(pend[j * 2 + hh], b); });
+      pend_e = -1;
+    };
     // The next item's raw offsets are loaded one item ahead (consumed at its start).
     int oa = 0, ob = 0;
     if (sm.first < total) {
@@ -324,6 +395,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         wgmma_wait<1>();
         if (kb > 0 && tid_wg == 0) release(prev);
         prev = st;
+        if (kb == kFlushKb && pend_e >= 0) flush();  // while this k-block's wgmmas run
       }
       wgmma_wait<0>();
       if (KB > 0 && tid_wg == 0) release(prev);
@@ -331,88 +403,39 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
       }
-      // Fragment: D rows m = c * 64 + warp * 16 + (lane >> 2) + 8 hh, columns
-      // n = 8 j + 2 (lane & 3) + b in acc[4 j + 2 hh + b].
+      if (pend_e >= 0) flush();  // KB <= kFlushKb: the previous item's second pass first
+      if (tma_c) {
+        emit(0, e, m0, n0, [&](int j, int hh, int b) { return acc[j * 4 + hh * 2 + b]; });
+#pragma unroll
+        for (int i = 0; i < 32; ++i) pend[i] = pack2<T>(acc[64 + 2 * i], acc[64 + 2 * i + 1]);
+        pend_e = e, pend_m0 = m0, pend_n0 = n0;
+        continue;
+      }
       T *Ce = C + int64_t(e) * p.strideCE;
       const uint32_t buf = sC + uint32_t(c) * kPassBytes;
-      if (!TR) {  // this warpgroup's 64 rows m, in two passes of 128 columns n
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          auto v = [&](int j, int hh, int b) { return acc[(half * 16 + j) * 4 + hh * 2 + b]; };
-          if (tma_c)
-            store_pass_tma<T>(buf, 1 + c, tid_wg, v, [&](uint32_t src, int dc) {
-              tma_store_3d(&tmapC, src, n0 + half * 128 + dc, m0 + c * 64, e);
-            });
-          else
-            store_pass<T>(buf, 1 + c, tid_wg, v, [&](int lr, int) -> T * {
-              return Ce + int64_t(m0 + c * 64 + lr) * p.ldc + n0 + half * 128;
-            });
+      for (int pass = 0; pass < 2; ++pass) {
+        auto v = [&](int j, int hh, int b) { return acc[(pass * 16 + j) * 4 + hh * 2 + b]; };
+        if (!TR) {  // this warpgroup's 64 rows m, 128 columns n a pass
+          store_pass<T>(buf, 1 + c, tid_wg, v, [&](int lr, int) -> T * {
+            return Ce + int64_t(m0 + c * 64 + lr) * p.ldc + n0 + pass * 128;
+          });
+          continue;
         }
-      } else {
-        // D^T: rows n of C, this warpgroup's 64 columns m of each, 128 rows n a pass. Element
-        // (n, m) at row n, 16-byte chunk m / 8 XOR (n & 7): the fragment's 2-byte writes (four
-        // rows n two apart, eight m each) and the rows' 16-byte reads are conflict-free.
-        const int ml = warp * 16 + (lane >> 2);  // local column m of fragment row hh = 0
+        named_bar(1 + c, 128);  // the previous pass's reads of buf are done
+        write_tr(buf, v);
+        named_bar(1 + c, 128);
+        const int ch = tid_wg & 7, nr = tid_wg >> 3;  // rows n = nr + 16 i, all n & 7 = nr & 7
+        const uint32_t rbase = buf + nr * kTRow + (((ch ^ nr) & 7) << 4);
 #pragma unroll
-        for (int pass = 0; pass < 2; ++pass) {
-          // This pass's 128 rows n x 64 columns m into buf: the layout of a {64, 128} TMA box
-          // with the 128-byte swizzle.
-          auto write = [&] {
-            if constexpr (MOE_SM90_STMATRIX) {
-              // Tile q of an instruction: fragment rows (m) hh = q & 1, columns (n) 8 jj..,
-              // jj = jp + q / 2, stored transposed: smem row n = 8 jj + r gets its 8 m.
-              const int q = lane >> 3, r = lane & 7;
-              auto pk = [&](int jj, int hh) {
-                const int i = (pass * 16 + jj) * 4 + hh * 2;
-                return pack2<T>(acc[i], acc[i + 1]);
-              };
-#pragma unroll
-              for (int jp = 0; jp < 16; jp += 2) {
-                const int n = 8 * (jp + (q >> 1)) + r;
-                const uint32_t addr = buf + n * kTRow + ((((warp * 2 + (q & 1)) ^ r) & 7) << 4);
-                stmatrix_x4_trans(addr, pk(jp, 0), pk(jp, 1), pk(jp + 1, 0), pk(jp + 1, 1));
-              }
-            } else {
-#pragma unroll
-              for (int hh = 0; hh < 2; ++hh) {
-                const int m = ml + hh * 8;
-#pragma unroll
-                for (int b = 0; b < 2; ++b) {
-                  // n = 8 jj + n7: the swizzle depends on n7 only, so one base address per
-                  // (hh, b)
-                  const int n7 = (lane & 3) * 2 + b;
-                  const uint32_t base =
-                      buf + n7 * kTRow + ((((m >> 3) ^ n7) & 7) << 4) + (m & 7) * 2;
-#pragma unroll
-                  for (int jj = 0; jj < 16; ++jj) {
-                    const uint32_t addr = base + jj * 8 * kTRow;
-                    asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr),
-                                 "h"(bits16(acc[(pass * 16 + jj) * 4 + hh * 2 + b], (T *)nullptr))
-                                 : "memory");
-                  }
-                }
-              }
-            }
-          };
-          if (tma_c) {
-            tma_pass(1 + c, tid_wg, write,
-                     [&] { tma_store_3d(&tmapC, buf, m0 + c * 64, n0 + pass * 128, e); });
-            continue;
-          }
-          named_bar(1 + c, 128);  // the previous pass's reads of buf are done
-          write();
-          named_bar(1 + c, 128);
-          const int ch = tid_wg & 7, nr = tid_wg >> 3;  // rows n = nr + 16 i, all n & 7 = nr & 7
-          const uint32_t rbase = buf + nr * kTRow + (((ch ^ nr) & 7) << 4);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const int n = nr + 16 * i;
-            T *dst = Ce + int64_t(n0 + pass * 128 + n) * p.ldc + m0 + c * 64 + ch * 8;
-            *reinterpret_cast<uint4 *>(dst) = lds128(rbase + 16 * i * kTRow);
-          }
+        for (int i = 0; i < 8; ++i) {
+          const int n = nr + 16 * i;
+          T *dst = Ce + int64_t(n0 + pass * 128 + n) * p.ldc + m0 + c * 64 + ch * 8;
+          *reinterpret_cast<uint4 *>(dst) = lds128(rbase + 16 * i * kTRow);
         }
       }
     }
+    if (pend_e >= 0) flush();
     if (tma_c && tid_wg == 0) bulk_wait0();  // smem stays until the stores are done
   }
   if constexpr (MC) cluster_sync();  // no CTA leaves while its peer may still write to it
