@@ -77,7 +77,7 @@ if has sm90; then  # the sm90a kernels: their tests, then both paths' per-kernel
   timeout 150 python3 tests/test_gpu_sm90.py bench 2>&1 | tee "$OUT/sm90_bench.log" | grep -A8 "sm90 "
 fi
 if has testall; then
-  timeout 300 python3 -m pytest -q -rs --timeout 240 -p no:cacheprovider tests/ > "$OUT/tests_all.log" 2>&1
+  timeout 450 python3 -m pytest -q -rs --timeout 240 -p no:cacheprovider tests/ > "$OUT/tests_all.log" 2>&1
   echo "all tests: exit $?"; tail -8 "$OUT/tests_all.log"
 fi
 if has sanitize; then
