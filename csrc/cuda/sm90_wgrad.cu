@@ -14,8 +14,9 @@
 // Q = dh, D = C^T (written transposed through the pass buffer). Q rows past the segment
 // (the next expert's) meet P's zero rows, so they add exact zeros (finite data).
 // Two consumer warpgroups run wgmma m64n256k16; the tile goes out through a swizzled smem
-// pass buffer in 16-byte row stores (sm90_epilogue.cuh) while the next tile's loads are in
-// flight. Persistent grid over
+// pass buffer in 16-byte row stores or TMA stores (sm90_epilogue.cuh) while the next tile's
+// loads are in flight; with TMA stores the second of a tile's two passes waits in registers
+// until the next tile's mainloop is under way. Persistent grid over
 // (expert, m-tile, n-tile), n fastest so that concurrent CTAs share the expert's rows in L2;
 // by default in clusters of two taking an expert's m-tiles in pairs, which share the Q stages
 // by TMA multicast (MOE_SM90_WGRAD_MCAST).
@@ -351,11 +352,11 @@ __global__ void __launch_bounds__(THREADS, 1)
                  [&] { tma_store_3d(&tmapC, buf, m0 + c * 64, n0 + pass * 128, e); });
     };
     // With TMA stores, an item's second pass waits in registers (packed, 32 words) until the
-    // next item's kFlushKb-th k-block is issued: a pass buffer is reused only after the TMA has
-    // read the previous pass out of it, and the SM's stores drain at ~20 B a cycle (H100), so
-    // writing both passes back to back kept the tensor cores idle while the first drained
-    // (session 15: an epilogue that stores nothing took dW1 from 1.38 to 1.21 ms at 30B-A3B
-    // T=16384).
+    // next item's k-block kFlushKb has been issued: a pass buffer is reused only once the TMA
+    // has read the previous pass out of it, so writing both passes back to back kept the
+    // tensor cores idle while the first one left. H100, 30B-A3B T=16384 (notes/hopper.md,
+    // session 15): dW1 -3%, dW2 -2%; an epilogue storing nothing (timing only) was -12% / -9%,
+    // the rest being the cost of the written bytes themselves.
     constexpr int kFlushKb = MOE_SM90_WGRAD_FLUSH_KB;
     uint32_t pend[32] = {};
     int pend_e = -1, pend_m0 = 0, pend_n0 = 0;  // pend_e < 0: nothing pending
