@@ -12,6 +12,7 @@ m=$m,l1tex__m_l1tex2xbar_write_bytes.sum
 m=$m,lts__t_bytes.sum.per_second,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_hit_rate.pct
 m=$m,lts__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__throughput.avg.pct_of_peak_sustained_elapsed
 m=$m,dram__bytes_read.sum.per_second,dram__bytes_write.sum.per_second
+m=$m,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_op_write.sum,lts__t_sector_op_read_hit_rate.pct
 m=$m,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active
 m=$m,smsp__inst_executed.sum,sm__warps_active.avg.per_cycle_active
 timeout 200 ncu --clock-control none --kernel-name-base demangled -k "regex:$re" -s "$skip" -c "${COUNT:-1}" \
