@@ -13,8 +13,9 @@ Levels (the outputs are WRONG in every one of them: time them, never test them):
   4  everything but the s*a stores (4-byte stores from registers)
 Session 14 measured 1 and 2 (bench/results/ab_session14_da_epilogue_h100.txt): 0.709 and
 0.821 ms against 0.998 at 30B-A3B T=16384; session 15 all four
-(bench/results/ab_session15_da_stores_h100.txt): 0.716 / 0.817 / 0.859 / 0.914 of the base. The edits are textual, on the current kernel; an
-anchor that no longer matches stops the script with its name.
+(bench/results/ab_session15_da_stores_h100.txt): 0.716 / 0.817 / 0.859 / 0.914 of the base.
+The edits are textual, on the current kernel; an anchor that no longer matches stops the
+script with its name.
 """
 import pathlib
 import sys
