@@ -36,10 +36,11 @@ template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi)
   return uint32_t(reinterpret_cast<const uint16_t &>(a)) |
          (uint32_t(reinterpret_cast<const uint16_t &>(b)) << 16);
 }
-// Element hi (0: the low 16 bits) of a pack2 word, back as a float (exact).
-template <class T> __device__ __forceinline__ float unpack2(uint32_t v, int hi) {
-  const uint16_t bits = uint16_t(hi ? v >> 16 : v);
-  return DT<T>::to_f(reinterpret_cast<const T &>(bits));
+// A pack2 word back as its two floats (exact).
+template <class T> __device__ __forceinline__ void unpack2(uint32_t v, float &lo, float &hi) {
+  const uint16_t l = uint16_t(v & 0xFFFF), h = uint16_t(v >> 16);
+  lo = DT<T>::to_f(reinterpret_cast<const T &>(l));
+  hi = DT<T>::to_f(reinterpret_cast<const T &>(h));
 }
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;

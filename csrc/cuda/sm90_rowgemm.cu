@@ -168,11 +168,6 @@ struct RowMaps {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <class T> __device__ __forceinline__ void unpack2(uint32_t v, float &lo, float &hi) {
-  const uint16_t l = uint16_t(v & 0xFFFF), h = uint16_t(v >> 16);
-  lo = DT<T>::to_f(reinterpret_cast<const T &>(l));
-  hi = DT<T>::to_f(reinterpret_cast<const T &>(h));
-}
 template <class T> __device__ __forceinline__ float rnd(float v) {
   return DT<T>::to_f(DT<T>::from_f(v));
 }

@@ -362,7 +362,11 @@ __global__ void __launch_bounds__(THREADS, 1)
     int pend_e = -1, pend_m0 = 0, pend_n0 = 0;  // pend_e < 0: nothing pending
     auto flush = [&] {
       emit(1, pend_e, pend_m0, pend_n0,
-           [&](int j, int hh, int b) { return unpack2<T>(pend[j * 2 + hh], b); });
+           [&](int j, int hh, int b) {
+             float lo, hi;
+             unpack2<T>(pend[j * 2 + hh], lo, hi);
+             return b ? hi : lo;
+           });
       pend_e = -1;
     };
     // The next item's raw offsets are loaded one item ahead (consumed at its start).

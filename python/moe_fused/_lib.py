@@ -547,6 +547,18 @@ def pack_call(ctx_values: tuple, plan_values: tuple | None, tensors: tuple, name
     return buf, addresses
 
 
+def call(name: str, ctx_values: tuple, tensors: tuple, names: tuple, plan_values=None, plan_at=0):
+    """Calls the C function `name` through its raw handle on one call buffer (pack_call): the
+    context's address, then the tensors' (None: NULL), the plan's inserted after the first
+    `plan_at` of them when plan_values is given; raises on a failing status. The caller keeps
+    the context's workspace alive until this returns."""
+    buf, addresses = pack_call(ctx_values, plan_values, tensors, names)  # [ctx, plan?, tensors]
+    if plan_values is not None:
+        addresses.insert(plan_at + 1, addresses.pop(1))
+    check(raw(name)(*addresses), name)
+    del buf  # (alive until here: the C function has read it)
+
+
 def dev_flags() -> int:
     """The context flags the environment asks for (MOE_FUSED_PORTABLE=1: the portable
     kernels), read at every call like the library's own environment variables."""

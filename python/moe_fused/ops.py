@@ -376,14 +376,11 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     ws_flags = flags if need_h else flags | _lib.MOE_FLAG_FORWARD_NO_H
     nbytes = _lib.experts_forward_call_workspace_size(dev, x.dtype, T, k, H, I, E, ws_flags)
     ctx, workspace = _lib.context_values(dev, nbytes, flags)
-    buf, (c, p, *ts) = _lib.pack_call(
-        ctx, _lib.packed_plan_values(plan_buf, E, n),
-        (x, idx, w, w1, w2, h if need_h else None, out), _FORWARD_NAMES,  # h None: NULL
+    _lib.call(  # (x, idx, w, w1, w2, plan, h, out); h None: NULL
+        "moe_experts_forward", ctx, (x, idx, w, w1, w2, h if need_h else None, out), _FORWARD_NAMES,
+        _lib.packed_plan_values(plan_buf, E, n), 5,
     )
-    x_, idx_, w_, w1_, w2_, h_, out_ = ts
-    status = _lib.raw("moe_experts_forward")(c, x_, idx_, w_, w1_, w2_, p, h_, out_)
-    del buf, workspace  # (alive until here: the call has read them)
-    _lib.check(status, "moe_experts_forward")
+    del workspace  # (alive until here: the call has used it)
     return out, h, plan_buf
 
 
@@ -448,14 +445,11 @@ def _experts_backward_impl(
             )
             nbytes = _lib.experts_backward_call_workspace_size(dev, x.dtype, T, k, H, I, E, want, flags)
             ctx, workspace = _lib.context_values(dev, nbytes, flags)
-            buf, (c, p, *ts) = _lib.pack_call(
-                ctx, _lib.packed_plan_values(plan_buf, E, T * k), (g, x, w, w1, w2, h, *grads),
-                _BACKWARD_NAMES,  # a gradient not wanted: None, NULL
+            _lib.call(  # (g, x, w, w1, w2, plan, h, grads); a gradient not wanted: None, NULL
+                "moe_experts_backward", ctx, (g, x, w, w1, w2, h, *grads), _BACKWARD_NAMES,
+                _lib.packed_plan_values(plan_buf, E, T * k), 5,
             )
-            g_, x_, w_, w1_, w2_, h_, dx_, dw_, dw1_, dw2_ = ts
-            status = _lib.raw("moe_experts_backward")(c, g_, x_, w_, w1_, w2_, p, h_, dx_, dw_, dw1_, dw2_)
-            del buf, workspace
-            _lib.check(status, "moe_experts_backward")
+            del workspace
     empty = lambda t: torch.empty((0,), dtype=t.dtype, device=dev)  # noqa: E731
     return tuple(gr if gr is not None else empty(src) for gr, src in zip(grads, (x, w, w1, w2)))
 
@@ -631,10 +625,8 @@ def _linear_forward_impl(x, weight, sel):
     ctx, workspace = _lib.context_values(
         dev, _lib.linear_workspace_size(dev, N, E, in_f, out_f), _lib.dev_flags()
     )
-    buf, (c, *ts) = _lib.pack_call(ctx, None, (x, weight, sel, out), _LINEAR_FORWARD_NAMES)
-    status = _lib.raw("moe_linear_forward")(c, *ts)
-    del buf, workspace
-    _lib.check(status, "moe_linear_forward")
+    _lib.call("moe_linear_forward", ctx, (x, weight, sel, out), _LINEAR_FORWARD_NAMES)
+    del workspace
     return out
 
 
@@ -662,10 +654,8 @@ def _linear_backward_impl(g, x, weight, sel, n_x, n_w):
             ctx, workspace = _lib.context_values(
                 dev, _lib.linear_workspace_size(dev, N, E, in_f, out_f), _lib.dev_flags()
             )
-            buf, (c, *ts) = _lib.pack_call(ctx, None, (g, x, weight, sel, dx, dw), _LINEAR_BACKWARD_NAMES)
-            status = _lib.raw("moe_linear_backward")(c, *ts)
-            del buf, workspace
-            _lib.check(status, "moe_linear_backward")
+            _lib.call("moe_linear_backward", ctx, (g, x, weight, sel, dx, dw), _LINEAR_BACKWARD_NAMES)
+            del workspace
     return (
         dx if dx is not None else torch.empty((0,), dtype=x.dtype, device=dev),
         dw if dw is not None else torch.empty((0,), dtype=weight.dtype, device=dev),
