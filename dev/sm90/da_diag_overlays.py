@@ -17,11 +17,9 @@ Session 14 measured 1 and 2 (bench/results/ab_session14_da_epilogue_h100.txt): 0
 The edits are textual, on the current kernel; an anchor that no longer matches stops the
 script with its name.
 """
-import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SRC = ROOT / "csrc/cuda/sm90_rowgemm.cu"
+from overlays import write_overlays
 
 # (name, anchor, replacement): the anchor must occur exactly once in the source.
 EDITS = [
@@ -45,21 +43,7 @@ EDITS = [
 
 
 def main() -> int:
-    text = SRC.read_text()
-    for name, anchor, _ in EDITS:
-        if text.count(anchor) != 1:
-            print(f"anchor '{name}' found {text.count(anchor)} times in {SRC} (want 1): update this script",
-                  file=sys.stderr)
-            return 1
-    for level in (1, 2, 3, 4):
-        out = text
-        for _, anchor, repl in EDITS:
-            out = out.replace(anchor, repl.replace("@LEVEL@", str(level)), 1)
-        dst = ROOT / f"dev/ab/da{level}/csrc/cuda/sm90_rowgemm.cu"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(out)
-        print(dst)
-    return 0
+    return write_overlays("csrc/cuda/sm90_rowgemm.cu", EDITS, {f"da{level}": {"LEVEL": level} for level in (1, 2, 3, 4)})
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ What GEMM1's 0.6 GB of h and a, and GEMM2's / dX's 0.5 GB of rows, cost (notes/h
 session 16); dA''s own stores: dev/sm90/da_diag_overlays.py. The edits are textual, on the
 current kernel; an anchor that no longer matches stops the script with its name.
 """
-import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SRC = ROOT / "csrc/cuda/sm90_rowgemm.cu"
+from overlays import write_overlays
 
 # (name, anchor, replacement): the anchor must occur exactly once in the source.
 EDITS = [
@@ -45,23 +43,7 @@ VARIANTS = {"g1n": {"G1": 1, "ST": 0}, "g1a": {"G1": 2, "ST": 0}, "stn": {"G1": 
 
 
 def main() -> int:
-    text = SRC.read_text()
-    for name, anchor, _ in EDITS:
-        if text.count(anchor) != 1:
-            print(f"anchor '{name}' found {text.count(anchor)} times in {SRC} (want 1): update this script",
-                  file=sys.stderr)
-            return 1
-    for variant, values in VARIANTS.items():
-        out = text
-        for _, anchor, repl in EDITS:
-            for key, value in values.items():
-                repl = repl.replace(f"@{key}@", str(value))
-            out = out.replace(anchor, repl, 1)
-        dst = ROOT / f"dev/ab/{variant}/csrc/cuda/sm90_rowgemm.cu"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(out)
-        print(dst)
-    return 0
+    return write_overlays("csrc/cuda/sm90_rowgemm.cu", EDITS, VARIANTS)
 
 
 if __name__ == "__main__":
