@@ -43,7 +43,8 @@ EDITS = [
 
 
 def main() -> int:
-    return write_overlays("csrc/cuda/sm90_rowgemm.cu", EDITS, {f"da{level}": {"LEVEL": level} for level in (1, 2, 3, 4)})
+    variants = {f"da{level}": {"LEVEL": level} for level in (1, 2, 3, 4)}
+    return write_overlays("csrc/cuda/sm90_rowgemm.cu", EDITS, variants)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@
 //             deep, B (multicast, 32 KB) NB_DEEP, so the gathered rows are asked for further
 //             ahead (B issued NA_DEEP - NB_DEEP k-blocks after A)
 //   gather22  2x2 clusters, the real protocol: each CTA gathers its 64 rows, its producer's
-//             thread 0 pushes them (one stage later, once landed) into its N-peer's stage, B
-//             multicast within the M-pairs; a stage is free once its CTA, M-peer and N-peer
-//             consumers released it
+//             thread 0 pushes them into its N-peer's stage once landed (it polls for that
+//             while it waits for a free stage), B multicast within the M-pairs; a stage is
+//             free once its CTA's, M-peer's and N-peer's consumers released it. Launches only
+//             the clusters that fit at once (30 of four on the H100)
 // -b BYTES: the buffer (default 16 MiB: L2-resident; 4 GiB streams from DRAM), -i k-blocks
 // a CTA. Build: nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -I csrc -o /tmp/probe dev/sm90/ingress_probe.cu
 #include <cuda.h>
