@@ -70,27 +70,10 @@ constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEM
 #ifndef MOE_SM90_TMA_STORE_H
 #define MOE_SM90_TMA_STORE_H 1
 #endif
-// -DMOE_SM90_SIGMOID_TANH=1: the SwiGLU / dSwiGLU epilogues (GEMM1, dA') take sigmoid(g) as
-// 0.5 tanh(g / 2) + 0.5, one MUFU op (tanh.approx.f32, relative error ~2^-11, under bf16's
-// half ulp) instead of two (ex2 and rcp): GEMM1's epilogue runs 2 x 16384 MUFU ops a tile
-// at 16 a cycle an SM, ~1 us of the ~3.6 us its consumers spend there (notes/hopper.md,
-// session 16). Prepared, not yet measured: off.
-#ifndef MOE_SM90_SIGMOID_TANH
-#define MOE_SM90_SIGMOID_TANH 0
-#endif
 #ifndef MOE_SM90_TMA_STORE_H_MAX_K
 #define MOE_SM90_TMA_STORE_H_MAX_K 2048
 #endif
 constexpr int64_t kTmaStoreHMaxK = MOE_SM90_TMA_STORE_H_MAX_K;
-__device__ __forceinline__ float sigmoid_epi(float g) {
-  if constexpr (MOE_SM90_SIGMOID_TANH) {
-    float t;
-    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * g));
-    return fmaf(0.5f, t, 0.5f);
-  } else {
-    return sigmoid_f(g);
-  }
-}
 // dA' sending each h chunk's dg, du out of the chunk buffer by TMA was measured in session 10
 // (1.023 vs 1.027 ms at 30B-A3B T=16384, 3.101 vs 3.061 at 235B-A22B: its stores are not
 // its bottleneck) and dropped: it keeps the 16-byte thread stores.
@@ -450,7 +433,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           auto g_of = [&](int j, int hh, int i) { return acc[j * 4 + hh * 2 + i]; };
           if constexpr (EPI == EPI_SWIGLU) pass(g_of, hrow, &maps.c, col);
 #pragma unroll
-          for (int i = 0; i < BN / 4; ++i) acc[i] = acc[i] * sigmoid_epi(acc[i]) * acc[i + BN / 4];
+          for (int i = 0; i < BN / 4; ++i) acc[i] = silu_f(acc[i]) * acc[i + BN / 4];
           if constexpr (EPI == EPI_SWIGLU)
             pass([&](int j, int hh, int i) { return acc[(j + HJ) * 4 + hh * 2 + i]; },
                  [&](int lr, int m) -> T * {
@@ -583,7 +566,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
                   for (int i = 0; i < 2; ++i) {
                     float d = acc[j * 4 + hh * 2 + i];
-                    const float sg = sigmoid_epi(g[i]);
+                    const float sg = sigmoid_f(g[i]);
                     const float sil = g[i] * sg;
                     const float dsil = sg + sil * (1.f - sg);
                     dot[hh] += d * sil * u[i];
