@@ -21,6 +21,8 @@ import sys
 
 from overlays import write_overlays
 
+SRC = "csrc/cuda/sm90_rowgemm.cu"
+
 # (name, anchor, replacement): the anchor must occur exactly once in the source.
 EDITS = [
     ("knob",
@@ -44,7 +46,7 @@ EDITS = [
 
 def main() -> int:
     variants = {f"da{level}": {"LEVEL": level} for level in (1, 2, 3, 4)}
-    return write_overlays("csrc/cuda/sm90_rowgemm.cu", EDITS, variants)
+    return write_overlays(SRC, EDITS, variants)
 
 
 if __name__ == "__main__":

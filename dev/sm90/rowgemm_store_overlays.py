@@ -18,6 +18,8 @@ import sys
 
 from overlays import write_overlays
 
+SRC = "csrc/cuda/sm90_rowgemm.cu"
+
 # (name, anchor, replacement): the anchor must occur exactly once in the source.
 EDITS = [
     ("knob",
@@ -43,7 +45,7 @@ VARIANTS = {"g1n": {"G1": 1, "ST": 0}, "g1a": {"G1": 2, "ST": 0}, "stn": {"G1": 
 
 
 def main() -> int:
-    return write_overlays("csrc/cuda/sm90_rowgemm.cu", EDITS, VARIANTS)
+    return write_overlays(SRC, EDITS, VARIANTS)
 
 
 if __name__ == "__main__":

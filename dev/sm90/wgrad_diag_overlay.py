@@ -12,27 +12,21 @@ ab_session15_wgrad_noepi_rel0_h100.txt): dW1 1.38 -> 1.21 ms, dW2 0.70 -> 0.63 a
 T=16384. The edit is textual, on the current kernel; an anchor that no longer matches stops
 the script.
 """
-import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SRC = ROOT / "csrc/cuda/sm90_wgrad.cu"
+from overlays import write_overlays
+
+SRC = "csrc/cuda/sm90_wgrad.cu"
 ANCHOR = "      if (pend_e >= 0) flush();  // KB <= kFlushKb"
 CUT = ("      // dev/sm90/wgrad_diag_overlay.py: timing-only build, WRONG outputs\n"
        "      if (acc[0] == 1234.5f && acc[BN / 2 - 1] == -1.f) C[tid_wg] = T(acc[1]);\n"
        "      continue;\n")
+# (name, anchor, replacement), as overlays.write_overlays takes them
+EDITS = [("the epilogue's start", ANCHOR, CUT + ANCHOR)]
 
 
 def main() -> int:
-    text = SRC.read_text()
-    if text.count(ANCHOR) != 1:
-        print(f"anchor found {text.count(ANCHOR)} times in {SRC} (want 1): update this script", file=sys.stderr)
-        return 1
-    dst = ROOT / "dev/ab/wgnoepi/csrc/cuda/sm90_wgrad.cu"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(text.replace(ANCHOR, CUT + ANCHOR, 1))
-    print(dst)
-    return 0
+    return write_overlays(SRC, EDITS, {"wgnoepi": {}})
 
 
 if __name__ == "__main__":
