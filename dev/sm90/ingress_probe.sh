@@ -6,12 +6,14 @@
 # eight lanes a row (as sm90_rowgemm) too.
 set -u
 cd "$(dirname "$0")/../.."
-nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -I csrc -o /tmp/ingress_probe dev/sm90/ingress_probe.cu || exit 1
-[ -n "${COAL:-}" ] && { nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -I csrc -DCOAL=1 \
-  -o /tmp/ingress_probe_coal dev/sm90/ingress_probe.cu || exit 1; }
+build() {  # build OUTPUT [-D...]
+  local out=$1; shift
+  nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -I csrc "$@" -o "$out" dev/sm90/ingress_probe.cu
+}
+build /tmp/ingress_probe || exit 1
+[ -n "${COAL:-}" ] && { build /tmp/ingress_probe_coal -DCOAL=1 || exit 1; }
 for d in ${DEEP:-}; do
-  nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -I csrc -DNA_DEEP=${d%,*} -DNB_DEEP=${d#*,} \
-    -o /tmp/ingress_probe_${d/,/_} dev/sm90/ingress_probe.cu || exit 1
+  build /tmp/ingress_probe_${d/,/_} -DNA_DEEP=${d%,*} -DNB_DEEP=${d#*,} || exit 1
 done
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 for b in ${BUFS:-$((16 << 20)) $((64 << 20)) $((4 << 30))}; do
