@@ -88,6 +88,11 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map
 __device__ __forceinline__ void cp_async16_u(uint32_t dst, const void *src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
+// The same, asking L2 to fetch the 256-byte block around src from DRAM (`.L2::256B`): for a
+// row read 128 bytes a k-block, the next k-block's bytes are then in L2 when they are asked for.
+__device__ __forceinline__ void cp_async16_l2_256(uint32_t dst, const void *src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
 // 16 bytes when `bytes` is 16, zeros when it is 0 (src is then not read).
 __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void *src, uint32_t bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes)

@@ -52,6 +52,14 @@ namespace {
 #ifndef MOE_SM90_TMA_A
 #define MOE_SM90_TMA_A 1
 #endif
+// The gathered A rows' cp.async ask L2 for 256-byte blocks (MOE_SM90_A_L2_256B, default 1):
+// a row is read 128 bytes a k-block, so every other k-block's bytes are already in L2 when
+// asked for, and the consumers (which wait on loads ~38% of their time in GEMM1) wait less.
+// H100, 30B-A3B T=16384, 5 rounds (notes/hopper.md session 17): dA' 0.971 vs 0.997 ms,
+// GEMM1 1.452 vs 1.475; T=4096 both ~1% faster. -DMOE_SM90_A_L2_256B=0 drops the hint.
+#ifndef MOE_SM90_A_L2_256B
+#define MOE_SM90_A_L2_256B 1
+#endif
 template <int EPI>
 constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
 // -DMOE_SM90_TMA_STORE=1: GEMM2 / dX (EPI_STORE, rows not scattered) send a warpgroup's 64
@@ -287,7 +295,10 @@ __global__ void __launch_bounds__(THREADS, 1)
           if constexpr (!TMA_A) {
 #pragma unroll
             for (int j = 0; j < RPT; ++j) {
-              cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
+              if (MOE_SM90_A_L2_256B)
+                cp_async16_l2_256(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
+              else
+                cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
             }
             cp_async_mbar_arrive(sFull + 8 * st);
           }
