@@ -4,6 +4,8 @@
 # Usage: bench/device/ncu_source.sh NAME REGEX SKIP [T]   e.g. dw1 wgrad_sm90 1 16384
 # REGEX matches the demangled name, so template arguments pick a kernel:
 # 'row_gemm_sm90<[^,]+, .int.2' is dA' (EPI_DSWIGLU = 2, named "(int)2"; GEMM1 = 1).
+# bench/device/stall_regions.py reads the CSV on any machine: samples by role (producer,
+# consumers), barrier waits and mainloop, top instructions.
 # Launch order in one_step.py: row_gemm GEMM1, GEMM2 (one per token window), dA', dX...;
 # wgrad dW2, dW1.
 here="$(cd "$(dirname "$0")" && pwd)"
