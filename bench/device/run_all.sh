@@ -15,7 +15,8 @@
 #           (GEMMS_ARGS adds arguments, e.g. "--shapes 30b-a3b -T 4096"); gemms.json / gemms.log.
 # e.g. one call: bash bench/device/run_all.sh build sonic gemms bench
 # Beside it: ab.sh (time build variants A B A B in one session), ncu_source.sh (stall samples
-# per SASS instruction of one launch; stall_regions.py sums them by role and wait), ncu_sm90.sh (speed of light + stall reasons),
+# per SASS instruction of one launch; stall_regions.py sums them by role and wait),
+# ncu_sm90.sh (speed of light + stall reasons),
 # step_timeline.py (a step's GPU idle gaps and host time, ours and HF's), bench/host_overhead.py
 # --device cuda (host microseconds of the Python wrapper and the C calls), host_stages.py (the
 # wrapper's stages timed inside real steps) and host_trace.py (a step's host events and launches).
