@@ -491,6 +491,12 @@ def test_ab_summary_reads_rounds_and_normalizes_by_the_reference(tmp_path):
     assert rows["dX/sm90"][1:] == ["1.000", "0.880", "0.880", "0.800"]  # base, v, ratio, vs ref
     assert rows["dW2+dW1/sm90'"][1:] == ["0.250", "0.275", "1.100", "1.000"]
     assert rows["combine_kernel"][-1] == "1.000" and rows["GEMM1/sm90"][-1] == "1.000"
+    # every round read (the warm-up left out), kernels of at least min_ms only
+    rounds = ab.rounds_table(tmp_path, ["base", "v"], min_ms=0.2).splitlines()
+    assert rounds[0] == "30b-a3b T=4096: every round read, ms"
+    table = {(line.split()[0], line.split()[1]): line.split()[2:] for line in rounds[1:]}
+    assert table[("dX/sm90", "v")] == ["0.880"] and table[("GEMM1/sm90", "base")] == ["1.000"]
+    assert ("dW2+dW1/sm90'", "base") in table and ("combine_kernel", "base") not in table
 
 
 def test_time_interleaved_varies_the_order():

@@ -11,8 +11,9 @@
 # values, e.g. "30b-a3b 235b-a22b:16384"). T values: AB_T (default "4096 16384"); rounds:
 # AB_ROUNDS (default 2; the first only warms up when there are more). The summary at the end
 # (also in $OUT/ab_summary.txt) divides each kernel's time by GEMM1's in the same round too,
-# as the clock moves between rounds. AB_TESTS (e.g. tests/test_gpu_sm90.py) runs those tests
-# against each variant's library before any timing: a variant that fails them is not timed.
+# as the clock moves between rounds, then lists every round's time of each kernel. AB_TESTS
+# (e.g. tests/test_gpu_sm90.py) runs those tests against each variant's library before any
+# timing: a variant that fails them is not timed.
 # The variants build at once, and their tests run at once.
 set -u
 cd "$(dirname "$0")/../.."
@@ -66,4 +67,4 @@ for round in $(seq 1 ${AB_ROUNDS:-2}); do
   done
 done
 echo "== summary (bench/device/ab_summary.py: medians of the rounds after the first)"
-python3 bench/device/ab_summary.py "$OUT" $(for i in ${timed[@]}; do echo "${names[$i]}"; done) | tee "$OUT/ab_summary.txt"
+python3 bench/device/ab_summary.py --rounds "$OUT" $(for i in ${timed[@]}; do echo "${names[$i]}"; done) | tee "$OUT/ab_summary.txt"

@@ -1,6 +1,6 @@
 """Summary of an ab.sh run: per shape, T and kernel, each variant's time against base's.
 
-    python3 bench/device/ab_summary.py OUT_DIR base VARIANT... [--ref LABEL]
+    python3 bench/device/ab_summary.py OUT_DIR base VARIANT... [--ref LABEL] [--rounds [--min-ms MS]]
 
 Reads OUT_DIR/ab_<name>.log (profile_kernels.py's output, one block per shape and T a round, rounds
 appended in order). The first round warms the GPU and is left out when there are more. The
@@ -8,6 +8,9 @@ GPU's clock moves between rounds (all kernels, unchanged ones too, by up to 7% o
 session 8), so beside the plain ratio of medians it prints the ratio of each kernel's time to
 a reference kernel's in the same round (--ref, default GEMM1/sm90), variant over base:
 the change a knob makes to kernels it does not touch should read as 1.00 there.
+--rounds adds each variant's time of every round read for the kernels over --min-ms (and
+fwd+bwd): a median hides whether the rounds agree, and two builds of the same code differ by
+their spread (session 17: 0.4% over six rounds at 30B-A3B T=16384).
 """
 import argparse
 import collections
@@ -81,13 +84,37 @@ def summarize(out_dir, names, ref):
     return "\n".join(lines)
 
 
+def rounds_table(out_dir, names, min_ms=0.05):
+    """Per shape and T, each kernel's time in every round read (the first left out when
+    there are more), one line a kernel and variant: what a median hides."""
+    runs = {n: parse(pathlib.Path(out_dir) / f"ab_{n}.log") for n in names}
+    lines = []
+    for case in sorted(runs[names[0]]):
+        b_rounds = runs[names[0]][case]
+        b_rounds = b_rounds[1:] if len(b_rounds) > 1 else b_rounds
+        keys = [k for k in b_rounds[-1] if k == "fwd+bwd" or b_rounds[-1][k] >= min_ms]
+        lines.append(f"{case[0]} T={case[1]}: every round read, ms")
+        for key in keys:
+            for n in names:
+                rs = runs[n].get(case, [])
+                rs = rs[1:] if len(rs) > 1 else rs
+                vals = " ".join(f"{r[key]:.3f}" for r in rs if key in r)
+                lines.append(f"  {key[:34]:34s} {n:>9s}  {vals}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     p.add_argument("names", nargs="+", help="base first, then the variants")
     p.add_argument("--ref", default="GEMM1/sm90", help="kernel label the per-round ratios divide by")
+    p.add_argument("--rounds", action="store_true", help="also every round's time (see above)")
+    p.add_argument("--min-ms", type=float, default=0.05, help="--rounds: kernels at least this long")
     a = p.parse_args(argv)
     print(summarize(a.out_dir, a.names, a.ref))
+    if a.rounds:
+        print()
+        print(rounds_table(a.out_dir, a.names, a.min_ms))
     return 0
 
 
