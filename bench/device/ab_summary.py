@@ -9,8 +9,8 @@ session 8), so beside the plain ratio of medians it prints the ratio of each ker
 a reference kernel's in the same round (--ref, default GEMM1/sm90), variant over base:
 the change a knob makes to kernels it does not touch should read as 1.00 there.
 --rounds adds each variant's time of every round read for the kernels over --min-ms (and
-fwd+bwd): a median hides whether the rounds agree, and two builds of the same code differ by
-their spread (session 17: 0.4% over six rounds at 30B-A3B T=16384).
+fwd+bwd): a median hides whether the rounds agree (session 17, 30B-A3B T=16384, six rounds:
+two builds of the same code 0.4% apart in median; one variant's GEMM1 rounds 6% apart).
 """
 import argparse
 import collections
@@ -50,13 +50,17 @@ def parse(path):
     return rounds
 
 
+def read_rounds(rounds):
+    """The rounds to read: all but the first (the GPU's warm-up) when there are more."""
+    return rounds[1:] if len(rounds) > 1 else rounds
+
+
 def summarize(out_dir, names, ref):
     runs = {n: parse(pathlib.Path(out_dir) / f"ab_{n}.log") for n in names}
     base = runs[names[0]]
     lines = []
     for case in sorted(base):
-        kept = lambda rs: rs[1:] if len(rs) > 1 else rs  # noqa: E731
-        b_rounds = kept(base[case])
+        b_rounds = read_rounds(base[case])
         keys = [k for k in b_rounds[-1] if all(k in r for r in b_rounds)]
         lines.append(f"{case[0]} T={case[1]}  ({len(b_rounds)} round(s) read; ratios variant / {names[0]}; "
                      f"'vs {ref}': each time over {ref}'s in its round)")
@@ -68,7 +72,7 @@ def summarize(out_dir, names, ref):
             b = statistics.median(r[key] for r in b_rounds)
             row = f"  {key[:34]:34s} {b:9.3f}"
             for n in names[1:]:
-                v_rounds = kept(runs[n].get(case, []))
+                v_rounds = read_rounds(runs[n].get(case, []))
                 vals = [r[key] for r in v_rounds if key in r]
                 if not vals:
                     row += f" {'-':>9s} {'-':>6s} {'-':>9s}"
@@ -90,14 +94,12 @@ def rounds_table(out_dir, names, min_ms=0.05):
     runs = {n: parse(pathlib.Path(out_dir) / f"ab_{n}.log") for n in names}
     lines = []
     for case in sorted(runs[names[0]]):
-        b_rounds = runs[names[0]][case]
-        b_rounds = b_rounds[1:] if len(b_rounds) > 1 else b_rounds
+        b_rounds = read_rounds(runs[names[0]][case])
         keys = [k for k in b_rounds[-1] if k == "fwd+bwd" or b_rounds[-1][k] >= min_ms]
         lines.append(f"{case[0]} T={case[1]}: every round read, ms")
         for key in keys:
             for n in names:
-                rs = runs[n].get(case, [])
-                rs = rs[1:] if len(rs) > 1 else rs
+                rs = read_rounds(runs[n].get(case, []))
                 vals = " ".join(f"{r[key]:.3f}" for r in rs if key in r)
                 lines.append(f"  {key[:34]:34s} {n:>9s}  {vals}")
     return "\n".join(lines)
