@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cuda/fastdiv31.h"
 #include "cuda/sm90.h"
 #include "cuda/sm90_epilogue.cuh"
 #include "cuda/sm90_host.h"
@@ -62,6 +63,22 @@ namespace {
 #endif
 template <int EPI>
 constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
+// The producer's per-tile A row setup when rows are gathered by cp.async: "lean" keeps 32-bit
+// row indices (all of a tile's sorted[] loads issued before any arithmetic, / a_div by
+// fastdiv31) instead of 64-bit row pointers. Taken by dX (EPI_STORE, B [K][N]) only, whose rows
+// come by TMA anyway: there the lean code made ptxas lay out the kernel so that dX ran 2.6-3.0%
+// faster (H100, 30B-A3B T=16384, two same-process A/Bs: ab_session17_row_setup_h100.txt,
+// ab_session18_lag_setup_bk32_h100.txt; its consumer loop lost a per-k-step YIELD), while the
+// same code made GEMM1 3.8-4.5% slower and dA' ~2% (ptxas rescheduled their epilogues), and
+// GEMM2 level; at 235B-A22B T=16384 dX -4% (ab_session18_lean_dx_h100.txt).
+// -DMOE_SM90_LEAN_ROW_SETUP=0 keeps the pointers everywhere (SASS as session 17), =2 takes the
+// lean setup in every row GEMM (session 17's measured build).
+#ifndef MOE_SM90_LEAN_ROW_SETUP
+#define MOE_SM90_LEAN_ROW_SETUP 1
+#endif
+template <int EPI, bool B_MN>
+constexpr bool kLeanRowSetup =
+    MOE_SM90_LEAN_ROW_SETUP == 2 || (MOE_SM90_LEAN_ROW_SETUP == 1 && EPI == EPI_STORE && B_MN);
 // -DMOE_SM90_TMA_STORE=1: GEMM2 / dX (EPI_STORE, rows not scattered) send a warpgroup's 64
 // output rows by TMA when all are the tile's (store_pass_tma): one thread issues the stores
 // and they drain while the next item's mainloop runs, instead of every thread copying 16-byte
@@ -143,6 +160,7 @@ struct RowParams {
   const void *a;
   int64_t lda;
   int a_div;
+  FastDiv31 a_fd;  // sorted[r] / a_div for kLeanRowSetup kernels (sorted entries < 2^31)
   const int32_t *sorted;
   int32_t n_rows;
   const Tile *tiles;
@@ -258,6 +276,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     constexpr int CPR = BK / 8, RSTEP = 128 / CPR, RPT = BM / RSTEP;  // A: 16-byte chunks
     constexpr int NB = B_MN ? BN / 64 : 2;  // TMA boxes of one B stage
     const T *A = static_cast<const T *>(p.a);
+    const uint64_t lda_bytes = uint64_t(p.lda) * sizeof(T);
+    constexpr bool LEAN = kLeanRowSetup<EPI, B_MN>;
     const int chunk = tid_wg & (CPR - 1), trow = tid_wg >> (BK == 64 ? 3 : 2);
     // Two loops, one per way of loading A (p.tma_a: thread 0 alone, one box a stage), each
     // within the producer's 40 registers.
@@ -269,14 +289,29 @@ __global__ void __launch_bounds__(THREADS, 1)
         const PairTile pt = pair_tile(p, num_tiles, w / ntn, rank);
         const Tile t = pt.t;
         const int nt = w % ntn;
-        const T *src[TMA_A ? 1 : RPT];
-        if constexpr (!TMA_A) {
+        // This thread's A rows: pointers, or (LEAN) row indices.
+        const T *src[TMA_A || LEAN ? 1 : RPT];
+        uint32_t arow[TMA_A || !LEAN ? 1 : RPT];
+        if constexpr (!TMA_A && !LEAN) {
 #pragma unroll
           for (int j = 0; j < RPT; ++j) {
             // rows past the end (or of an empty tile): loaded, never stored
             const int r = min(t.row0 + trow + j * RSTEP, max(t.row1 - 1, t.row0));
             const int64_t ar = p.a_div > 0 ? clamp_row(p.sorted[r], p.n_rows) / p.a_div : r;
             src[j] = A + ar * p.lda + chunk * 8;
+          }
+        } else if constexpr (!TMA_A) {
+#pragma unroll
+          for (int j = 0; j < RPT; ++j) {
+            const int r = min(t.row0 + trow + j * RSTEP, max(t.row1 - 1, t.row0));
+            arow[j] = uint32_t(p.a_div > 0 ? __ldg(p.sorted + r) : r);
+          }
+          if (p.a_div > 0) {
+#pragma unroll
+            for (int j = 0; j < RPT; ++j) {
+              const uint32_t cv = uint32_t(clamp_row(int32_t(arow[j]), p.n_rows));
+              arow[j] = __umulhi(cv << 1, p.a_fd.m) >> p.a_fd.l;
+            }
           }
         }
         // B rows (K-major) or columns (N-major) of this item in the TMA tensor.
@@ -293,12 +328,20 @@ __global__ void __launch_bounds__(THREADS, 1)
           mbar_wait(sEmpty + 8 * st, ph ^ 1);
           const uint32_t a = sA + st * A_BYTES;
           if constexpr (!TMA_A) {
-#pragma unroll
-            for (int j = 0; j < RPT; ++j) {
+            auto cp_row = [&](int j, const void *src_j) {
+              const uint32_t dst = a + kmajor_off(trow + j * RSTEP, chunk);
               if (MOE_SM90_A_L2_256B)
-                cp_async16_l2_256(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
+                cp_async16_l2_256(dst, src_j);
               else
-                cp_async16_u(a + kmajor_off(trow + j * RSTEP, chunk), src[j] + kb * BK);
+                cp_async16_u(dst, src_j);
+            };
+            if constexpr (LEAN) {
+              const char *A_k = reinterpret_cast<const char *>(A + kb * BK + chunk * 8);
+#pragma unroll
+              for (int j = 0; j < RPT; ++j) cp_row(j, A_k + uint64_t(arow[j]) * lda_bytes);
+            } else {
+#pragma unroll
+              for (int j = 0; j < RPT; ++j) cp_row(j, src[j] + kb * BK);
             }
             cp_async_mbar_arrive(sFull + 8 * st);
           }
@@ -770,6 +813,7 @@ bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t f
   p.a = g.A;
   p.lda = g.lda;
   p.a_div = g.a_div;
+  p.a_fd = fastdiv31(uint32_t(g.a_div > 0 ? g.a_div : 1));
   p.sorted = g.sorted;
   p.n_rows = int32_t(g.n_rows);
   p.tiles = g.tiles;
