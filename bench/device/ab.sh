@@ -7,9 +7,9 @@
 # ARCHS as run_all.sh (default 90a). dev/ab/ is git-ignored: pass the device tool
 # carry: ["dev/ab"] for an overlay kept there.
 #   bash bench/device/ab.sh "bn=-DMOE_GEMM_BN=256" "old=+dev/ab/old"
-# A variant with no flags ("ctl=") builds the tree again as a control: two builds with
-# identical SASS have timed 1% apart in every round (GEMM1, session 18), so differences that
-# small need the control beside them.
+# A variant with no flags ("ctl=") builds the tree again as a control: one kernel with
+# identical SASS in two builds has timed 1% apart in every round (GEMM1, session 18), so
+# differences that small need the control beside them.
 # Shapes: AB_SHAPES (default 30b-a3b; profile_kernels.py's names, NAME:T,T for their own T
 # values, e.g. "30b-a3b 235b-a22b:16384"). T values: AB_T (default "4096 16384"); rounds:
 # AB_ROUNDS (default 2; the first only warms up when there are more). The summary at the end
