@@ -44,6 +44,17 @@ def need_h_seen(monkeypatch):
         return outputs(x, idx, w1, factory, need_h)
 
     monkeypatch.setattr(ops, "_experts_outputs", record)
+    fast = ops._fast_ops()  # the C++ fast path allocates in C++: its need_h argument
+    if fast is not None:
+        forward = fast.experts_forward
+
+        def record_fast(x, idx, w, w1, w2, need_h, *rest):
+            result = forward(x, idx, w, w1, w2, need_h, *rest)
+            if result[-1] != fast.FALLBACK:
+                seen.append(need_h)
+            return result
+
+        monkeypatch.setattr(fast, "experts_forward", record_fast)
     return seen
 
 

@@ -275,6 +275,65 @@ def lib() -> ctypes.CDLL:
     return _lib
 
 
+# ---- the optional C++ fast path (csrc/torch/torch_ops.cpp) ----------------------------
+TORCH_OPS_ENV = "MOE_FUSED_TORCH_OPS"  # "0": never use it (the ctypes path runs)
+_TORCH_OPS_NAME = "_torch_ops"
+_torch_ops_tried = False
+_torch_ops_module = None
+_torch_ops_status = "not loaded yet"
+
+
+def torch_ops():
+    """The C++ fast path of the experts calls (a module), or None: not built beside the
+    library, built against another torch, disabled by MOE_FUSED_TORCH_OPS=0, or failed to
+    load (torch_ops_status() says which). Loaded once, after the library."""
+    global _torch_ops_tried, _torch_ops_module, _torch_ops_status
+    if _torch_ops_tried:
+        return _torch_ops_module
+    lib()  # (first: it takes the lock itself)
+    with _lock:
+        if not _torch_ops_tried:
+            _torch_ops_module, _torch_ops_status = _load_torch_ops()
+            _torch_ops_tried = True
+    return _torch_ops_module
+
+
+def torch_ops_status() -> str:
+    """How the C++ fast path stands: "on (...)", or why it is off."""
+    torch_ops()
+    return _torch_ops_status
+
+
+def _load_torch_ops():
+    """(module or None, status line)."""
+    if os.environ.get(TORCH_OPS_ENV) == "0":
+        return None, f"off ({TORCH_OPS_ENV}=0)"
+    library = _lib
+    folder = pathlib.Path(library._name).resolve().parent
+    import importlib.machinery
+    import importlib.util
+
+    path = next((folder / (_TORCH_OPS_NAME + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES
+                 if (folder / (_TORCH_OPS_NAME + suffix)).is_file()), None)
+    if path is None:
+        return None, f"off (not built beside {library._name} for this Python)"
+    stamp = folder / (_TORCH_OPS_NAME + ".torch_version")
+    built_for = stamp.read_text().strip() if stamp.is_file() else "unknown"
+    if built_for != torch.__version__:
+        # importing a module built against another torch may crash the process: not tried
+        return None, f"off ({path.name} was built for torch {built_for}, this is {torch.__version__})"
+    try:
+        spec = importlib.util.spec_from_file_location("moe_fused." + _TORCH_OPS_NAME, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.init(*(ctypes.cast(getattr(library, name), c_void_p).value for name in (
+            "moe_experts_forward", "moe_experts_backward", "moe_experts_forward_workspace_size",
+            "moe_experts_backward_workspace_size", "moe_routing_plan_workspace_size")))
+    except Exception as exc:  # an unusable build must not break the ctypes path
+        return None, f"off ({path}: {type(exc).__name__}: {exc})"
+    return module, f"on ({path}, torch {built_for})"
+
+
 def is_available() -> bool:
     """True when libmoe_fused loads (never raises)."""
     try:

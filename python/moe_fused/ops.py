@@ -74,6 +74,7 @@ __all__ = [
     "set_backward_overwrite_h",
     "set_one_token_window",
     "one_token_window",
+    "set_torch_ops",
 ]
 
 _cuda_index_check = os.environ.get("MOE_FUSED_CHECK_INDICES", "1") != "0"
@@ -119,6 +120,43 @@ def _window_flag(x, k: int) -> int:
     if one is None:  # (get_device: the index without building a torch.device)
         one = x.numel() * k * x.element_size() <= _device_memory(x.get_device()) // 50
     return _lib.MOE_FLAG_ONE_WINDOW if one else 0
+
+
+def _window_max(x) -> int:
+    """_window_flag as a bound for the C++ fast path: the most bytes of per-pair rows
+    (T*k*H elements) one token window may take on x's device; -1: never one window."""
+    if not x.is_cuda:
+        return -1
+    one = _one_window
+    if one is None:
+        return _device_memory(x.get_device()) // 50
+    return 1 << 62 if one else -1
+
+
+# The C++ fast path of the experts calls (_lib.torch_ops()), looked up at the first call;
+# set_torch_ops(False) turns it off for the process (MOE_FUSED_TORCH_OPS=0 before import:
+# never loaded).
+_torch_ops_wanted = True
+_torch_ops = None
+_torch_ops_looked_up = False
+
+
+def _fast_ops():
+    """The fast path's module when it is on and loads, else None."""
+    global _torch_ops, _torch_ops_looked_up
+    if not _torch_ops_looked_up:
+        _torch_ops = _lib.torch_ops()
+        _torch_ops_looked_up = True
+    return _torch_ops if _torch_ops_wanted else None
+
+
+def set_torch_ops(enabled: bool) -> bool:
+    """Use the C++ fast path for the experts calls when it is built for this torch (the
+    default) or always the ctypes path (False). The results are bit-identical: both fill
+    the same C calls. Returns the previous setting."""
+    global _torch_ops_wanted
+    previous, _torch_ops_wanted = _torch_ops_wanted, bool(enabled)
+    return previous
 
 
 def set_cuda_index_check(enabled: bool) -> bool:
@@ -356,6 +394,16 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     # again, naming the argument: no second Python pass over the arguments on the hot path.
     # need_h False (the eager no-grad path only, never the op): h is neither allocated nor
     # written (the C call gets h NULL) and comes back empty [0, 2I].
+    fast = _torch_ops if _torch_ops_looked_up and _torch_ops_wanted else _fast_ops()
+    if fast is not None:
+        if _cuda_index_check and x.is_cuda:
+            _check_index_range("top_k_index", idx, w1.shape[0])
+        out, h, plan_buf, status = fast.experts_forward(
+            x, idx, w, w1, w2, need_h, _lib.dev_flags(), _window_max(x))
+        if status == 0:
+            return out, h, plan_buf
+        if status != fast.FALLBACK:
+            _lib.check(status, "moe_experts_forward")
     dev = x.device
     T, H = x.shape
     k = idx.shape[1]
@@ -417,6 +465,16 @@ def _experts_backward_impl(
 ):
     # overwrite_h (the eager fast path only, never the op): the C call may write dh over h.
     dev = x.device
+    fast = _torch_ops if _torch_ops_looked_up and _torch_ops_wanted else _fast_ops()
+    if fast is not None:
+        flags = (_lib.MOE_FLAG_OVERWRITE_H if overwrite_h else 0) | _lib.dev_flags()
+        *grads, status = fast.experts_backward(
+            g, x, w, w1, w2, plan_buf, h, n_x, n_w, n_w1, n_w2, flags, _window_max(x))
+        if status == 0:
+            return tuple(gr if gr is not None else torch.empty((0,), dtype=src.dtype, device=dev)
+                         for gr, src in zip(grads, (x, w, w1, w2)))
+        if status != fast.FALLBACK:
+            _lib.check(status, "moe_experts_backward")
 
     def alloc(t, need):
         # = torch.empty(t.shape, dtype=t.dtype, device=dev), with half its host time

@@ -1,0 +1,171 @@
+"""The C++ fast path of the experts calls (moe_fused._torch_ops, csrc/torch/torch_ops.cpp):
+it allocates, describes and calls what the ctypes path does, so every result must be
+bit-identical to the ctypes path's, its errors the same exceptions with the same messages,
+and the degenerate shapes it hands back (FALLBACK) still handled. Skipped where the module
+is not built for this torch (CI builds it: .ci/run checks that it loads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import moe_fused
+from moe_fused import _lib, ops
+from reference import DEVICES, make_experts_inputs
+
+pytestmark = pytest.mark.skipif(
+    not _lib.is_available() or _lib.torch_ops() is None,
+    reason="the C++ fast path is not built for this torch: " + (
+        _lib.torch_ops_status() if _lib.is_available() else "no library"),
+)
+
+# (T, H, I, E, k, empty_experts, skew)
+SHAPES = [
+    pytest.param((1, 16, 8, 4, 1, 0, 0.0), id="T1-k1"),
+    pytest.param((53, 37, 19, 7, 3, 2, 1.0), id="odd-ragged-2-empty"),
+    pytest.param((64, 64, 32, 16, 8, 3, 2.0), id="k8-ragged-3-empty"),
+    pytest.param((0, 16, 8, 4, 2, 0, 0.0), id="T0-fallback"),
+]
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Names of the fast path's calls that ran (not handed back as FALLBACK)."""
+    fast = _lib.torch_ops()
+    calls = []
+    for name in ("experts_forward", "experts_backward"):
+        fn = getattr(fast, name)
+
+        def spy(*args, _fn=fn, _name=name):
+            result = _fn(*args)
+            if result[-1] != fast.FALLBACK:
+                calls.append(_name)
+            return result
+
+        monkeypatch.setattr(fast, name, spy)
+    previous = ops.set_torch_ops(True)
+    yield calls
+    ops.set_torch_ops(previous)
+
+
+def _inputs(shape, dtype, device):
+    T, H, I, E, k, empty, skew = shape
+    inp = make_experts_inputs(T, H, I, E, k, seed=3, empty_experts=empty, skew=skew)
+    leaves = [inp[n].to(device=device, dtype=dtype).requires_grad_() for n in ("x", "w", "w1", "w2")]
+    return leaves, inp["idx"].to(device), inp["grad"].to(device=device, dtype=dtype)
+
+
+def _run(shape, dtype, device, fast):
+    """out, the no-grad out and every gradient, with the fast path on or off."""
+    previous = ops.set_torch_ops(fast)
+    try:
+        (x, w, w1, w2), idx, grad = _inputs(shape, dtype, device)
+        out = moe_fused.moe_experts(x, idx, w, w1, w2)
+        out.backward(grad)
+        with torch.no_grad():
+            out_ng = moe_fused.moe_experts(x, idx, w, w1, w2)
+        return [out.detach(), out_ng, x.grad, w.grad, w1.grad, w2.grad]
+    finally:
+        ops.set_torch_ops(previous)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_path_is_bit_identical_to_ctypes_path(device, dtype, shape, fast_calls):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU only")
+    fast = _run(shape, dtype, device, True)
+    degenerate = shape[0] == 0 or shape[2] == 0
+    # the fast path ran both calls, unless the shape is one it hands back
+    assert fast_calls == ([] if degenerate else ["experts_forward", "experts_backward", "experts_forward"])
+    fast_calls.clear()
+    slow = _run(shape, dtype, device, False)
+    assert fast_calls == []
+    for name, a, b in zip(("out", "out no-grad", "dx", "dw", "dw1", "dw2"), fast, slow):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_backward_of_some_gradients(device, fast_calls):
+    """Gradients not asked for are neither computed nor returned (None), as on the ctypes path."""
+    (x, w, w1, w2), idx, grad = _inputs((20, 16, 8, 4, 2, 1, 1.0), torch.float32, device)
+    w.requires_grad_(False)
+    w1.requires_grad_(False)
+    moe_fused.moe_experts(x, idx, w, w1, w2).backward(grad)
+    assert "experts_backward" in fast_calls
+    assert x.grad is not None and w2.grad is not None and w.grad is None and w1.grad is None
+    dx, dw2 = x.grad.clone(), w2.grad.clone()
+    x.grad = w2.grad = None
+    ops.set_torch_ops(False)
+    moe_fused.moe_experts(x, idx, w, w1, w2).backward(grad)
+    assert torch.equal(dx, x.grad) and torch.equal(dw2, w2.grad)
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - compared below
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_path_raises_the_c_librarys_errors(fast):
+    """An index out of range reaches the C core's check (CPU): IndexError naming top_k_index,
+    the same message on both paths."""
+    (x, w, w1, w2), idx, _ = _inputs((6, 16, 8, 4, 2, 0, 0.0), torch.float32, "cpu")
+    idx = idx.clone()
+    idx[3, 1] = 4
+    previous = ops.set_torch_ops(fast)
+    try:
+        err = _error(lambda: moe_fused.moe_experts(x, idx, w, w1, w2))
+    finally:
+        ops.set_torch_ops(previous)
+    assert err is not None and err[0] is IndexError and "top_k_index" in err[1], err
+    ops.set_torch_ops(not fast)
+    try:
+        assert _error(lambda: moe_fused.moe_experts(x, idx, w, w1, w2)) == err
+    finally:
+        ops.set_torch_ops(previous)
+
+
+def test_fast_path_backward_error_is_raised():
+    """A failing backward status is raised (here: a plan that does not match the shapes
+    reaches the C library, which names it)."""
+    (x, w, w1, w2), idx, grad = _inputs((6, 16, 8, 4, 2, 0, 0.0), torch.float32, "cpu")
+    with torch.no_grad():
+        out, h, plan = ops._experts_forward_impl(x, idx, w, w1, w2)
+    bad_plan = plan.clone()
+    bad_plan[-1] = 7  # expert_offsets[E] != T*k
+    errors = []
+    for fast in (True, False):
+        previous = ops.set_torch_ops(fast)
+        try:
+            errors.append(_error(lambda: ops._experts_backward_impl(
+                grad, x, w, w1, w2, bad_plan, h, True, True, True, True)))
+        finally:
+            ops.set_torch_ops(previous)
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert errors[0][0] is IndexError and "expert_offsets" in errors[0][1], errors
+
+
+def test_loader_refuses_another_torch(monkeypatch):
+    """A module built for another torch is never imported (the ctypes path runs instead)."""
+    monkeypatch.setattr(_lib.torch, "__version__", "0.0.0-other")
+    module, status = _lib._load_torch_ops()
+    assert module is None and "built for torch" in status and "0.0.0-other" in status
+
+
+def test_loader_honours_the_environment(monkeypatch):
+    monkeypatch.setenv(_lib.TORCH_OPS_ENV, "0")
+    module, status = _lib._load_torch_ops()
+    assert module is None and status == f"off ({_lib.TORCH_OPS_ENV}=0)"
+
+
+def test_status_says_on():
+    assert _lib.torch_ops_status().startswith("on (")
+    assert os.path.basename(_lib.torch_ops().__file__).startswith("_torch_ops")
