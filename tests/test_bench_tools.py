@@ -269,13 +269,28 @@ def test_bench_args_defaults_and_sonic_flag():
     a = bench.parse_args([])
     assert a.impls == bench.IMPLS and a.sonic_shapes is None
     a = bench.parse_args(["--device", "cuda"])
-    assert a.impls == bench.IMPLS + ["moe_fused-portable", "moe_fused-windows"]
+    assert a.impls == bench.IMPLS + ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes"]
     a = bench.parse_args(["--device", "cuda", "--sonic-shapes", "30b-a3b:16384"])
     assert a.impls[-1] == "sonicmoe"
     a = bench.parse_args(["--impls", "sonicmoe", "moe_fused", "hf-grouped_mm"])
     assert a.impls == ["hf-grouped_mm", "moe_fused", "sonicmoe"]  # HF (the reference) first
     with pytest.raises(SystemExit):
         bench.parse_args(["--sonic-shapes", "30b-a3b:lots"])
+
+
+def test_bench_ctypes_impl_env_turns_the_fast_path_off_and_back():
+    from moe_fused import ops
+
+    previous = ops.set_torch_ops(True)
+    try:
+        with bench.impl_env("moe_fused-ctypes"):
+            assert ops._torch_ops_wanted is False
+        assert ops._torch_ops_wanted is True
+        with pytest.raises(RuntimeError), bench.impl_env("moe_fused-ctypes"):
+            raise RuntimeError("a failing call")
+        assert ops._torch_ops_wanted is True
+    finally:
+        ops.set_torch_ops(previous)
 
 
 def test_bench_windows_impl_env_restores_the_setting():

@@ -67,6 +67,7 @@ if has sonic; then
 fi
 export MOE_FUSED_LIBRARY="$PWD/$B/libmoe_fused.so"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import moe_fused._lib as L; L.lib(); print('C++ fast path:', L.torch_ops_status())" 2>&1 | tail -1
 rc=0
 if has test; then
   timeout 300 python3 -m pytest -q -rs -x --timeout 240 -p no:cacheprovider tests/test_gpu_ops.py ${TESTS_EXTRA:-} > "$OUT/tests.log" 2>&1

@@ -24,7 +24,7 @@ import torch
 
 import moe_fused  # noqa: F401
 from moe_fused import moe_experts
-from moe_fused.bench import _build, median_ms
+from moe_fused.bench import _build, impl_env, median_ms
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from experts_inputs import SHAPES  # noqa: E402
@@ -45,7 +45,7 @@ def make_step(impl, cfg, block, T, H):
     leaves = (x, s, experts.gate_up_proj, experts.down_proj)
 
     def call():
-        if impl == "moe_fused":
+        if impl.startswith("moe_fused"):
             return moe_experts(x, top_k_index, s, experts.gate_up_proj, experts.down_proj)
         cfg._experts_implementation = impl[len("hf-"):]
         return experts(x, top_k_index, s)
@@ -53,7 +53,8 @@ def make_step(impl, cfg, block, T, H):
     def step():
         for t in leaves:
             t.grad = None
-        call().backward(dout)
+        with impl_env(impl):  # moe_fused-ctypes: the C++ fast path off, forward and backward
+            call().backward(dout)
 
     return step
 

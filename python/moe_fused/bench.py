@@ -17,6 +17,9 @@ producing (top_k_index, top_k_weights) from the hidden states, then
                         layer's size rule takes them (ops.set_one_token_window(False)): less
                         workspace at large T, where the default takes one window if the GPU
                         has the memory (CUDA only; on by default there)
+    moe_fused-ctypes    the same call with the C++ fast path off (ops.set_torch_ops(False)):
+                        the Python ctypes glue allocates, describes and calls instead, as
+                        where moe_fused._torch_ops is not built (CUDA only; on by default there)
     sonicmoe            SonicMoE (CuTe-DSL Hopper kernels), when `import sonicmoe` works and
                         --sonic-shapes (or --impls sonicmoe) asks for it: its first call per
                         shape JIT-compiles, so that first call is timed apart and reported
@@ -63,9 +66,9 @@ DEFAULTS = {
     "cuda": dict(shapes=["30b-a3b", "235b-a22b"], tokens=[512, 4096, 16384], dtype="bfloat16"),
 }
 IMPLS = ["hf-eager", "hf-grouped_mm", "moe_fused"]  # the default set on every device
-EXTRA_IMPLS = ["moe_fused-portable", "moe_fused-windows", "sonicmoe"]  # CUDA only (the first two: default there)
+EXTRA_IMPLS = ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes", "sonicmoe"]  # CUDA only (all but sonicmoe: default there)
 ALL_IMPLS = IMPLS + EXTRA_IMPLS
-OURS = ("moe_fused", "moe_fused-portable", "moe_fused-windows")
+OURS = ("moe_fused", "moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes")
 PORTABLE_ENV = "MOE_FUSED_PORTABLE"  # read by libmoe_fused at every call
 
 
@@ -93,7 +96,21 @@ def impl_env(impl):
         from moe_fused.ops import one_token_window
 
         return one_token_window(False)
+    if impl == "moe_fused-ctypes":
+        return _ctypes_glue()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _ctypes_glue():
+    """The experts calls through the Python ctypes glue inside (the C++ fast path off)."""
+    from moe_fused.ops import set_torch_ops
+
+    previous = set_torch_ops(False)
+    try:
+        yield
+    finally:
+        set_torch_ops(previous)
 
 
 def sonic_selected(spec, shape, T):
@@ -615,7 +632,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", "-T", nargs="+", type=int, help="token counts (default: 256 1024 4096 on cpu; 512 4096 16384 on cuda)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--impls", nargs="+", choices=ALL_IMPLS,
-                   help=f"default: {' '.join(IMPLS)} (cuda: + moe_fused-portable moe_fused-windows; + sonicmoe with --sonic-shapes)")
+                   help=f"default: {' '.join(IMPLS)} (cuda: + moe_fused-portable moe_fused-windows moe_fused-ctypes; + sonicmoe with --sonic-shapes)")
     p.add_argument("--sonic-shapes", nargs="+", metavar="SHAPE[:T]",
                    help="run SonicMoE (CUDA, if importable) at these points only: 'all', a shape (every T) "
                    "or shape:T, e.g. 30b-a3b:16384. Its first call per shape JIT-compiles (10-90 s), "
@@ -641,7 +658,8 @@ def parse_args(argv=None):
         t = spec.partition(":")[2]
         if t and not t.isdigit():
             p.error(f"--sonic-shapes {spec!r}: T must be an integer (SHAPE:T)")
-    impls = args.impls or (IMPLS + ["moe_fused-portable", "moe_fused-windows"] if args.device == "cuda" else list(IMPLS))
+    impls = args.impls or (IMPLS + ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes"]
+                           if args.device == "cuda" else list(IMPLS))
     if args.sonic_shapes and "sonicmoe" not in impls:
         impls = impls + ["sonicmoe"]
     args.impls = [i for i in ALL_IMPLS if i in impls]  # HF paths first (the reference), then moe_fused, ...
