@@ -86,10 +86,15 @@ def test_experts_bad_input(device, case):
 
 
 def _args_ok(args):
+    """ops._experts_args_ok's answer, checked against its C++ twin's where that is built."""
     from moe_fused import ops
 
-    return ops._experts_args_ok(*(args[n] for n in ("hidden_states", "top_k_index", "top_k_weights",
-                                                    "gate_up_proj", "down_proj")))
+    values = [args[n] for n in ("hidden_states", "top_k_index", "top_k_weights", "gate_up_proj", "down_proj")]
+    ok = ops._experts_args_ok(*values)
+    fast = _lib.torch_ops() if _lib.is_available() else None
+    if fast is not None:
+        assert fast.experts_args_ok(*values) == ok
+    return ok
 
 
 @pytest.mark.parametrize("case", [c for c in EXPERTS_CASES if c[2] is not IndexError], ids=lambda c: c[0])

@@ -1,4 +1,4 @@
-"""The C++ fast path of the experts calls (moe_fused._torch_ops, csrc/torch/torch_ops.cpp):
+"""The C++ fast path of the experts and linear calls (moe_fused._torch_ops, csrc/torch/torch_ops.cpp):
 it allocates, describes and calls what the ctypes path does, so every result must be
 bit-identical to the ctypes path's, its errors the same exceptions with the same messages,
 and the degenerate shapes it hands back (FALLBACK) still handled. Skipped where the module
@@ -169,3 +169,65 @@ def test_loader_honours_the_environment(monkeypatch):
 def test_status_says_on():
     assert _lib.torch_ops_status().startswith("on (")
     assert os.path.basename(_lib.torch_ops().__file__).startswith("_torch_ops")
+
+
+@pytest.fixture
+def linear_fast_calls(monkeypatch):
+    fast = _lib.torch_ops()
+    calls = []
+    for name in ("linear_forward", "linear_backward"):
+        fn = getattr(fast, name)
+
+        def spy(*args, _fn=fn, _name=name):
+            result = _fn(*args)
+            if result[-1] != fast.FALLBACK:
+                calls.append(_name)
+            return result
+
+        monkeypatch.setattr(fast, name, spy)
+    previous = ops.set_torch_ops(True)
+    yield calls
+    ops.set_torch_ops(previous)
+
+
+def _linear_run(N, E, in_f, out_f, dtype, device, fast):
+    previous = ops.set_torch_ops(fast)
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(N, in_f, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(E, out_f, in_f, generator=g) / in_f**0.5).to(device=device, dtype=dtype).requires_grad_()
+        sel = torch.randint(0, E, (N,), generator=g).to(device)
+        grad = torch.randn(N, out_f, generator=g).to(device=device, dtype=dtype)
+        out = moe_fused.moe_fused_linear(x, weight, sel)
+        out.backward(grad)
+        return [out.detach(), x.grad, weight.grad]
+    finally:
+        ops.set_torch_ops(previous)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N, E, in_f, out_f", [(1, 3, 16, 8), (77, 5, 33, 19), (0, 4, 16, 8)],
+                         ids=["N1", "odd-77", "N0-fallback"])
+def test_linear_fast_path_is_bit_identical_to_ctypes_path(device, dtype, N, E, in_f, out_f, linear_fast_calls):
+    fast = _linear_run(N, E, in_f, out_f, dtype, device, True)
+    assert linear_fast_calls == ([] if N == 0 else ["linear_forward", "linear_backward"])
+    linear_fast_calls.clear()
+    slow = _linear_run(N, E, in_f, out_f, dtype, device, False)
+    assert linear_fast_calls == []
+    for name, a, b in zip(("out", "grad_input", "grad_weight"), fast, slow):
+        assert a.shape == b.shape and torch.equal(a, b), name
+
+
+def test_linear_fast_path_raises_the_c_librarys_errors():
+    x, weight = torch.randn(4, 8), torch.randn(3, 5, 8)
+    sel = torch.tensor([0, 1, 3, 2])  # 3 is out of range
+    errors = []
+    for fast in (True, False):
+        previous = ops.set_torch_ops(fast)
+        try:
+            errors.append(_error(lambda: moe_fused.moe_fused_linear(x, weight, sel)))
+        finally:
+            ops.set_torch_ops(previous)
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert errors[0][0] is IndexError and "selected_experts" in errors[0][1], errors

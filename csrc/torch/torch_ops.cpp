@@ -1,5 +1,5 @@
-// moe_fused._torch_ops: the experts layer's hot calls (allocate the outputs and the
-// workspace, describe the tensors, call the C ABI) in C++ instead of Python.
+// moe_fused._torch_ops: the hot calls of the experts layer and of moe_fused_linear (allocate
+// the outputs and the workspace, describe the tensors, call the C ABI) in C++ instead of Python.
 //
 // Why: on the H100 machine's host the Python between moe_experts() and the C forward's
 // first launch took ~250 us a call (bench/results/host_stages_session15_h100.txt), all of
@@ -37,6 +37,9 @@ using BackwardFn = decltype(&moe_experts_backward);
 using ForwardWsFn = decltype(&moe_experts_forward_workspace_size);
 using BackwardWsFn = decltype(&moe_experts_backward_workspace_size);
 using PlanWsFn = decltype(&moe_routing_plan_workspace_size);
+using LinearFn = decltype(&moe_linear_forward);
+using LinearBackwardFn = decltype(&moe_linear_backward);
+using LinearWsFn = decltype(&moe_linear_workspace_size);
 
 struct Entry {
   ForwardFn forward = nullptr;
@@ -44,12 +47,19 @@ struct Entry {
   ForwardWsFn forward_ws = nullptr;
   BackwardWsFn backward_ws = nullptr;
   PlanWsFn plan_ws = nullptr;
+  LinearFn linear = nullptr;
+  LinearBackwardFn linear_backward = nullptr;
+  LinearWsFn linear_ws = nullptr;
 } g_entry;
 
 void init(uintptr_t forward, uintptr_t backward, uintptr_t forward_ws, uintptr_t backward_ws,
-          uintptr_t plan_ws) {
-  TORCH_CHECK(forward && backward && forward_ws && backward_ws && plan_ws,
+          uintptr_t plan_ws, uintptr_t linear, uintptr_t linear_backward, uintptr_t linear_ws) {
+  TORCH_CHECK(forward && backward && forward_ws && backward_ws && plan_ws && linear &&
+                  linear_backward && linear_ws,
               "moe_fused._torch_ops.init: a NULL entry point");
+  g_entry.linear = reinterpret_cast<LinearFn>(linear);
+  g_entry.linear_backward = reinterpret_cast<LinearBackwardFn>(linear_backward);
+  g_entry.linear_ws = reinterpret_cast<LinearWsFn>(linear_ws);
   g_entry.forward = reinterpret_cast<ForwardFn>(forward);
   g_entry.backward = reinterpret_cast<BackwardFn>(backward);
   g_entry.forward_ws = reinterpret_cast<ForwardWsFn>(forward_ws);
@@ -243,6 +253,90 @@ py::tuple experts_backward(const at::Tensor &g_in, const at::Tensor &x_in,
   return py::make_tuple(result(gx), result(gw), result(gw1), result(gw2), st);
 }
 
+// ops._experts_args_ok in C++ (the same conditions; ~1/8 of its host time): true exactly
+// when the five arguments are tensors that every check of ops._check_experts accepts.
+// Symbolic sizes (torch.compile's fake tensors) answer false: the Python checks take those.
+bool experts_args_ok(py::handle x_h, py::handle idx_h, py::handle w_h, py::handle w1_h,
+                     py::handle w2_h) {
+  for (py::handle h : {x_h, idx_h, w_h, w1_h, w2_h})
+    if (!THPVariable_Check(h.ptr())) return false;
+  const at::Tensor &x = THPVariable_Unpack(x_h.ptr()), &idx = THPVariable_Unpack(idx_h.ptr()),
+                   &w = THPVariable_Unpack(w_h.ptr()), &w1 = THPVariable_Unpack(w1_h.ptr()),
+                   &w2 = THPVariable_Unpack(w2_h.ptr());
+  for (const at::Tensor *t : {&x, &idx, &w, &w1, &w2})
+    if (t->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  if (x.dim() != 2 || idx.dim() != 2 || w1.dim() != 3 || w.dim() != 2 || w2.dim() != 3)
+    return false;
+  const at::Device d = x.device();
+  if (idx.device() != d || w.device() != d || w1.device() != d || w2.device() != d) return false;
+  const at::ScalarType dt = x.scalar_type();
+  const bool float_ok =
+      dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble;
+  const bool index_ok = idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong;
+  if (!float_ok || !index_ok || w1.scalar_type() != dt || w2.scalar_type() != dt ||
+      (w.scalar_type() != dt && w.scalar_type() != at::kFloat))
+    return false;
+  const int64_t E = w1.size(0), two_i = w1.size(1), H = w1.size(2);
+  return idx.size(0) == x.size(0) && w.sizes() == idx.sizes() && H == x.size(1) &&
+         two_i % 2 == 0 && w2.size(0) == E && w2.size(1) == H && w2.size(2) == two_i / 2;
+}
+
+// (out, status) of moe_linear_forward, or (None, kFallback).
+py::tuple linear_forward(const at::Tensor &x_in, const at::Tensor &weight,
+                         const at::Tensor &sel_in, uint64_t flags) {
+  TORCH_CHECK(g_entry.linear, "moe_fused._torch_ops: init() was not called");
+  if (!supported_device(x_in) || x_in.dim() != 2 || weight.dim() != 3)
+    return py::make_tuple(py::none(), kFallback);
+  const int64_t N = x_in.size(0), in_f = x_in.size(1), E = weight.size(0), out_f = weight.size(1);
+  if (N == 0 || out_f == 0 || in_f == 0) return py::make_tuple(py::none(), kFallback);
+  const at::Device dev = x_in.device();
+  c10::DeviceGuard guard(dev);
+  at::Tensor out = at::empty({N, out_f}, x_in.options());
+  const at::Tensor x = x_in.contiguous(), sel = sel_in.contiguous();
+  const int32_t dev_type = dev.is_cuda() ? MOE_DEVICE_CUDA : MOE_DEVICE_CPU;
+  const size_t nbytes = g_entry.linear_ws(dev_type, N, E, in_f, out_f);
+  at::Tensor keep;
+  void *ws = workspace(dev, nbytes, &keep);
+  const moe_context_t ctx = context(dev, ws, nbytes, flags);
+  moe_tensor_t dx, dw, dsel, dout;
+  if (!describe(x, "input", &dx) || !describe(weight, "weight", &dw) ||
+      !describe(sel, "selected_experts", &dsel) || !describe(out, "out", &dout))
+    return py::make_tuple(py::none(), kFallback);
+  return py::make_tuple(out, int(g_entry.linear(&ctx, &dx, &dw, &dsel, &dout)));
+}
+
+// (grad_input, grad_weight, status) of moe_linear_backward (not asked for: None), or
+// (None, None, kFallback).
+py::tuple linear_backward(const at::Tensor &g_in, const at::Tensor &x_in,
+                          const at::Tensor &weight, const at::Tensor &sel_in, bool n_x, bool n_w,
+                          uint64_t flags) {
+  TORCH_CHECK(g_entry.linear_backward, "moe_fused._torch_ops: init() was not called");
+  const py::tuple fallback = py::make_tuple(py::none(), py::none(), kFallback);
+  if (!supported_device(x_in) || x_in.dim() != 2 || weight.dim() != 3 || !(n_x || n_w))
+    return fallback;
+  const int64_t N = x_in.size(0), in_f = x_in.size(1), E = weight.size(0), out_f = weight.size(1);
+  if (N == 0 || out_f == 0 || in_f == 0) return fallback;
+  const at::Device dev = x_in.device();
+  c10::DeviceGuard guard(dev);
+  at::Tensor gx = n_x ? at::empty(x_in.sizes(), x_in.options()) : at::Tensor();
+  at::Tensor gw = n_w ? at::empty(weight.sizes(), weight.options()) : at::Tensor();
+  const at::Tensor g = g_in.contiguous(), x = x_in.contiguous(), sel = sel_in.contiguous();
+  const int32_t dev_type = dev.is_cuda() ? MOE_DEVICE_CUDA : MOE_DEVICE_CPU;
+  const size_t nbytes = g_entry.linear_ws(dev_type, N, E, in_f, out_f);
+  at::Tensor keep;
+  void *ws = workspace(dev, nbytes, &keep);
+  const moe_context_t ctx = context(dev, ws, nbytes, flags);
+  moe_tensor_t dg, dx, dw, dsel, o_x, o_w;
+  if (!describe(g, "grad_out", &dg) || !describe(x, "input", &dx) ||
+      !describe(weight, "weight", &dw) || !describe(sel, "selected_experts", &dsel) ||
+      (n_x && !describe(gx, "grad_input", &o_x)) || (n_w && !describe(gw, "grad_weight", &o_w)))
+    return fallback;
+  const int st = g_entry.linear_backward(&ctx, &dg, &dx, &dw, &dsel, n_x ? &o_x : nullptr,
+                                         n_w ? &o_w : nullptr);
+  auto result = [](const at::Tensor &t) { return t.defined() ? py::cast(t) : py::none(); };
+  return py::make_tuple(result(gx), result(gw), st);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(MOE_TORCH_OPS_MODULE, m) {
@@ -250,6 +344,9 @@ PYBIND11_MODULE(MOE_TORCH_OPS_MODULE, m) {
   m.attr("FALLBACK") = kFallback;
   m.attr("TORCH_VERSION") = MOE_TORCH_VERSION;
   m.def("init", &init);
+  m.def("experts_args_ok", &experts_args_ok);
   m.def("experts_forward", &experts_forward);
   m.def("experts_backward", &experts_backward);
+  m.def("linear_forward", &linear_forward);
+  m.def("linear_backward", &linear_backward);
 }

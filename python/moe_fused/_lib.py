@@ -328,7 +328,8 @@ def _load_torch_ops():
         spec.loader.exec_module(module)
         module.init(*(ctypes.cast(getattr(library, name), c_void_p).value for name in (
             "moe_experts_forward", "moe_experts_backward", "moe_experts_forward_workspace_size",
-            "moe_experts_backward_workspace_size", "moe_routing_plan_workspace_size")))
+            "moe_experts_backward_workspace_size", "moe_routing_plan_workspace_size",
+            "moe_linear_forward", "moe_linear_backward", "moe_linear_workspace_size")))
     except Exception as exc:  # an unusable build must not break the ctypes path
         return None, f"off ({path}: {type(exc).__name__}: {exc})"
     return module, f"on ({path}, torch {built_for})"

@@ -37,6 +37,7 @@ def _info() -> int:
         _lib.lib()
         print(f"libmoe_fused: {_lib.library_path()} (ABI {_lib.ABI_VERSION}, "
               f"{'with' if _lib.has_cuda() else 'without'} the CUDA path)")
+        print(f"C++ fast path (moe_fused._torch_ops): {_lib.torch_ops_status()}")
     except _lib.LibraryLoadError as exc:
         print(f"libmoe_fused: NOT LOADED: {exc}")
         return 1

@@ -133,7 +133,7 @@ def _window_max(x) -> int:
     return 1 << 62 if one else -1
 
 
-# The C++ fast path of the experts calls (_lib.torch_ops()), looked up at the first call;
+# The C++ fast path of the experts and linear calls (_lib.torch_ops()), looked up at the first call;
 # set_torch_ops(False) turns it off for the process (MOE_FUSED_TORCH_OPS=0 before import:
 # never loaded).
 _torch_ops_wanted = True
@@ -151,9 +151,9 @@ def _fast_ops():
 
 
 def set_torch_ops(enabled: bool) -> bool:
-    """Use the C++ fast path for the experts calls when it is built for this torch (the
-    default) or always the ctypes path (False). The results are bit-identical: both fill
-    the same C calls. Returns the previous setting."""
+    """Use the C++ fast path for the experts and linear calls when it is built for this torch
+    (the default) or always the ctypes path (False). The results are bit-identical: both
+    make the same C calls. Returns the previous setting."""
     global _torch_ops_wanted
     previous, _torch_ops_wanted = _torch_ops_wanted, bool(enabled)
     return previous
@@ -268,7 +268,12 @@ def _experts_args_ok(x, idx, w, w1, w2) -> bool:
 
 
 def _check_experts(x, idx, w, w1, w2) -> None:
-    if _experts_args_ok(x, idx, w, w1, w2):
+    # Its C++ twin once the fast path is looked up (at the first call's kernel), never while
+    # torch.compile traces (it cannot trace into the extension).
+    if _torch_ops is not None and _torch_ops_wanted and not torch.compiler.is_compiling():
+        if _torch_ops.experts_args_ok(x, idx, w, w1, w2):
+            return
+    elif _experts_args_ok(x, idx, w, w1, w2):
         return
     names = ("hidden_states", "top_k_index", "top_k_weights", "gate_up_proj", "down_proj")
     _check_tensors(list(zip(names, (x, idx, w, w1, w2))))
@@ -394,7 +399,7 @@ def _experts_forward_impl(x, idx, w, w1, w2, need_h=True):
     # again, naming the argument: no second Python pass over the arguments on the hot path.
     # need_h False (the eager no-grad path only, never the op): h is neither allocated nor
     # written (the C call gets h NULL) and comes back empty [0, 2I].
-    fast = _torch_ops if _torch_ops_looked_up and _torch_ops_wanted else _fast_ops()
+    fast = _fast_ops()
     if fast is not None:
         if _cuda_index_check and x.is_cuda:
             _check_index_range("top_k_index", idx, w1.shape[0])
@@ -465,7 +470,7 @@ def _experts_backward_impl(
 ):
     # overwrite_h (the eager fast path only, never the op): the C call may write dh over h.
     dev = x.device
-    fast = _torch_ops if _torch_ops_looked_up and _torch_ops_wanted else _fast_ops()
+    fast = _fast_ops()
     if fast is not None:
         flags = (_lib.MOE_FLAG_OVERWRITE_H if overwrite_h else 0) | _lib.dev_flags()
         *grads, status = fast.experts_backward(
@@ -671,6 +676,15 @@ def _linear_forward_fake(x, weight, sel):
 
 def _linear_forward_impl(x, weight, sel):
     # Checked by moe_fused_linear (and the fake kernel under compile); the C library again.
+    fast = _fast_ops()
+    if fast is not None:
+        if _cuda_index_check and x.is_cuda:
+            _check_index_range("selected_experts", sel, weight.shape[0])
+        out, status = fast.linear_forward(x, weight, sel, _lib.dev_flags())
+        if status == 0:
+            return out
+        if status != fast.FALLBACK:
+            _lib.check(status, "moe_linear_forward")
     dev = x.device
     N, in_f = x.shape
     E, out_f = weight.shape[0], weight.shape[1]
@@ -698,6 +712,14 @@ def _linear_backward_fake(g, x, weight, sel, n_x, n_w):
 
 def _linear_backward_impl(g, x, weight, sel, n_x, n_w):
     dev = x.device
+    fast = _fast_ops()
+    if fast is not None:
+        dx, dw, status = fast.linear_backward(g, x, weight, sel, n_x, n_w, _lib.dev_flags())
+        if status == 0:
+            return (dx if dx is not None else torch.empty((0,), dtype=x.dtype, device=dev),
+                    dw if dw is not None else torch.empty((0,), dtype=weight.dtype, device=dev))
+        if status != fast.FALLBACK:
+            _lib.check(status, "moe_linear_backward")
     N, in_f = x.shape
     E, out_f = weight.shape[0], weight.shape[1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if n_x else None
