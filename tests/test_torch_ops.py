@@ -231,3 +231,42 @@ def test_linear_fast_path_raises_the_c_librarys_errors():
             ops.set_torch_ops(previous)
     assert errors[0] is not None and errors[0] == errors[1], errors
     assert errors[0][0] is IndexError and "selected_experts" in errors[0][1], errors
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_c_call_runs_without_the_gil(fast):
+    """The CPU layer computes inside the C call: other Python threads must run meanwhile, on
+    the fast path as on the ctypes path (ctypes drops the GIL for foreign calls)."""
+    import threading
+    import time
+
+    (x, w, w1, w2), idx, _ = _inputs((1024, 512, 512, 8, 4, 0, 0.0), torch.float32, "cpu")
+    previous = ops.set_torch_ops(fast)
+    try:
+        with torch.no_grad():
+            moe_fused.moe_experts(x, idx, w, w1, w2)  # warm
+            t0 = time.perf_counter()
+            moe_fused.moe_experts(x, idx, w, w1, w2)
+            alone = time.perf_counter() - t0
+            gaps, done = [], threading.Event()
+
+            def spin():
+                last = time.perf_counter()
+                while not done.is_set():
+                    now = time.perf_counter()
+                    gaps.append(now - last)
+                    last = now
+
+            spinner = threading.Thread(target=spin)
+            spinner.start()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                moe_fused.moe_experts(x, idx, w, w1, w2)
+            took = time.perf_counter() - t0
+            done.set()
+            spinner.join()
+    finally:
+        ops.set_torch_ops(previous)
+    assert alone > 0.01, f"the call ({alone * 1e3:.1f} ms) is too short to tell"
+    # with the GIL held through a call, the spinner would stall for a whole call
+    assert max(gaps) < 0.5 * took / 3, (max(gaps), took)

@@ -158,6 +158,14 @@ uint64_t window_flag(const at::Tensor &x, int64_t k, int64_t window_max) {
 
 bool supported_device(const at::Tensor &x) { return x.is_cpu() || x.is_cuda(); }
 
+// Runs a C call without the GIL, as ctypes calls run: the CPU path computes the whole layer
+// inside it, and other Python threads (data loading) must not wait on that.
+template <class F>
+int without_gil(F &&call) {
+  py::gil_scoped_release release;
+  return int(call());
+}
+
 // (out, h, plan, status) of moe_experts_forward, or (None, None, None, kFallback).
 py::tuple experts_forward(const at::Tensor &x_in, const at::Tensor &idx_in,
                           const at::Tensor &w_in, const at::Tensor &w1, const at::Tensor &w2,
@@ -195,8 +203,9 @@ py::tuple experts_forward(const at::Tensor &x_in, const at::Tensor &idx_in,
       (need_h && !describe(h, "h", &dh)))
     return py::make_tuple(py::none(), py::none(), py::none(), kFallback);
   const moe_plan_t p = describe_plan(plan, E, n);
-  const int st = g_entry.forward(&ctx, &dx, &didx, &dw, &dw1, &dw2, &p, need_h ? &dh : nullptr,
-                                 &dout);
+  const int st = without_gil([&] {
+    return g_entry.forward(&ctx, &dx, &didx, &dw, &dw1, &dw2, &p, need_h ? &dh : nullptr, &dout);
+  });
   return py::make_tuple(out, h, plan, st);
 }
 
@@ -246,9 +255,10 @@ py::tuple experts_backward(const at::Tensor &g_in, const at::Tensor &x_in,
       plan.numel() != 2 * T * k + E + 1)
     return fallback;  // the Python path raises, naming the plan
   const moe_plan_t p = describe_plan(plan, E, T * k);
-  const int st = g_entry.backward(&ctx, &dg, &dx, &dw, &dw1, &dw2, &p, &dh, n_x ? &o_x : nullptr,
-                                  n_w ? &o_w : nullptr, n_w1 ? &o_w1 : nullptr,
-                                  n_w2 ? &o_w2 : nullptr);
+  const int st = without_gil([&] {
+    return g_entry.backward(&ctx, &dg, &dx, &dw, &dw1, &dw2, &p, &dh, n_x ? &o_x : nullptr,
+                            n_w ? &o_w : nullptr, n_w1 ? &o_w1 : nullptr, n_w2 ? &o_w2 : nullptr);
+  });
   auto result = [](const at::Tensor &t) { return t.defined() ? py::cast(t) : py::none(); };
   return py::make_tuple(result(gx), result(gw), result(gw1), result(gw2), st);
 }
@@ -302,7 +312,8 @@ py::tuple linear_forward(const at::Tensor &x_in, const at::Tensor &weight,
   if (!describe(x, "input", &dx) || !describe(weight, "weight", &dw) ||
       !describe(sel, "selected_experts", &dsel) || !describe(out, "out", &dout))
     return py::make_tuple(py::none(), kFallback);
-  return py::make_tuple(out, int(g_entry.linear(&ctx, &dx, &dw, &dsel, &dout)));
+  const int st = without_gil([&] { return g_entry.linear(&ctx, &dx, &dw, &dsel, &dout); });
+  return py::make_tuple(out, st);
 }
 
 // (grad_input, grad_weight, status) of moe_linear_backward (not asked for: None), or
@@ -331,8 +342,10 @@ py::tuple linear_backward(const at::Tensor &g_in, const at::Tensor &x_in,
       !describe(weight, "weight", &dw) || !describe(sel, "selected_experts", &dsel) ||
       (n_x && !describe(gx, "grad_input", &o_x)) || (n_w && !describe(gw, "grad_weight", &o_w)))
     return fallback;
-  const int st = g_entry.linear_backward(&ctx, &dg, &dx, &dw, &dsel, n_x ? &o_x : nullptr,
-                                         n_w ? &o_w : nullptr);
+  const int st = without_gil([&] {
+    return g_entry.linear_backward(&ctx, &dg, &dx, &dw, &dsel, n_x ? &o_x : nullptr,
+                                   n_w ? &o_w : nullptr);
+  });
   auto result = [](const at::Tensor &t) { return t.defined() ? py::cast(t) : py::none(); };
   return py::make_tuple(result(gx), result(gw), st);
 }
