@@ -278,34 +278,25 @@ def test_bench_args_defaults_and_sonic_flag():
         bench.parse_args(["--sonic-shapes", "30b-a3b:lots"])
 
 
-def test_bench_ctypes_impl_env_turns_the_fast_path_off_and_back():
+@pytest.mark.parametrize("impl, setter, getter, on", [
+    ("moe_fused-windows", "set_one_token_window", "_one_window", False),
+    ("moe_fused-ctypes", "set_torch_ops", "_torch_ops_wanted", False),
+])
+def test_bench_impl_env_sets_and_restores_the_setting(impl, setter, getter, on):
+    """An implementation's environment holds its setting inside, and restores the previous
+    one on the way out, exceptions included."""
     from moe_fused import ops
 
-    previous = ops.set_torch_ops(True)
+    previous = getattr(ops, setter)(True)
     try:
-        with bench.impl_env("moe_fused-ctypes"):
-            assert ops._torch_ops_wanted is False
-        assert ops._torch_ops_wanted is True
-        with pytest.raises(RuntimeError), bench.impl_env("moe_fused-ctypes"):
+        with bench.impl_env(impl):
+            assert getattr(ops, getter) is on
+        assert getattr(ops, getter) is True
+        with pytest.raises(RuntimeError), bench.impl_env(impl):
             raise RuntimeError("a failing call")
-        assert ops._torch_ops_wanted is True
+        assert getattr(ops, getter) is True
     finally:
-        ops.set_torch_ops(previous)
-
-
-def test_bench_windows_impl_env_restores_the_setting():
-    from moe_fused import ops
-
-    previous = ops.set_one_token_window(True)
-    try:
-        with bench.impl_env("moe_fused-windows"):
-            assert ops._one_window is False
-        assert ops._one_window is True
-        with pytest.raises(RuntimeError), bench.impl_env("moe_fused-windows"):
-            raise RuntimeError("a failing call")
-        assert ops._one_window is True
-    finally:
-        ops.set_one_token_window(previous)
+        getattr(ops, setter)(previous)
 
 
 def test_bench_cpu_skips_cuda_only_impls(tmp_path, capsys):

@@ -30,12 +30,12 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def fast_calls(monkeypatch):
-    """Names of the fast path's calls that ran (not handed back as FALLBACK)."""
+def _spy_on_fast_calls(monkeypatch, names):
+    """A list that gets the name of each of the fast path's calls `names` that ran (not handed
+    back as FALLBACK)."""
     fast = _lib.torch_ops()
     calls = []
-    for name in ("experts_forward", "experts_backward"):
+    for name in names:
         fn = getattr(fast, name)
 
         def spy(*args, _fn=fn, _name=name):
@@ -45,9 +45,13 @@ def fast_calls(monkeypatch):
             return result
 
         monkeypatch.setattr(fast, name, spy)
-    previous = ops.set_torch_ops(True)
-    yield calls
-    ops.set_torch_ops(previous)
+    return calls
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    monkeypatch.setattr(ops, "_torch_ops_wanted", True)  # the fast path on (restored after)
+    return _spy_on_fast_calls(monkeypatch, ("experts_forward", "experts_backward"))
 
 
 def _inputs(shape, dtype, device):
@@ -173,21 +177,8 @@ def test_status_says_on():
 
 @pytest.fixture
 def linear_fast_calls(monkeypatch):
-    fast = _lib.torch_ops()
-    calls = []
-    for name in ("linear_forward", "linear_backward"):
-        fn = getattr(fast, name)
-
-        def spy(*args, _fn=fn, _name=name):
-            result = _fn(*args)
-            if result[-1] != fast.FALLBACK:
-                calls.append(_name)
-            return result
-
-        monkeypatch.setattr(fast, name, spy)
-    previous = ops.set_torch_ops(True)
-    yield calls
-    ops.set_torch_ops(previous)
+    monkeypatch.setattr(ops, "_torch_ops_wanted", True)  # the fast path on (restored after)
+    return _spy_on_fast_calls(monkeypatch, ("linear_forward", "linear_backward"))
 
 
 def _linear_run(N, E, in_f, out_f, dtype, device, fast):
