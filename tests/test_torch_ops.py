@@ -261,3 +261,14 @@ def test_c_call_runs_without_the_gil(fast):
     assert alone > 0.01, f"the call ({alone * 1e3:.1f} ms) is too short to tell"
     # with the GIL held through a call, the spinner would stall for a whole call
     assert max(gaps) < 0.5 * took / 3, (max(gaps), took)
+
+
+def test_fast_path_hands_a_malformed_plan_to_the_python_checks(fast_calls):
+    """A plan of the wrong size is not described by the fast path (FALLBACK): the Python path
+    raises, naming the plan."""
+    (x, w, w1, w2), idx, grad = _inputs((6, 16, 8, 4, 2, 0, 0.0), torch.float32, "cpu")
+    with torch.no_grad():
+        _, h, plan = ops._experts_forward_impl(x, idx, w, w1, w2)
+    with pytest.raises(ValueError, match="plan"):
+        ops._experts_backward_impl(grad, x, w, w1, w2, plan[:-1], h, True, True, True, True)
+    assert "experts_backward" not in fast_calls

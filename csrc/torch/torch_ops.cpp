@@ -11,16 +11,17 @@
 //
 // The C entry points come as addresses from the library ctypes loaded (init()), so both
 // paths call the same copy of libmoe_fused (one error state, one set of caches); this module
-// links torch only. Argument checks stay where they were: moe_experts() checks in Python
-// first, and the C library validates every descriptor again, naming the argument; a
+// links torch only. Argument checks stay where they were: moe_experts() checks first (its
+// one-expression check by experts_args_ok below, the naming checks in Python when that
+// fails), and the C library validates every descriptor again, naming the argument; a
 // failing status is returned, and Python raises it with moe_last_error() (_lib.check).
 #include <torch/extension.h>
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <tuple>
 
 #include "moe_fused.h"
 
@@ -223,6 +224,9 @@ py::tuple experts_backward(const at::Tensor &g_in, const at::Tensor &x_in,
   const int64_t T = x_in.size(0), H = x_in.size(1), k = w_in.size(1);
   const int64_t E = w1.size(0), I = w1.size(1) / 2;
   if (T * k == 0 || I == 0 || H == 0) return fallback;
+  if (plan.scalar_type() != at::kInt || plan.dim() != 1 || plan.stride(0) != 1 ||
+      plan.numel() != 2 * T * k + E + 1)
+    return fallback;  // the Python path raises, naming the plan
   const at::Device dev = x_in.device();
   c10::DeviceGuard guard(dev);
   auto alloc = [](const at::Tensor &t, bool need) {
@@ -251,9 +255,6 @@ py::tuple experts_backward(const at::Tensor &g_in, const at::Tensor &x_in,
       (n_w1 && !describe(gw1, "grad_gate_up_proj", &o_w1)) ||
       (n_w2 && !describe(gw2, "grad_down_proj", &o_w2)))
     return fallback;
-  if (plan.scalar_type() != at::kInt || plan.dim() != 1 || plan.stride(0) != 1 ||
-      plan.numel() != 2 * T * k + E + 1)
-    return fallback;  // the Python path raises, naming the plan
   const moe_plan_t p = describe_plan(plan, E, T * k);
   const int st = without_gil([&] {
     return g_entry.backward(&ctx, &dg, &dx, &dw, &dw1, &dw2, &p, &dh, n_x ? &o_x : nullptr,

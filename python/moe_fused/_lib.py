@@ -284,7 +284,7 @@ _torch_ops_status = "not loaded yet"
 
 
 def torch_ops():
-    """The C++ fast path of the experts calls (a module), or None: not built beside the
+    """The C++ fast path of the experts and linear calls (a module), or None: not built beside the
     library, built against another torch, disabled by MOE_FUSED_TORCH_OPS=0, or failed to
     load (torch_ops_status() says which). Loaded once, after the library."""
     global _torch_ops_tried, _torch_ops_module, _torch_ops_status
