@@ -6,8 +6,9 @@ the CPU and CUDA paths share, and the C calls themselves.
 
 Prints medians (us) of: a whole eager fwd and bwd; the time from the call to the entry of the
 C function (moe_experts_forward / moe_experts_backward; on CUDA the first kernel launches right
-after it); the C calls themselves (on CUDA: their host time, the launches); and the wrapper's
-pieces one by one. On CUDA every step starts on an idle GPU (synchronised before, not timed),
+after it) or, with the C++ fast path, of its module function; the C calls themselves (on
+CUDA: their host time, the launches; with the fast path, its C++ glue too); both glue paths
+when the fast path is built; and the ctypes glue's pieces one by one. On CUDA every step starts on an idle GPU (synchronised before, not timed),
 without the index check, as in the layer benchmark.
 """
 import argparse
@@ -54,21 +55,32 @@ dev = x.device
 
 lib = _lib.lib()
 marks = {}  # C entry point -> (perf_counter at its entry, time inside)
-# The ops call the raw handles (_lib.raw); an older moe_fused (A/B) the library's attributes.
-raw = getattr(_lib, "_RAW", None)
-for name in ("moe_experts_forward", "moe_experts_backward"):
-    fn = raw[name] if raw else getattr(lib, name)
 
-    def wrapper(*a, _fn=fn, _name=name):
+
+def _marking(fn, name):
+    def wrapper(*a):
         t0 = time.perf_counter()
-        r = _fn(*a)
-        marks[_name] = (t0, time.perf_counter() - t0)
+        r = fn(*a)
+        marks[name] = (t0, time.perf_counter() - t0)
         return r
 
+    return wrapper
+
+
+# The ctypes glue calls the raw handles (_lib.raw); an older moe_fused (A/B) the library's
+# attributes. The C++ fast path (moe_fused._torch_ops, session 19) calls the C functions from
+# C++: its entry is marked at the module's function instead (its C++ glue then counts as "C").
+raw = getattr(_lib, "_RAW", None)
+for name in ("moe_experts_forward", "moe_experts_backward"):
     if raw:
-        raw[name] = wrapper
+        raw[name] = _marking(raw[name], name)
     else:
-        setattr(lib, name, wrapper)
+        setattr(lib, name, _marking(getattr(lib, name), name))
+fast = _lib.torch_ops() if hasattr(_lib, "torch_ops") else None
+if fast is not None:
+    for name in ("experts_forward", "experts_backward"):
+        setattr(fast, name, _marking(getattr(fast, name), "moe_" + name))
+PATHS = [("C++ fast path", True), ("ctypes glue", False)] if fast is not None else [("ctypes glue", None)]
 
 
 def median_us(fn, reps=args.reps):
@@ -106,11 +118,18 @@ def step_split(reps=args.reps):
 
 print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, T={T} H={H} I={I} E={E} k={k}, "
       f"{x.dtype}, {args.reps} reps")
-split = step_split()
-split["fwd wrapper (fwd - C fwd)"] = split["fwd"] - split["C fwd"]
-split["bwd wrapper (bwd - C bwd)"] = split["bwd"] - split["C bwd"]
-for key, v in split.items():
-    print(f"{key:34s} {v:8.1f} us")
+for label, on in PATHS:
+    previous = ops.set_torch_ops(on) if on is not None else None
+    split = step_split()
+    if on is not None:
+        ops.set_torch_ops(previous)
+    split["fwd wrapper (fwd - C fwd)"] = split["fwd"] - split["C fwd"]
+    split["bwd wrapper (bwd - C bwd)"] = split["bwd"] - split["C bwd"]
+    print(f"-- {label}" + (" (C: the module's call, its C++ glue included)" if on else ""))
+    for key, v in split.items():
+        print(f"{key:34s} {v:8.1f} us")
+print("-- pieces of the ctypes glue" if fast is not None else "-- pieces")
+ops.set_torch_ops(False) if fast is not None else None
 
 out_h = ops._experts_forward_impl(x, idx, s, w1, w2)
 kernel = ops._kernel(ops._experts_forward_impl, dev)
