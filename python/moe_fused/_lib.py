@@ -316,7 +316,8 @@ def _load_torch_ops():
     path = next((folder / (_TORCH_OPS_NAME + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES
                  if (folder / (_TORCH_OPS_NAME + suffix)).is_file()), None)
     if path is None:
-        return None, f"off (not built beside {library._name} for this Python)"
+        return None, (f"off (not built beside {library._name} for this Python; "
+                      "`pip install --no-build-isolation .` builds it where torch is installed)")
     stamp = folder / (_TORCH_OPS_NAME + ".torch_version")
     built_for = stamp.read_text().strip() if stamp.is_file() else "unknown"
     if built_for != torch.__version__:
