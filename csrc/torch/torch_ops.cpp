@@ -58,14 +58,14 @@ void init(uintptr_t forward, uintptr_t backward, uintptr_t forward_ws, uintptr_t
   TORCH_CHECK(forward && backward && forward_ws && backward_ws && plan_ws && linear &&
                   linear_backward && linear_ws,
               "moe_fused._torch_ops.init: a NULL entry point");
-  g_entry.linear = reinterpret_cast<LinearFn>(linear);
-  g_entry.linear_backward = reinterpret_cast<LinearBackwardFn>(linear_backward);
-  g_entry.linear_ws = reinterpret_cast<LinearWsFn>(linear_ws);
   g_entry.forward = reinterpret_cast<ForwardFn>(forward);
   g_entry.backward = reinterpret_cast<BackwardFn>(backward);
   g_entry.forward_ws = reinterpret_cast<ForwardWsFn>(forward_ws);
   g_entry.backward_ws = reinterpret_cast<BackwardWsFn>(backward_ws);
   g_entry.plan_ws = reinterpret_cast<PlanWsFn>(plan_ws);
+  g_entry.linear = reinterpret_cast<LinearFn>(linear);
+  g_entry.linear_backward = reinterpret_cast<LinearBackwardFn>(linear_backward);
+  g_entry.linear_ws = reinterpret_cast<LinearWsFn>(linear_ws);
 }
 
 int moe_dtype(at::ScalarType t) {
