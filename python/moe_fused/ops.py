@@ -112,25 +112,20 @@ def _device_memory(index: int) -> int:
     return torch.cuda.get_device_properties(index).total_memory
 
 
-def _window_flag(x, k: int) -> int:
-    """MOE_FLAG_ONE_WINDOW when one token window is wanted for x [T, H] with k slots."""
-    if not x.is_cuda:
-        return 0
-    one = _one_window
-    if one is None:  # (get_device: the index without building a torch.device)
-        one = x.numel() * k * x.element_size() <= _device_memory(x.get_device()) // 50
-    return _lib.MOE_FLAG_ONE_WINDOW if one else 0
-
-
 def _window_max(x) -> int:
-    """_window_flag as a bound for the C++ fast path: the most bytes of per-pair rows
-    (T*k*H elements) one token window may take on x's device; -1: never one window."""
+    """The most bytes of per-pair rows (T*k*H elements) one token window may take on x's
+    device; -1: never one window (the C++ fast path applies it to the call's sizes)."""
     if not x.is_cuda:
         return -1
     one = _one_window
-    if one is None:
+    if one is None:  # (get_device: the index without building a torch.device)
         return _device_memory(x.get_device()) // 50
     return 1 << 62 if one else -1
+
+
+def _window_flag(x, k: int) -> int:
+    """MOE_FLAG_ONE_WINDOW when one token window is wanted for x [T, H] with k slots."""
+    return _lib.MOE_FLAG_ONE_WINDOW if x.numel() * k * x.element_size() <= _window_max(x) else 0
 
 
 # The C++ fast path of the experts and linear calls (_lib.torch_ops()), looked up at the first call;
