@@ -256,6 +256,22 @@ def test_portable_env_restored(monkeypatch, before):
         assert os.environ.get(bench.PORTABLE_ENV) == before
 
 
+@pytest.mark.parametrize("before", [None, "0", "1"])
+def test_nopdl_env_restored(monkeypatch, before):
+    """moe_fused-nopdl: MOE_FUSED_PDL=0 around its calls only."""
+    if before is None:
+        monkeypatch.delenv(bench.PDL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(bench.PDL_ENV, before)
+    with pytest.raises(RuntimeError):
+        with bench.impl_env("moe_fused-nopdl"):
+            assert os.environ[bench.PDL_ENV] == "0"
+            raise RuntimeError("boom")
+    assert os.environ.get(bench.PDL_ENV) == before
+    with bench.impl_env("moe_fused"):
+        assert os.environ.get(bench.PDL_ENV) == before
+
+
 def test_sonic_selected():
     assert bench.sonic_selected(None, "30b-a3b", 4096)
     assert bench.sonic_selected(["all"], "x", 1)
@@ -269,7 +285,7 @@ def test_bench_args_defaults_and_sonic_flag():
     a = bench.parse_args([])
     assert a.impls == bench.IMPLS and a.sonic_shapes is None
     a = bench.parse_args(["--device", "cuda"])
-    assert a.impls == bench.IMPLS + ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes"]
+    assert a.impls == bench.IMPLS + ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes", "moe_fused-nopdl"]
     a = bench.parse_args(["--device", "cuda", "--sonic-shapes", "30b-a3b:16384"])
     assert a.impls[-1] == "sonicmoe"
     a = bench.parse_args(["--impls", "sonicmoe", "moe_fused", "hf-grouped_mm"])

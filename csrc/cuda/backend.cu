@@ -18,13 +18,13 @@ namespace cuda {
 
 // The sm90a kernel where it applies (sm90.h), else the portable one. *sm90 tells which ran.
 static moe_status_t row_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t flags,
-                             cudaStream_t st, bool *sm90 = nullptr) {
+                             Launch st, bool *sm90 = nullptr) {
   moe_status_t s = MOE_OK;
   const bool fast = sm90_grouped_gemm(g, num_experts, flags, st, &s);
   if (sm90) *sm90 = fast;
   return fast ? s : grouped_gemm(g, st);
 }
-static moe_status_t weight_grad(const WgradArgs &w, uint64_t flags, cudaStream_t st) {
+static moe_status_t weight_grad(const WgradArgs &w, uint64_t flags, Launch st) {
   moe_status_t s = MOE_OK;
   return sm90_wgrad(w, flags, st, &s) ? s : wgrad_gemm(w, st);
 }
@@ -32,6 +32,12 @@ static moe_status_t weight_grad(const WgradArgs &w, uint64_t flags, cudaStream_t
 namespace {
 
 constexpr int BMT = kGemmBM;
+
+// A call's launches: its stream, with PDL where pdl_enabled allows (after the DeviceGuard:
+// it asks about the current device).
+Launch launch_of(const moe_context_t &ctx) {
+  return Launch{stream_of(ctx), pdl_enabled(ctx.flags)};
+}
 
 const char *tname(const moe_tensor_t &t, const char *param) { return t.name ? t.name : param; }
 
@@ -136,7 +142,7 @@ moe_status_t windowed_store_combine(GroupedGemmArgs g, const ExpertsProblem &p, 
                                     const int32_t *rows, Tile *tiles, int32_t *num_tiles,
                                     int32_t *win_delta, const void *sw, int sw_dtype,
                                     int64_t sw_s0, int64_t sw_s1, void *out, int64_t ldo,
-                                    uint64_t flags, cudaStream_t st) {
+                                    uint64_t flags, Launch st) {
   const int64_t T = p.tokens, k = p.top_k, E = p.num_experts, n = T * k;
   g.c_scatter = false;
   for (int64_t t0 = 0; t0 < T; t0 += W.tokens) {
@@ -253,7 +259,7 @@ moe_status_t routing_plan(const moe_context_t &ctx, const moe_tensor_t &top_k_in
   build_plan(top_k_index.data, top_k_index.dtype, s0, s1, int(k), n, int(num_experts),
              static_cast<int32_t *>(plan.expert_offsets.data),
              static_cast<int32_t *>(plan.sorted_pairs.data),
-             static_cast<int32_t *>(plan.pair_rows.data), L.scratch, stream_of(ctx));
+             static_cast<int32_t *>(plan.pair_rows.data), L.scratch, launch_of(ctx));
   return launch_status("routing_plan");
 }
 
@@ -269,7 +275,7 @@ static moe_status_t linear_plan(const moe_context_t &ctx, const LinearProblem &p
                                 const moe_tensor_t &sel, LinearWs &L) {
   int64_t s0, s1, k;
   index_strides(sel, &s0, &s1, &k);
-  cudaStream_t st = stream_of(ctx);
+  const Launch st = launch_of(ctx);
   const PlanTiles tiles{BMT, L.tiles, L.num_tiles};
   build_plan(sel.data, sel.dtype, s0, 0, 1, p.n, int(p.num_experts), L.offsets, L.sorted, L.rows,
              L.plan.scratch, st, &tiles);
@@ -315,7 +321,7 @@ moe_status_t linear_forward(const moe_context_t &ctx, const LinearProblem &p,
   if (p.in_features == 0) {
     // Empty reduction: out = 0 (the GEMM below still writes zeros: K = 0 -> acc = 0).
   }
-  return row_gemm(g, p.num_experts, ctx.flags, stream_of(ctx));
+  return row_gemm(g, p.num_experts, ctx.flags, launch_of(ctx));
 }
 
 moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
@@ -335,7 +341,7 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
   WsArena ar(ctx.workspace);
   LinearWs L = linear_layout(ar, p);
   MOE_CU_TRY(linear_plan(ctx, p, selected_experts, L));
-  cudaStream_t st = stream_of(ctx);
+  const Launch st = launch_of(ctx);
   if (input.dtype == MOE_DTYPE_F32)
     return f32_linear_backward(st, p, grad_out, input, weight, selected_experts, grad_input,
                                grad_weight, L.offsets, L.sorted);
@@ -423,7 +429,7 @@ moe_status_t experts_forward(const moe_context_t &ctx, const ExpertsProblem &p,
   if (!dg.ok()) return launch_status("moe_experts_forward (device)");
   const int64_t T = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
                 E = p.num_experts, n = T * k;
-  cudaStream_t st = stream_of(ctx);
+  const Launch st = launch_of(ctx);
   WsArena ar(ctx.workspace);
   FwdWs L = fwd_layout(ar, p, ctx.flags);
   int32_t *off = static_cast<int32_t *>(plan.expert_offsets.data);
@@ -515,7 +521,7 @@ moe_status_t experts_backward(const moe_context_t &ctx, const ExpertsProblem &p,
   if (!dg.ok()) return launch_status("moe_experts_backward (device)");
   const int64_t T = p.tokens, k = p.top_k, H = p.hidden, I = p.intermediate,
                 E = p.num_experts, n = T * k;
-  cudaStream_t st = stream_of(ctx);
+  const Launch st = launch_of(ctx);
   const uint32_t grads =
       experts_grads(p, grad_hidden_states, grad_top_k_weights, grad_gate_up_proj, grad_down_proj);
   WsArena ar(ctx.workspace);

@@ -28,6 +28,8 @@ __global__ void combine_kernel(const T *Y, int64_t ldy, int64_t ny, const int32_
                                WindowRows win, const void *sw, int sw_dtype, int64_t sw_s0,
                                int64_t sw_s1, int64_t t0, int k, int64_t H, T *out, int64_t ldo,
                                bool vec) {
+  pdl_wait();
+  pdl_release();
   const int64_t t = t0 + blockIdx.x;
   __shared__ int64_t srow[kMaxK];
   __shared__ float sw_s[kMaxK];
@@ -59,6 +61,8 @@ __global__ void combine_kernel(const T *Y, int64_t ldy, int64_t ny, const int32_
 __global__ void reduce_ds_kernel(const float *ds_part, int ds_ld, int ncols, const int32_t *rows,
                                  int64_t T, int k, void *gs, int gs_dtype, int64_t gs_s0,
                                  int64_t gs_s1) {
+  pdl_wait();
+  pdl_release();
   const int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n = T * k;
   if (p >= n) return;
@@ -77,7 +81,7 @@ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, const int32_t *rows,
                           WindowRows win, const void *sw, int sw_dtype, int64_t sw_s0,
                           int64_t sw_s1, int64_t t0, int64_t t1, int k, int64_t H, void *out,
-                          int64_t ldo, cudaStream_t stream) {
+                          int64_t ldo, Launch stream) {
   if (t1 <= t0 || H <= 0 || ny <= 0) return MOE_OK;
   if (k > kMaxK) return set_error(MOE_ERR_UNSUPPORTED, "CUDA: top_k %d > %d", k, kMaxK);
   if (t1 - t0 > 2147483647) return set_error(MOE_ERR_UNSUPPORTED, "CUDA: too many tokens");
@@ -85,12 +89,12 @@ moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, con
   const int threads = int(std::min<int64_t>(256, std::max<int64_t>(32, (H + 7) / 8)));
   const unsigned blocks = unsigned(t1 - t0);
   if (dtype == MOE_DTYPE_BF16)
-    combine_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(
-        static_cast<const __nv_bfloat16 *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1,
+    launch_kernel(combine_kernel<__nv_bfloat16>, dim3(blocks), dim3(unsigned(threads)), 0,
+        stream.stream, stream.pdl, 1, static_cast<const __nv_bfloat16 *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1,
         t0, k, H, static_cast<__nv_bfloat16 *>(out), ldo, vec);
   else if (dtype == MOE_DTYPE_F16)
-    combine_kernel<__half><<<blocks, threads, 0, stream>>>(
-        static_cast<const __half *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1, t0, k, H,
+    launch_kernel(combine_kernel<__half>, dim3(blocks), dim3(unsigned(threads)), 0,
+        stream.stream, stream.pdl, 1, static_cast<const __half *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1, t0, k, H,
         static_cast<__half *>(out), ldo, vec);
   else
     return set_error(MOE_ERR_DTYPE, "CUDA combine: unsupported dtype %d", dtype);
@@ -99,11 +103,11 @@ moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, con
 
 moe_status_t reduce_ds(const float *ds_part, int ds_ld, int ncols, const int32_t *rows,
                        int64_t T, int k, void *gs, int gs_dtype, int64_t gs_s0, int64_t gs_s1,
-                       cudaStream_t stream) {
+                       Launch stream) {
   const int64_t n = T * k;
   if (n <= 0) return MOE_OK;
-  reduce_ds_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(
-      ds_part, ds_ld, ncols, rows, T, k, gs, gs_dtype, gs_s0, gs_s1);
+  launch_kernel(reduce_ds_kernel, dim3(unsigned((n + 255) / 256)), dim3(256), 0, stream.stream,
+                stream.pdl, 1, ds_part, ds_ld, ncols, rows, T, k, gs, gs_dtype, gs_s0, gs_s1);
   return launch_status("reduce_ds");
 }
 

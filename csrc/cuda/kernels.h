@@ -4,7 +4,8 @@
 //                    gathers and epilogues (SwiGLU, dSwiGLU + ds, plain store)
 //   wgrad.cu         K-grouped GEMMs: per-expert weight gradients
 //   combine.cu       deterministic per-token k-slot reductions, ds reduce
-// Everything is enqueued on `stream`; nothing allocates or synchronises.
+// Everything is enqueued on `stream`; nothing allocates or synchronises. The launchers of
+// the kernels the sm90 path chains take a Launch (pdl.h): with PDL where the call has it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,6 +13,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/pdl.h"
 #include "moe_fused.h"
 
 namespace moe {
@@ -33,18 +35,18 @@ struct PlanTiles {
 };
 void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, int64_t n,
                 int E, int32_t *offsets, int32_t *sorted, int32_t *rows, void *scratch,
-                cudaStream_t stream, const PlanTiles *tiles = nullptr);
+                Launch stream, const PlanTiles *tiles = nullptr);
 // Tile list of BM-row tiles over the segments [offsets[e], offsets[e+1]) (clamped
 // to [0, n], made monotone): tiles[max_tiles(n,E,BM)], num_tiles[1].
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
-                 int32_t *num_tiles, cudaStream_t stream);
+                 int32_t *num_tiles, Launch stream);
 // The same over the rows of the pairs [p0, p1) only (a token window [t0, t1) is the
 // pairs [t0 k, t1 k)): plan rows ascend in p within a segment, so each expert's rows of
 // the window are one run [lo_e, hi_e), found by binary search in sorted[]. The runs are
 // packed in expert order: tile.delta = win_delta[e] = (window rows before e) - lo_e.
 void build_tiles_pairs(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
                        int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
-                       int32_t *win_delta, cudaStream_t stream);
+                       int32_t *win_delta, Launch stream);
 
 // ---- grouped_gemm.cu -----------------------------------------------------------
 
@@ -140,11 +142,11 @@ struct WindowRows {
 moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, const int32_t *rows,
                           WindowRows win, const void *sw, int sw_dtype, int64_t sw_s0,
                           int64_t sw_s1, int64_t t0, int64_t t1, int k, int64_t H, void *out,
-                          int64_t ldo, cudaStream_t stream);
+                          int64_t ldo, Launch stream);
 // grad_s[t, j] = sum_i ds_part[rows[t*k+j], i] (i ascending), in gs_dtype.
 moe_status_t reduce_ds(const float *ds_part, int ds_ld, int ncols, const int32_t *rows,
                        int64_t T, int k, void *gs, int gs_dtype, int64_t gs_s0,
-                       int64_t gs_s1, cudaStream_t stream);
+                       int64_t gs_s1, Launch stream);
 
 }  // namespace cuda
 }  // namespace moe

@@ -15,6 +15,13 @@ namespace {
 
 constexpr int kSub = 256;  // pairs per warp sub-chunk
 
+// The plan's kernels need no dynamic shared memory and no cluster.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), unsigned blocks, int threads, Launch l, Args &&...args) {
+  launch_kernel(kernel, dim3(blocks), dim3(unsigned(threads)), 0, l.stream, l.pdl, 1,
+                std::forward<Args>(args)...);
+}
+
 template <class Idx>
 __device__ __forceinline__ int expert_of(const Idx *idx, int64_t s0, int64_t s1, int k,
                                          int64_t p, int E) {
@@ -26,6 +33,8 @@ __device__ __forceinline__ int expert_of(const Idx *idx, int64_t s0, int64_t s1,
 template <class Idx>
 __global__ void plan_hist(const Idx *idx, int64_t s0, int64_t s1, int k, int64_t n, int E,
                           int32_t *counts, int64_t nsub, unsigned *scan_done) {
+  pdl_wait();
+  pdl_release();
   if (blockIdx.x == 0 && threadIdx.x == 0) *scan_done = 0u;
   const int64_t warp = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
@@ -91,6 +100,8 @@ template <class Idx>
 __global__ void plan_scatter(const Idx *idx, int64_t s0, int64_t s1, int k, int64_t n, int E,
                              int32_t *counts, const int32_t *offsets, int32_t *sorted,
                              int32_t *rows, int64_t nsub) {
+  pdl_wait();
+  pdl_release();
   const int64_t warp = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (warp >= nsub) return;
@@ -166,6 +177,8 @@ __device__ void tiles_block(const int32_t *offsets, const int32_t *sorted, int E
 __global__ void tiles_kernel(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
                              int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
                              int32_t *win_delta, int64_t maxT) {
+  pdl_wait();
+  pdl_release();
   tiles_block(offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles, win_delta, maxT);
 }
 
@@ -175,6 +188,8 @@ __global__ void tiles_kernel(const int32_t *offsets, const int32_t *sorted, int 
 __global__ void plan_scan(int32_t *counts, int64_t nsub, int E, int32_t *totals,
                           unsigned *scan_done, int32_t *offsets, int64_t n, int BM, Tile *tiles,
                           int32_t *num_tiles, int64_t maxT) {
+  pdl_wait();
+  pdl_release();
   const int e = blockIdx.x;
   int carry = 0;
   for (int64_t b = 0; b < nsub; b += blockDim.x) {
@@ -207,7 +222,7 @@ size_t plan_scratch_bytes(int64_t n, int64_t E) {
 
 void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, int64_t n,
                 int E, int32_t *offsets, int32_t *sorted, int32_t *rows, void *scratch,
-                cudaStream_t stream, const PlanTiles *tiles) {
+                Launch stream, const PlanTiles *tiles) {
   const int64_t nsub = (n + kSub - 1) / kSub;
   const size_t counts_bytes = ws_align(size_t(std::max<int64_t>(nsub, 1)) * size_t(E) * 4);
   int32_t *counts = static_cast<int32_t *>(scratch);
@@ -219,38 +234,37 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
   // at least one block: it zeroes scan_done even without pairs
   const unsigned hist_blocks = std::max(blocks, 1u);
   if (idx_dtype == MOE_DTYPE_I64)
-    plan_hist<int64_t><<<hist_blocks, 32 * warps_per_block, 0, stream>>>(
-        static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
+    launch(plan_hist<int64_t>, hist_blocks, 32 * warps_per_block, stream,
+           static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
   else
-    plan_hist<int32_t><<<hist_blocks, 32 * warps_per_block, 0, stream>>>(
-        static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
-  plan_scan<<<E, 256, 0, stream>>>(counts, nsub, E, totals, scan_done, offsets, n,
-                                    tiles ? tiles->BM : 1, tiles ? tiles->tiles : nullptr,
-                                    tiles ? tiles->num_tiles : nullptr,
-                                    tiles ? max_tiles(n, E, tiles->BM) : 0);
+    launch(plan_hist<int32_t>, hist_blocks, 32 * warps_per_block, stream,
+           static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
+  launch(plan_scan, unsigned(E), 256, stream, counts, nsub, E, totals, scan_done, offsets, n,
+         tiles ? tiles->BM : 1, tiles ? tiles->tiles : nullptr,
+         tiles ? tiles->num_tiles : nullptr, tiles ? max_tiles(n, E, tiles->BM) : int64_t(0));
   if (nsub > 0) {
     if (idx_dtype == MOE_DTYPE_I64)
-      plan_scatter<int64_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
-          static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
-          nsub);
+      launch(plan_scatter<int64_t>, blocks, 32 * warps_per_block, stream,
+             static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
+             nsub);
     else
-      plan_scatter<int32_t><<<blocks, 32 * warps_per_block, 0, stream>>>(
-          static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
-          nsub);
+      launch(plan_scatter<int32_t>, blocks, 32 * warps_per_block, stream,
+             static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
+             nsub);
   }
 }
 
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
-                 int32_t *num_tiles, cudaStream_t stream) {
-  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, nullptr, E, n, 0, n, BM, tiles, num_tiles,
-                                       nullptr, max_tiles(n, E, BM));
+                 int32_t *num_tiles, Launch stream) {
+  launch(tiles_kernel, 1, 1024, stream, offsets, nullptr, E, n, int64_t(0), n, BM, tiles,
+         num_tiles, nullptr, max_tiles(n, E, BM));
 }
 
 void build_tiles_pairs(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
                        int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
-                       int32_t *win_delta, cudaStream_t stream) {
-  tiles_kernel<<<1, 1024, 0, stream>>>(offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles,
-                                       win_delta, max_tiles(n, E, BM));
+                       int32_t *win_delta, Launch stream) {
+  launch(tiles_kernel, 1, 1024, stream, offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles,
+         win_delta, max_tiles(n, E, BM));
 }
 
 }  // namespace cuda

@@ -39,12 +39,12 @@ inline int sm90_col_tiles(int epilogue, int N) {
 // I % 128 == 0); 16-byte aligned A / C / C2 / Hin rows; the expert weights back to back
 // (strideBE == rows * ldb), [N][K] or (b_kn) [K][N], as one 2-D TMA tensor.
 bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t flags,
-                       cudaStream_t stream, moe_status_t *status);
+                       Launch stream, moe_status_t *status);
 
 // The weight gradient `w` on the sm90a kernel. Layouts taken: bf16/f16; at most one of A, B
 // gathered; with B gathered, N % 128 == 0 and M % 256 == 0 (C is then written transposed),
 // else M % 128 == 0 and N % 256 == 0; 16-byte aligned rows of A, B and C; n_rows > 0.
-bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_status_t *status);
+bool sm90_wgrad(const WgradArgs &w, uint64_t flags, Launch stream, moe_status_t *status);
 
 }  // namespace cuda
 }  // namespace moe

@@ -31,26 +31,6 @@ bool kernel_usable(const void *kernel, size_t smem, KernelGate &gate, int *sms);
 // grid. Queried once per device; sms / cluster * cluster if the query fails.
 int cluster_grid(const void *kernel, size_t smem, int threads, int cluster, KernelGate &gate, int sms);
 
-// Launches `kernel` on `stream` as `grid` CTAs (even) in clusters of two, `threads` threads
-// and `smem` bytes of dynamic shared memory each.
-template <class... Params, class... Args>
-void launch_in_pairs(void (*kernel)(Params...), unsigned grid, int threads, size_t smem,
-                     cudaStream_t stream, Args &&...args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute at{};
-  at.id = cudaLaunchAttributeClusterDimension;
-  at.val.clusterDim.x = 2;
-  at.val.clusterDim.y = 1;
-  at.val.clusterDim.z = 1;
-  cfg.attrs = &at;
-  cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kernel, static_cast<Args &&>(args)...);
-}
-
 // 2-D tensor map of a bf16/f16 matrix [outer][inner] (row pitch row_bytes), box
 // {box_inner, box_outer}, 128-byte swizzle (or 64-byte: swizzle_bytes = 64, for boxes 32
 // elements wide). False when the driver entry point is missing or the TMA refuses the layout.

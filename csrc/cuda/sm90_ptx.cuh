@@ -14,6 +14,11 @@ namespace moe {
 namespace cuda {
 namespace sm90 {
 
+// Brings a TMA descriptor (a __grid_constant__ parameter) into the descriptor cache before
+// its first use: done in the prologue, it overlaps the previous kernel's tail under PDL.
+__device__ __forceinline__ void prefetch_tensormap(const void *map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
 }

@@ -255,6 +255,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   auto hbar = [&](int c, int b) { return smem_u32(s_hbars) + uint32_t(c * 2 + b) * 8; };
   const int tid = threadIdx.x;
   if (tid == 0) {
+    prefetch_tensormap(&maps.b);
+    if (EPI == EPI_DSWIGLU) prefetch_tensormap(&maps.h);
+    if (kTmaA<EPI> && p.tma_a) prefetch_tensormap(&maps.a);
     for (int s = 0; s < S; ++s) {
       mbar_init(sFull + 8 * s, kTmaA<EPI> && p.tma_a ? 1 : 128 + 1);  // + 128 cp.async arrivals
       mbar_init(sEmpty + 8 * s, 2 * NC);  // both CTAs' consumers: a stage is free in both
@@ -263,6 +266,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
+  // Under PDL all of the above overlaps the previous kernel; nothing before this line reads
+  // or writes global memory (pdl.h).
+  pdl_wait();
+  pdl_release();
   const int wg = tid / 128, tid_wg = tid % 128;
   const int KB = p.K / BK;
   const int ntn = is_swiglu(EPI) ? p.N / (BN / 2) : p.N / BN;
@@ -706,7 +713,7 @@ template <class T, int EPI, bool B_MN> KernelGate &gate() {
 }
 
 template <class T, int EPI, bool B_MN>
-bool launch(const RowMaps &maps, const RowParams &p, int64_t max_items, cudaStream_t stream,
+bool launch(const RowMaps &maps, const RowParams &p, int64_t max_items, Launch stream,
             moe_status_t *status) {
   auto kern = row_gemm_sm90<T, EPI, B_MN>;
   constexpr size_t smem = kSmem<EPI>;
@@ -717,14 +724,15 @@ bool launch(const RowMaps &maps, const RowParams &p, int64_t max_items, cudaStre
   const int fit = cluster_grid(reinterpret_cast<const void *>(kern), smem, THREADS, 2,
                                gate<T, EPI, B_MN>(), sms);
   const int64_t want = (std::max<int64_t>(1, max_items) + 1) / 2 * 2;
-  launch_in_pairs(kern, unsigned(std::min<int64_t>(fit, want)), THREADS, smem, stream, maps, p);
+  launch_kernel(kern, dim3(unsigned(std::min<int64_t>(fit, want))), dim3(THREADS), smem,
+                stream.stream, stream.pdl, 2, maps, p);
   *status = launch_status("sm90 row GEMM");
   return true;
 }
 
 template <class T>
 bool dispatch(const GroupedGemmArgs &g, const RowMaps &maps, const RowParams &p,
-              int64_t max_items, cudaStream_t st, moe_status_t *status) {
+              int64_t max_items, Launch st, moe_status_t *status) {
   switch (g.epilogue) {
     case EPI_SWIGLU:
       return !g.b_kn && launch<T, EPI_SWIGLU, false>(maps, p, max_items, st, status);
@@ -744,7 +752,7 @@ bool dispatch(const GroupedGemmArgs &g, const RowMaps &maps, const RowParams &p,
 }  // namespace sm90
 
 bool sm90_grouped_gemm(const GroupedGemmArgs &g, int64_t num_experts, uint64_t flags,
-                       cudaStream_t stream, moe_status_t *status) {
+                       Launch stream, moe_status_t *status) {
   using namespace sm90;
   *status = MOE_OK;
   if (!sm90_enabled(flags)) return false;

@@ -152,6 +152,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   const uint32_t sC = sQ + S * Q_BYTES;  // the consumers' pass buffers
   const int tid = threadIdx.x;
   if (tid == 0) {
+    prefetch_tensormap(&tmapQ);
+    if (p.tma_c) prefetch_tensormap(&tmapC);
     for (int s = 0; s < S; ++s) {
       mbar_init(sFull + 8 * s, 128 + 1);
       mbar_init(sEmpty + 8 * s, NC * (MC ? 2 : 1));  // MC: a stage is free in both CTAs
@@ -162,6 +164,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     cluster_sync();  // the peer's barriers are initialised before any multicast or remote arrive
   else
     __syncthreads();
+  // Under PDL all of the above overlaps the previous kernel; nothing before this line reads
+  // or writes global memory (pdl.h).
+  pdl_wait();
+  pdl_release();
   const int wg = tid / 128, tid_wg = tid % 128;
   const Stream<MC> sm;
   const int mt = p.Mp / BM / (MC ? 2 : 1), ntn = p.Nq / BN, per_e = mt * ntn;
@@ -453,7 +459,7 @@ template <class T, bool GP, bool TR, int BKT, bool MC> KernelGate &gate() {
 }
 
 template <class T, bool GP, bool TR, int BKT, bool MC>
-bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, cudaStream_t stream,
+bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, Launch stream,
             moe_status_t *status) {
   using C = Cfg<BKT>;
   static_assert(C::ATOM % 1024 == 0 && C::RPT * 32 == C::BK, "atoms of whole 8-row groups");
@@ -467,11 +473,12 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, 
     const int fit = cluster_grid(reinterpret_cast<const void *>(kern), C::kSmem, THREADS, 2, g,
                                  sms);
     const int64_t want = (std::max<int64_t>(1, items) + 1) / 2 * 2;  // items is even here
-    launch_in_pairs(kern, unsigned(std::min<int64_t>(fit, want)), THREADS, C::kSmem, stream, map,
-                    mapC, p);
+    launch_kernel(kern, dim3(unsigned(std::min<int64_t>(fit, want))), dim3(THREADS), C::kSmem,
+                  stream.stream, stream.pdl, 2, map, mapC, p);
   } else {
     const int grid = int(std::min<int64_t>(sms, std::max<int64_t>(1, items)));
-    kern<<<grid, THREADS, C::kSmem, stream>>>(map, mapC, p);
+    launch_kernel(kern, dim3(unsigned(grid)), dim3(THREADS), C::kSmem, stream.stream, stream.pdl,
+                  1, map, mapC, p);
   }
   *status = launch_status("sm90 wgrad");
   return true;
@@ -480,7 +487,7 @@ bool launch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, 
 // The kernel for P gathered or not (gp) and D stored transposed or not (tr).
 template <class T, int BKT, bool MC>
 bool launch_for(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool gp,
-                bool tr, cudaStream_t st, moe_status_t *status) {
+                bool tr, Launch st, moe_status_t *status) {
   if (tr)
     return gp ? launch<T, true, true, BKT, MC>(map, mapC, p, st, status)
               : launch<T, false, true, BKT, MC>(map, mapC, p, st, status);
@@ -490,7 +497,7 @@ bool launch_for(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams 
 
 template <class T, int BKT>
 bool dispatch(const CUtensorMap &map, const CUtensorMap &mapC, const WgParams &p, bool tr,
-              cudaStream_t st, moe_status_t *status) {
+              Launch st, moe_status_t *status) {
   const bool gp = p.p_div > 0;
   constexpr bool MC = MOE_SM90_WGRAD_MCAST != 0;
   if (MC && (p.Mp / BM) % 2 == 0)  // the multicast pairs need the m-tiles in pairs
@@ -508,7 +515,7 @@ int wgrad_bk() {
 }  // namespace
 }  // namespace sm90
 
-bool sm90_wgrad(const WgradArgs &w, uint64_t flags, cudaStream_t stream, moe_status_t *status) {
+bool sm90_wgrad(const WgradArgs &w, uint64_t flags, Launch stream, moe_status_t *status) {
   using namespace sm90;
   *status = MOE_OK;
   if (!sm90_enabled(flags)) return false;

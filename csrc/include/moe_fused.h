@@ -117,6 +117,13 @@ typedef struct {
  * workspace sized without it is refused there (MOE_ERR_WORKSPACE), never overrun. */
 #define MOE_FLAG_FORWARD_NO_H (1ull << 3)
 
+/* Launch the CUDA kernels without programmatic dependent launch: each kernel is scheduled
+ * only once the previous one on the stream has finished. By default (sm90 and later) a
+ * kernel may be scheduled during the previous one's last wave and set itself up there,
+ * waiting for its inputs in the kernel; results are the same either way. Equivalent to
+ * the environment variable MOE_FUSED_PDL=0. */
+#define MOE_FLAG_NO_PDL (1ull << 4)
+
 /* The routing plan: the T*k (token, slot) pairs sorted by expert.
  * A pair is identified by p = t*k + j. Within one expert, pairs keep
  * ascending p (stable), so every result is deterministic.

@@ -104,6 +104,7 @@ MOE_FLAG_FORCE_PORTABLE = 1 << 0
 MOE_FLAG_OVERWRITE_H = 1 << 1
 MOE_FLAG_ONE_WINDOW = 1 << 2
 MOE_FLAG_FORWARD_NO_H = 1 << 3  # workspace queries only: a forward called with h NULL
+MOE_FLAG_NO_PDL = 1 << 4  # no programmatic dependent launch (the library also reads MOE_FUSED_PDL=0)
 MOE_GRAD_HIDDEN_STATES = 1 << 0
 MOE_GRAD_TOP_K_WEIGHTS = 1 << 1
 MOE_GRAD_GATE_UP_PROJ = 1 << 2

@@ -20,6 +20,9 @@ producing (top_k_index, top_k_weights) from the hidden states, then
     moe_fused-ctypes    the same call with the C++ fast path off (ops.set_torch_ops(False)):
                         the Python ctypes glue allocates, describes and calls instead, as
                         where moe_fused._torch_ops is not built (CUDA only; on by default there)
+    moe_fused-nopdl     the same call with programmatic dependent launch off (MOE_FUSED_PDL=0
+                        around its calls only): each kernel starts only after the previous one
+                        has finished (CUDA only; on by default there)
     sonicmoe            SonicMoE (CuTe-DSL Hopper kernels), when `import sonicmoe` works and
                         --sonic-shapes (or --impls sonicmoe) asks for it: its first call per
                         shape JIT-compiles, so that first call is timed apart and reported
@@ -31,7 +34,7 @@ forward+backward 18*T*k*H*I), on CUDA the peak extra memory of one forward+backw
 the baseline (with and without the weight gradients, which every implementation allocates
 alike), the forward's own peak, and the memory the forward keeps for backward (beyond its
 output), and the ratios
-of moe_fused (and of moe_fused-portable, moe_fused-windows and sonicmoe) against each other path, plus the
+of moe_fused (and of each other moe_fused variant and sonicmoe) against each other path, plus the
 wall time of each implementation's first forward+backward at each shape and T.
 A table is printed; JSON and a PNG plot are saved to --out (bench/results by default).
 
@@ -66,32 +69,41 @@ DEFAULTS = {
     "cuda": dict(shapes=["30b-a3b", "235b-a22b"], tokens=[512, 4096, 16384], dtype="bfloat16"),
 }
 IMPLS = ["hf-eager", "hf-grouped_mm", "moe_fused"]  # the default set on every device
-EXTRA_IMPLS = ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes", "sonicmoe"]  # CUDA only (all but sonicmoe: default there)
+CUDA_EXTRA = ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes", "moe_fused-nopdl"]  # default on CUDA
+EXTRA_IMPLS = CUDA_EXTRA + ["sonicmoe"]  # CUDA only
 ALL_IMPLS = IMPLS + EXTRA_IMPLS
-OURS = ("moe_fused", "moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes")
+OURS = ("moe_fused",) + tuple(CUDA_EXTRA)
 PORTABLE_ENV = "MOE_FUSED_PORTABLE"  # read by libmoe_fused at every call
+PDL_ENV = "MOE_FUSED_PDL"  # the same
 
 
 @contextlib.contextmanager
-def portable_env():
-    """MOE_FUSED_PORTABLE=1 inside (libmoe_fused then runs its portable kernels, not the
-    sm90a ones); the previous value, or its absence, is restored on the way out, exceptions
-    included. Wrap forward AND backward: the backward op reads it too."""
-    old = os.environ.get(PORTABLE_ENV)
-    os.environ[PORTABLE_ENV] = "1"
+def env_set(name, value):
+    """os.environ[name] = value inside; the previous value, or its absence, is restored on
+    the way out, exceptions included. Wrap forward AND backward: the backward op reads the
+    library's variables too."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(PORTABLE_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[PORTABLE_ENV] = old
+            os.environ[name] = old
+
+
+def portable_env():
+    """MOE_FUSED_PORTABLE=1 inside: libmoe_fused runs its portable kernels, not the sm90a ones."""
+    return env_set(PORTABLE_ENV, "1")
 
 
 def impl_env(impl):
     """The environment an implementation's calls (forward and backward) run in."""
     if impl == "moe_fused-portable":
         return portable_env()
+    if impl == "moe_fused-nopdl":
+        return env_set(PDL_ENV, "0")
     if impl == "moe_fused-windows":  # token windows by the layer's size rule, never one for speed
         from moe_fused.ops import one_token_window
 
@@ -469,7 +481,7 @@ def _run_tokens(name, T, H, I, E, k, cfg, block, params, moe_experts, args, devi
             log(f"  {impl:18s} {mode:8s} {ms:10.3f} ms  {rec['tflops']:8.3f} TFLOP/s  ({n} runs){mem}")
 
     # ratios: time of each other path / time of this one (> 1 means this one is faster),
-    # for moe_fused (keys as before), moe_fused-portable, moe_fused-windows and sonicmoe
+    # for moe_fused (keys as before), each other moe_fused variant and sonicmoe
     for impl in OURS + ("sonicmoe",):
         ours = {r["mode"]: r for r in results if r["impl"] == impl and "ms" in r}
         for r in results:
@@ -518,6 +530,8 @@ def _table(results):
         sp_cols.append(("portable vs grouped_mm", "moe_fused-portable", ("speedup_vs_hf-grouped_mm",)))
     if "moe_fused-windows" in impls:
         sp_cols.append(("windows vs grouped_mm", "moe_fused-windows", ("speedup_vs_hf-grouped_mm",)))
+    if "moe_fused-nopdl" in impls:
+        sp_cols.append(("moe_fused vs nopdl", "moe_fused", ("speedup_vs_moe_fused-nopdl",)))
     if "sonicmoe" in impls:
         sp_cols.append(("sonicmoe vs grouped_mm", "sonicmoe", ("speedup_vs_hf-grouped_mm",)))
         sp_cols.append(("moe_fused vs sonicmoe", "moe_fused", ("speedup_vs_sonicmoe",)))
@@ -632,7 +646,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", "-T", nargs="+", type=int, help="token counts (default: 256 1024 4096 on cpu; 512 4096 16384 on cuda)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--impls", nargs="+", choices=ALL_IMPLS,
-                   help=f"default: {' '.join(IMPLS)} (cuda: + moe_fused-portable moe_fused-windows moe_fused-ctypes; + sonicmoe with --sonic-shapes)")
+                   help=f"default: {' '.join(IMPLS)} (cuda: + {' '.join(CUDA_EXTRA)}; + sonicmoe with --sonic-shapes)")
     p.add_argument("--sonic-shapes", nargs="+", metavar="SHAPE[:T]",
                    help="run SonicMoE (CUDA, if importable) at these points only: 'all', a shape (every T) "
                    "or shape:T, e.g. 30b-a3b:16384. Its first call per shape JIT-compiles (10-90 s), "
@@ -658,8 +672,7 @@ def parse_args(argv=None):
         t = spec.partition(":")[2]
         if t and not t.isdigit():
             p.error(f"--sonic-shapes {spec!r}: T must be an integer (SHAPE:T)")
-    impls = args.impls or (IMPLS + ["moe_fused-portable", "moe_fused-windows", "moe_fused-ctypes"]
-                           if args.device == "cuda" else list(IMPLS))
+    impls = args.impls or (IMPLS + CUDA_EXTRA if args.device == "cuda" else list(IMPLS))
     if args.sonic_shapes and "sonicmoe" not in impls:
         impls = impls + ["sonicmoe"]
     args.impls = [i for i in ALL_IMPLS if i in impls]  # HF paths first (the reference), then moe_fused, ...
