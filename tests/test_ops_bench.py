@@ -90,6 +90,25 @@ def test_cli_dispatch(capsys):
     assert e.value.code == 0
 
 
+@pytest.mark.parametrize("env, avail, cc, want", [
+    ("0", True, (9, 0), "off (MOE_FUSED_PDL=0)"),
+    (None, False, None, "(none visible)"),
+    (None, True, (8, 6), "off (compute capability 8.6"),
+    ("1", True, (9, 0), "on (MOE_FUSED_PDL=0 turns it off)"),
+])
+def test_info_kernel_chaining_status(monkeypatch, env, avail, cc, want):
+    """`moe-fused info`'s kernel-chaining line follows the library's rule (pdl.cu)."""
+    import types
+
+    if env is None:
+        monkeypatch.delenv("MOE_FUSED_PDL", raising=False)
+    else:
+        monkeypatch.setenv("MOE_FUSED_PDL", env)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: avail,
+                                                            get_device_capability=lambda: cc))
+    assert want in cli._pdl_status(fake)
+
+
 def test_cuda_index_check_block_restores_the_setting():
     # The CUDA bench turns the check off for its timed runs only (a test that ran it used to
     # leave it off for every later test in the process).

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: moe-fused <command> [options]
@@ -17,6 +18,18 @@ commands:
           (see `moe-fused bench --help`)
   info    show versions, the native library in use and whether CUDA is available
 """
+
+
+def _pdl_status(torch) -> str:
+    """What the library decides at every call (csrc/cuda/pdl.cu), as far as Python sees it."""
+    if os.environ.get("MOE_FUSED_PDL") == "0":
+        return "off (MOE_FUSED_PDL=0)"
+    if not torch.cuda.is_available():
+        return "on for compute capability 9.0+ GPUs (none visible); MOE_FUSED_PDL=0 turns it off"
+    cc = torch.cuda.get_device_capability()
+    if cc[0] < 9:
+        return f"off (compute capability {cc[0]}.{cc[1]}: it needs 9.0+)"
+    return "on (MOE_FUSED_PDL=0 turns it off)"
 
 
 def _info() -> int:
@@ -38,6 +51,8 @@ def _info() -> int:
         print(f"libmoe_fused: {_lib.library_path()} (ABI {_lib.ABI_VERSION}, "
               f"{'with' if _lib.has_cuda() else 'without'} the CUDA path)")
         print(f"C++ fast path (moe_fused._torch_ops): {_lib.torch_ops_status()}")
+        if _lib.has_cuda():
+            print(f"kernel chaining (programmatic dependent launch): {_pdl_status(torch)}")
     except _lib.LibraryLoadError as exc:
         print(f"libmoe_fused: NOT LOADED: {exc}")
         return 1
