@@ -235,41 +235,26 @@ def test_bench_gemms_cpu_dry_run(tmp_path, capsys):
     assert set(rec["gemms"]) == set(bg.GEMMS) and all(e < 1e-4 for e in rec["check"]["moe_fused"].values())
 
 
-# ---- moe_fused-portable: MOE_FUSED_PORTABLE=1 around its calls only ------------------------------
+# ---- moe_fused-portable / -nopdl: a library variable set around their calls only ----------------
 
 
 @pytest.mark.parametrize("before", [None, "0", "1"])
-def test_portable_env_restored(monkeypatch, before):
+@pytest.mark.parametrize("impl, name, value", [
+    ("moe_fused-portable", bench.PORTABLE_ENV, "1"),  # MOE_FUSED_PORTABLE=1 around its calls only
+    ("moe_fused-nopdl", bench.PDL_ENV, "0"),  # MOE_FUSED_PDL=0 around its calls only
+])
+def test_impl_env_variable_set_and_restored(monkeypatch, before, impl, name, value):
     if before is None:
-        monkeypatch.delenv(bench.PORTABLE_ENV, raising=False)
+        monkeypatch.delenv(name, raising=False)
     else:
-        monkeypatch.setenv(bench.PORTABLE_ENV, before)
-    with bench.portable_env():
-        assert os.environ[bench.PORTABLE_ENV] == "1"
-    assert os.environ.get(bench.PORTABLE_ENV) == before
+        monkeypatch.setenv(name, before)
     with pytest.raises(RuntimeError):
-        with bench.impl_env("moe_fused-portable"):
-            assert os.environ[bench.PORTABLE_ENV] == "1"
+        with bench.impl_env(impl):
+            assert os.environ[name] == value
             raise RuntimeError("boom")
-    assert os.environ.get(bench.PORTABLE_ENV) == before
+    assert os.environ.get(name) == before
     with bench.impl_env("moe_fused"):
-        assert os.environ.get(bench.PORTABLE_ENV) == before
-
-
-@pytest.mark.parametrize("before", [None, "0", "1"])
-def test_nopdl_env_restored(monkeypatch, before):
-    """moe_fused-nopdl: MOE_FUSED_PDL=0 around its calls only."""
-    if before is None:
-        monkeypatch.delenv(bench.PDL_ENV, raising=False)
-    else:
-        monkeypatch.setenv(bench.PDL_ENV, before)
-    with pytest.raises(RuntimeError):
-        with bench.impl_env("moe_fused-nopdl"):
-            assert os.environ[bench.PDL_ENV] == "0"
-            raise RuntimeError("boom")
-    assert os.environ.get(bench.PDL_ENV) == before
-    with bench.impl_env("moe_fused"):
-        assert os.environ.get(bench.PDL_ENV) == before
+        assert os.environ.get(name) == before
 
 
 def test_sonic_selected():

@@ -78,6 +78,28 @@ def run_experts(d, device, need=(True, True, True, True)):
     return out.detach(), x.grad, s.grad, w1.grad, w2.grad
 
 
+def ops_step(x, idx, s, w1, w2, dout):
+    """Forward + backward through the registered ops (no autograd): out, dx, ds, dw1, dw2."""
+    ops = torch.ops.moe_fused
+    out, h, plan = ops.experts_forward(x, idx, s, w1, w2)
+    return (out,) + tuple(ops.experts_backward(dout, x, s, w1, w2, plan, h, True, True, True, True))
+
+
+def capture_no_grad(fn):
+    """fn() captured in a CUDA graph after two warm-up calls on a side stream, all without
+    autograd: (graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 CASES = [
     # T, k, H, I, E, route
     (64, 4, 128, 64, 8, "random"),

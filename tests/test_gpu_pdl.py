@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_gpu_ops import make_experts
+from test_gpu_ops import capture_no_grad, make_experts, ops_step
 
 import moe_fused  # noqa: F401
 from moe_fused import moe_experts, moe_fused_linear
@@ -100,22 +100,12 @@ def test_pdl_graph_replays_bit_identical():
     T, k, H, I, E = 1024, 8, 512, 256, 16
     d = make_experts(T, k, H, I, E, torch.bfloat16, seed=41)
     x, s, w1, w2, idx, dout = (d[n].cuda() for n in ("x", "s", "w1", "w2", "idx", "dout"))
-    ops = torch.ops.moe_fused
 
     def step():
-        out, h, plan = ops.experts_forward(x, idx, s, w1, w2)
-        return (out,) + tuple(ops.experts_backward(dout, x, s, w1, w2, plan, h, True, True, True, True))
+        return ops_step(x, idx, s, w1, w2, dout)
 
     with pdl(True):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            got = step()
+        graph, got = capture_no_grad(step)
     with pdl(False), torch.no_grad():
         want = [t.clone() for t in step()]
     for _ in range(5):

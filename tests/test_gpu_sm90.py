@@ -23,7 +23,7 @@ import pytest
 import torch
 
 if __name__ != "__main__":
-    from test_gpu_ops import TOL, make_experts, ref_experts, ref_linear, rel, run_experts
+    from test_gpu_ops import TOL, capture_no_grad, make_experts, ops_step, ref_experts, ref_linear, rel, run_experts
 
 import moe_fused  # noqa: F401
 from moe_fused import _lib, moe_experts, moe_fused_linear
@@ -449,22 +449,12 @@ def test_cuda_graph_capture_sm90_backward():
     T, k, H, I, E = 256, 4, 512, 256, 16
     d = make_experts(T, k, H, I, E, torch.bfloat16, seed=33)
     x, s, w1, w2, idx, dout = (d[n].cuda() for n in ("x", "s", "w1", "w2", "idx", "dout"))
-    ops = torch.ops.moe_fused
 
     def step():
-        out, h, plan = ops.experts_forward(x, idx, s, w1, w2)
-        return (out,) + tuple(ops.experts_backward(dout, x, s, w1, w2, plan, h, True, True, True, True))
+        return ops_step(x, idx, s, w1, w2, dout)
 
     with path("sm90"):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            got = step()
+        graph, got = capture_no_grad(step)
         d2 = make_experts(T, k, H, I, E, torch.bfloat16, seed=34)
         for t, n in ((x, "x"), (idx, "idx"), (dout, "dout")):
             t.copy_(d2[n])

@@ -90,12 +90,13 @@ moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, con
   const unsigned blocks = unsigned(t1 - t0);
   if (dtype == MOE_DTYPE_BF16)
     launch_kernel(combine_kernel<__nv_bfloat16>, dim3(blocks), dim3(unsigned(threads)), 0,
-        stream.stream, stream.pdl, 1, static_cast<const __nv_bfloat16 *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1,
-        t0, k, H, static_cast<__nv_bfloat16 *>(out), ldo, vec);
+                  stream.stream, stream.pdl, 1, static_cast<const __nv_bfloat16 *>(Y), ldy, ny,
+                  rows, win, sw, sw_dtype, sw_s0, sw_s1, t0, k, H,
+                  static_cast<__nv_bfloat16 *>(out), ldo, vec);
   else if (dtype == MOE_DTYPE_F16)
     launch_kernel(combine_kernel<__half>, dim3(blocks), dim3(unsigned(threads)), 0,
-        stream.stream, stream.pdl, 1, static_cast<const __half *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1, t0, k, H,
-        static_cast<__half *>(out), ldo, vec);
+                  stream.stream, stream.pdl, 1, static_cast<const __half *>(Y), ldy, ny, rows, win,
+                  sw, sw_dtype, sw_s0, sw_s1, t0, k, H, static_cast<__half *>(out), ldo, vec);
   else
     return set_error(MOE_ERR_DTYPE, "CUDA combine: unsupported dtype %d", dtype);
   return launch_status("combine_rows");
