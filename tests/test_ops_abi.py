@@ -47,6 +47,10 @@ def test_enums_and_functions_match_header():
     text = HEADER.read_text()
     for name, value in re.findall(r"\b(MOE_(?:ERR_\w+|OK|DTYPE_\w+|DEVICE_\w+))\s*=\s*(\d+)", text):
         assert getattr(_lib, name) == int(value), name
+    bits = re.findall(r"#define\s+(MOE_(?:FLAG|GRAD)_\w+)\s+\(1u?l?l?\s*<<\s*(\d+)\)", text)
+    assert len(bits) >= 9, bits  # every context flag and gradient bit the header defines
+    for name, shift in bits:
+        assert getattr(_lib, name) == 1 << int(shift), name
     assert f"#define MOE_ABI_VERSION {_lib.ABI_VERSION}" in text
     declared = set(re.findall(r"MOE_API\s+[\w\s\*]+?\b(moe_\w+)\s*\(", text))
     assert declared == set(_lib._SIGNATURES), declared ^ set(_lib._SIGNATURES)
