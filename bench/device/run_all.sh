@@ -112,7 +112,7 @@ fi
 SONIC_ARGS=(); [ $SONIC_OK -eq 1 ] && SONIC_ARGS=(--sonic-shapes ${SONIC_SHAPES:-30b-a3b})
 if has bench; then
   timeout $([ $SONIC_OK -eq 1 ] && echo 500 || echo 400) python3 bench/bench_layer.py --device cuda --shapes 30b-a3b --tokens ${BENCH_TOKENS:-4096 16384} \
-    --impls hf-grouped_mm moe_fused moe_fused-windows moe_fused-portable --iters 10 --max-seconds 5 ${SONIC_ARGS[@]+"${SONIC_ARGS[@]}"} \
+    --impls hf-grouped_mm moe_fused moe_fused-nopdl moe_fused-windows moe_fused-portable --iters 10 --max-seconds 5 ${SONIC_ARGS[@]+"${SONIC_ARGS[@]}"} \
     --out "$OUT" --name layer_cuda_quick --no-plot > "$OUT/bench.log" 2>&1
   echo "bench: exit $?"; tail -40 "$OUT/bench.log"
 fi
