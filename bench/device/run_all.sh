@@ -28,6 +28,11 @@ steps="${*:-build test sanitize profile bench}"
 has() { case " $steps " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null
 B=build/device
+# A fresh machine has no build from an earlier call: build first rather than run every step
+# against a missing library (device time is the scarce thing).
+if ! has build && [ ! -f $B/libmoe_fused.so ]; then
+  echo "no $B/libmoe_fused.so here (a fresh machine): building first"; steps="build $steps"
+fi
 if has build; then
   t0=$(date +%s)
   cmake -S . -B $B -G Ninja -DMOE_FUSED_CUDA=ON -DMOE_FUSED_CUDA_ARCHS="${ARCHS:-90a}" \
