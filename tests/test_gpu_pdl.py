@@ -15,6 +15,8 @@ Skipped unless the device is compute capability 9.0 or later.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -99,11 +101,7 @@ def test_pdl_linear_back_to_back_bit_identical():
 def test_pdl_graph_replays_bit_identical():
     T, k, H, I, E = 1024, 8, 512, 256, 16
     d = make_experts(T, k, H, I, E, torch.bfloat16, seed=41)
-    x, s, w1, w2, idx, dout = (d[n].cuda() for n in ("x", "s", "w1", "w2", "idx", "dout"))
-
-    def step():
-        return ops_step(x, idx, s, w1, w2, dout)
-
+    step = functools.partial(ops_step, *(d[n].cuda() for n in ("x", "idx", "s", "w1", "w2", "dout")))
     with pdl(True):
         graph, got = capture_no_grad(step)
     with pdl(False), torch.no_grad():

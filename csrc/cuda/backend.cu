@@ -271,11 +271,10 @@ size_t linear_workspace_size(const LinearProblem &p) {
   return ar.required();
 }
 
-static moe_status_t linear_plan(const moe_context_t &ctx, const LinearProblem &p,
-                                const moe_tensor_t &sel, LinearWs &L) {
+static moe_status_t linear_plan(Launch st, const LinearProblem &p, const moe_tensor_t &sel,
+                                LinearWs &L) {
   int64_t s0, s1, k;
   index_strides(sel, &s0, &s1, &k);
-  const Launch st = launch_of(ctx);
   const PlanTiles tiles{BMT, L.tiles, L.num_tiles};
   build_plan(sel.data, sel.dtype, s0, 0, 1, p.n, int(p.num_experts), L.offsets, L.sorted, L.rows,
              L.plan.scratch, st, &tiles);
@@ -296,7 +295,8 @@ moe_status_t linear_forward(const moe_context_t &ctx, const LinearProblem &p,
     return f32_linear_forward(stream_of(ctx), p, input, weight, selected_experts, out);
   WsArena ar(ctx.workspace);
   LinearWs L = linear_layout(ar, p);
-  MOE_CU_TRY(linear_plan(ctx, p, selected_experts, L));
+  const Launch st = launch_of(ctx);
+  MOE_CU_TRY(linear_plan(st, p, selected_experts, L));
   GroupedGemmArgs g{};
   g.dtype = input.dtype;
   g.epilogue = EPI_STORE;
@@ -321,7 +321,7 @@ moe_status_t linear_forward(const moe_context_t &ctx, const LinearProblem &p,
   if (p.in_features == 0) {
     // Empty reduction: out = 0 (the GEMM below still writes zeros: K = 0 -> acc = 0).
   }
-  return row_gemm(g, p.num_experts, ctx.flags, launch_of(ctx));
+  return row_gemm(g, p.num_experts, ctx.flags, st);
 }
 
 moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
@@ -340,8 +340,8 @@ moe_status_t linear_backward(const moe_context_t &ctx, const LinearProblem &p,
   if (!dg.ok()) return launch_status("moe_linear_backward (device)");
   WsArena ar(ctx.workspace);
   LinearWs L = linear_layout(ar, p);
-  MOE_CU_TRY(linear_plan(ctx, p, selected_experts, L));
   const Launch st = launch_of(ctx);
+  MOE_CU_TRY(linear_plan(st, p, selected_experts, L));
   if (input.dtype == MOE_DTYPE_F32)
     return f32_linear_backward(st, p, grad_out, input, weight, selected_experts, grad_input,
                                grad_weight, L.offsets, L.sorted);
