@@ -435,10 +435,12 @@ def test_fill_ours_and_table_with_fake_attribution():
     g1 = rec["gemms"]["GEMM1"]
     assert g1["moe_fused"]["ms"] == pytest.approx(0.5) and g1["moe_fused"]["speedup"] == pytest.approx(1.0)
     assert g1["moe_fused-portable"]["speedup"] == pytest.approx(0.5 / 0.8)
+    assert g1["moe_fused"]["speedup_kernel"] == pytest.approx(0.49 / 0.5)
     assert "speedup" not in rec["gemms"]["dW2"]["moe_fused"]  # torch failed there
     assert rec["paths"]["moe_fused"]["gemm_ms_sum"] == pytest.approx(0.5 + 0.3 + 0.4 + 0.6 + 1.1 + 0.6)
     table = bg._table_point(rec, list(bg.PATHS))
     assert "failed" in table and "sm90 x4" in table and "portable <" in table
+    assert " 0.98x sm90" in table  # GEMM1's like-for-like ratio beside the path
     assert bg.normalize_kernel_name(COMBINE)[:60] in table
     # portable GEMMs on an H100 run of the default path are noted
     rec2 = dict(rec, paths={}, gemms={k: dict(v) for k, v in rec["gemms"].items()})
