@@ -61,15 +61,6 @@ namespace {
 #ifndef MOE_SM90_A_L2_256B
 #define MOE_SM90_A_L2_256B 1
 #endif
-// MOE_SM90_PREFETCH_NEXT (A/B knob): during each item's k-blocks the producer asks L2 for the
-// same k-blocks of its CTA's next item: 1 = the B (weight) boxes, 2 = and A's box where A
-// comes by TMA. The CTAs walk the tile list side by side, so each expert's weight tiles are
-// first asked for by several CTAs at once and come from DRAM while they wait; a dense GEMM of
-// the same FLOPs keeps its weights in L2 (bench/device/dense_bound.py: 22-38% faster than
-// the grouped GEMMs, torch's and ours).
-#ifndef MOE_SM90_PREFETCH_NEXT
-#define MOE_SM90_PREFETCH_NEXT 0
-#endif
 template <int EPI>
 constexpr bool kTmaA = MOE_SM90_TMA_A && EPI == EPI_STORE;  // the gathering GEMMs never take it
 // The producer's per-tile A row setup when rows are gathered by cp.async: "lean" keeps 32-bit
@@ -339,11 +330,6 @@ __global__ void __launch_bounds__(THREADS, 1)
           b0 = B_MN ? nt * BN : t.expert * p.b_rows + nt * BN;
           b1 = b0 + BN / 2;
         }
-        // The next item's B (and TMA A) coordinates for the L2 prefetch (thread 0): its tile
-        // is loaded at k-block 0, after this item's first loads are issued, and first used at
-        // k-block 1, which then also asks for k-block 0.
-        int pf_b0 = -1, pf_krow = 0, pf_row = 0;  // pf_b0 < 0: no next item
-        bool pf_shared = false;
         for (int kb = 0; kb < KB; ++kb, ++it) {
           const uint32_t st = it % S, ph = (it / S) & 1;
           mbar_wait(sEmpty + 8 * st, ph ^ 1);
@@ -386,37 +372,6 @@ __global__ void __launch_bounds__(THREADS, 1)
             } else {
               load_b(0, b, kb * BK, b0);
               load_b(1, b + B_BYTES / 2, kb * BK, b1);
-            }
-            if constexpr (MOE_SM90_PREFETCH_NEXT > 0) {
-              if (kb == 0) {
-                const int wn = w + ncl;
-                if (wn < total) {
-                  const PairTile npt = pair_tile(p, num_tiles, wn / ntn, rank);
-                  const int nnt = wn % ntn, ne = npt.t.expert;
-                  pf_b0 = is_swiglu(EPI) ? ne * p.b_rows + nnt * (BN / 2)
-                                         : (B_MN ? nnt * BN : ne * p.b_rows + nnt * BN);
-                  pf_krow = ne * p.b_rows;
-                  pf_row = npt.t.row0;
-                  pf_shared = npt.shared;
-                }
-              } else if (pf_b0 >= 0) {
-                // The boxes this CTA would load of the next item's k-blocks kb (and 0).
-                auto pf = [&](int k) {
-                  if (B_MN) {
-#pragma unroll
-                    for (int q = 0; q < NB; ++q)
-                      if (!pf_shared || (q * 2) / NB == int(rank))
-                        tma_prefetch_2d(&maps.b, pf_b0 + q * 64, pf_krow + k * BK);
-                  } else {
-                    const int pf_b1 = pf_b0 + (is_swiglu(EPI) ? p.N : BN / 2);
-                    if (!pf_shared || rank == 0) tma_prefetch_2d(&maps.b, k * BK, pf_b0);
-                    if (!pf_shared || rank == 1) tma_prefetch_2d(&maps.b, k * BK, pf_b1);
-                  }
-                  if (MOE_SM90_PREFETCH_NEXT > 1 && TMA_A) tma_prefetch_2d(&maps.a, k * BK, pf_row);
-                };
-                if (kb == 1) pf(0);
-                pf(kb);
-              }
             }
           }
         }
