@@ -28,7 +28,7 @@ for i in "${!names[@]}"; do
   if [ "${f:0:1}" = "+" ]; then  # overlay variant: a copy of the tree with DIR's files on top
     [ -d "${f:1}" ] || { echo "overlay ${f:1} is missing (git-ignored and not carried?)"; exit 1; }
     src=/tmp/ab-src-${names[$i]}; rm -rf "$src"; mkdir -p "$src"
-    cp -r CMakeLists.txt csrc python "$src"/ 2>/dev/null; cp -r "${f:1}"/. "$src"/; f=""
+    cp -r CMakeLists.txt cmake csrc python "$src"/ 2>/dev/null; cp -r "${f:1}"/. "$src"/; f=""
   fi
   pys[$i]="$(cd "$src" && pwd)/python"  # an overlay's own Python package (its ABI)
   # all variants build at once (device time is the scarce thing; nvcc is mostly one file a core)
