@@ -2,7 +2,9 @@
 
     python bench/device/profile_kernels.py --shape 30b-a3b -T 4096 16384
 Prints, per T: fwd and fwd+bwd median ms (CUDA events), effective TFLOP/s, and the
-CUDA kernels with their time per fwd+bwd step and share; JSON to --json if given.
+CUDA kernels with their time per fwd+bwd step and share (profiled with kernel chaining off,
+MOE_FUSED_PDL=0, so that no kernel's time includes a wait for the one before); JSON to --json
+if given.
 Like the layer benchmark, without the CUDA index check (its host sync stalls the launch queue:
 ~0.5 ms of the fwd+bwd wall time at 30B-A3B T=16384 on the H100) unless --index-check.
 --impl sonicmoe profiles SonicMoE's kernels on the same inputs instead (installed by
@@ -18,7 +20,7 @@ import torch
 import time
 
 import moe_fused
-from moe_fused.bench import _load_sonicmoe, _sonic_call, median_ms
+from moe_fused.bench import PDL_ENV, _load_sonicmoe, _sonic_call, env_set, median_ms
 from moe_fused import moe_experts
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -87,7 +89,10 @@ def main():
         print(f"-- {tag} T={T}: first fwd+bwd {time.perf_counter() - t0:.1f} s")
         t_f, t_fb = (float("nan") if args.no_fwd else med(fwd)), med(fb)
         fl = 6 * T * k * H * I
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        # Kernel chaining off while profiled: with it each kernel starts during the previous
+        # one's last wave and its profiled time includes that wait (the medians above: on).
+        with env_set(PDL_ENV, "0"), \
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 fb()
             torch.cuda.synchronize()
