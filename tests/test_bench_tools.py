@@ -519,3 +519,18 @@ def test_time_interleaved_varies_the_order():
     assert all(sorted(r) == sorted(fns) for r in rounds)
     after = {(a, b) for r in rounds for a, b in zip(r, r[1:])}
     assert after == {(a, b) for a in fns for b in fns if a != b}
+
+
+def test_dense_bound_cpu_smoke(capsys):
+    """bench/device/dense_bound.py runs end to end (a tiny CPU shape) and states each target
+    against the dense sum: above it when HF's time / target is larger, BELOW when smaller."""
+    spec = importlib.util.spec_from_file_location("dense_bound", _ROOT / "bench" / "device" / "dense_bound.py")
+    db = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(db)
+    flops = sum(2.0 * m * k * n for _, (m, k), (_, n) in db.problems(2048, 768, 131072))
+    assert flops == pytest.approx(18 * 131072 * 2048 * 768)  # the layer's fwd+bwd FLOPs
+    db.main(["--device", "cpu", "--shapes", "30b-a3b-cpu", "-T", "2", "--iters", "3",
+             "--hf-ms", "30b-a3b-cpu=1e6", "--targets", "3", "1e12"])
+    out = capsys.readouterr().out
+    assert "six" in out and "3.0x HF grouped_mm" in out
+    assert "above the dense bound" in out and "BELOW the dense bound" in out

@@ -7,14 +7,14 @@ epilogue), beside HF grouped_mm's measured time divided by a target ratio.
 No grouped implementation of the layer does less work than these six dense GEMMs, so when
 their sum exceeds HF's time / target, that target is out of reach of any kernel that runs at
 cuBLAS's dense speed on this card. Each GEMM: torch.mm (bf16, fp32 accumulate), median of
---iters CUDA-event runs after warmup, the six in turn each round (the clock moves with heat).
+--iters CUDA-event runs after warmup, the six in turn each round (the clock moves with heat;
+the layer benchmark's round-robin timer).
 """
 import argparse
-import statistics
 
 import torch
 
-from moe_fused.bench import SHAPES
+from moe_fused.bench import SHAPES, _time_interleaved
 
 
 def problems(H, I, n):
@@ -23,25 +23,7 @@ def problems(H, I, n):
             ("dX", (n, 2 * I), (2 * I, H)), ("dW1", (2 * I, n), (n, H)), ("dW2", (H, n), (n, I))]
 
 
-def time_all(fns, iters, warmup=3):
-    """{name: median ms}, the callables timed round-robin."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    torch.cuda.synchronize()
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, f in fns.items():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            f()
-            b.record()
-            b.synchronize()
-            times[k].append(a.elapsed_time(b))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["30b-a3b", "235b-a22b"])
     ap.add_argument("-T", type=int, default=16384)
@@ -49,10 +31,12 @@ def main():
     ap.add_argument("--hf-ms", nargs="*", default=[],
                     help="SHAPE=MS: HF grouped_mm's fwd+bwd ms at this T, for the target lines")
     ap.add_argument("--targets", nargs="*", type=float, default=[3.0, 2.5])
-    a = ap.parse_args()
+    ap.add_argument("--device", default="cuda", help="cuda (the measure) or cpu (a smoke test)")
+    a = ap.parse_args(argv)
     hf = {k: float(v) for k, v in (s.split("=") for s in a.hf_ms)}
-    dev = torch.device("cuda")
-    print(f"dense bound: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, bf16, T={a.T}")
+    dev = torch.device(a.device)
+    name_of = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"dense bound: {name_of}, torch {torch.__version__}, bf16, T={a.T}")
     for name in a.shapes:
         H, I, E, k = SHAPES[name]
         n = a.T * k
@@ -64,7 +48,8 @@ def main():
             out = torch.empty(m, nn, device=dev, dtype=torch.bfloat16)
             fns[gemm] = (lambda x=x, w=w, out=out: torch.mm(x, w, out=out))
             flop[gemm] = 2.0 * m * kk * nn
-        ms = time_all(fns, a.iters)
+        timed = _time_interleaved(fns, dev, 3, a.iters, max_seconds=30)
+        ms = {g: timed[g][0] for g in fns}
         tot = sum(ms.values())
         print(f"== {name} (H={H}, I={I}, E={E}, k={k}), n = {n} rows")
         for gemm in fns:
@@ -77,7 +62,8 @@ def main():
                 print(f"  {t}x HF grouped_mm ({hf[name]:.2f} ms) asks {need:.3f} ms for the whole layer: "
                       f"{verdict} by {abs(need - tot):.3f} ms")
         del fns
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
