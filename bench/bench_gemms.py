@@ -532,7 +532,7 @@ def run_point(name, T, args, device, dtype, log):
                     # previous one's last wave and its profiled time includes that wait.
                     from moe_fused.bench import PDL_ENV, env_set
 
-                    with env_set(PDL_ENV, "0"):
+                    with env_set(PDL_ENV, "1" if getattr(args, "chained_profile", False) else "0"):
                         att = profile_ours(fb, args.steps, device)
                 else:
                     att = None
@@ -672,6 +672,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20, help="timed runs (median) per torch GEMM and per fwd+bwd")
     p.add_argument("--steps", type=int, default=5, help="profiler windows (one fwd+bwd each) per path; median")
+    p.add_argument("--chained-profile", action="store_true",
+                   help="profile with kernel chaining on (the default turns it off there): each kernel's "
+                        "time then also holds its wait for the previous kernel's last wave, so the "
+                        "difference from a default run is that kernel's predecessor's tail")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip composing the layer from the torch problems and comparing with moe_fused")
     p.add_argument("--check-tokens", type=int, default=512, help="T of the check (default 512)")
