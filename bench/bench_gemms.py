@@ -30,8 +30,9 @@ EPI 2 = dA', EPI 0 + true = dX, summed over its launches; wgrad: first launch dW
 dW1), median over windows. Every other kernel (plan, combine, ...) is listed with its time,
 never dropped. These steps run with kernel chaining off (MOE_FUSED_PDL=0): with it each
 kernel starts during the previous one's last wave, waits there, and its profiled time would
-include that wait (the fwd+bwd figure is timed with the default, chaining on). Both paths: moe_fused (sm90a kernels where they apply) and moe_fused-portable
-(MOE_FUSED_PORTABLE=1 around its calls).
+include that wait (the fwd+bwd figure is timed with the default, chaining on;
+--chained-profile keeps it on, to read those waits). Both paths: moe_fused (sm90a kernels
+where they apply) and moe_fused-portable (MOE_FUSED_PORTABLE=1 around its calls).
 Speedup = torch ms / ours ms: >= 1 meets the target. JSON to --out/gemms_<device>.json.
 """
 
@@ -528,8 +529,9 @@ def run_point(name, T, args, device, dtype, log):
             with path_env(path):
                 p["fwd_bwd_ms"] = time_ms(fb, device, args.warmup, args.iters)
                 if device.type == "cuda":
-                    # Chaining off for the attribution: with it a kernel starts during the
-                    # previous one's last wave and its profiled time includes that wait.
+                    # Chaining off for the attribution (unless --chained-profile): with it a
+                    # kernel starts during the previous one's last wave and its profiled time
+                    # includes that wait.
                     from moe_fused.bench import PDL_ENV, env_set
 
                     with env_set(PDL_ENV, "1" if getattr(args, "chained_profile", False) else "0"):
