@@ -137,6 +137,16 @@ __device__ __forceinline__ int lower_row(const int32_t *sorted, int s, int t, in
   return s;
 }
 
+// Expert e's plan rows [s, t), its offsets clamped to [0, n] and made monotone (a corrupt plan
+// never yields rows outside the list).
+__device__ __forceinline__ void segment_rows(const int32_t *offsets, int e, int64_t n, int &s,
+                                             int &t) {
+  const int64_t lo_e = offsets[e], hi_e = offsets[e + 1];
+  s = static_cast<int>(lo_e < 0 ? 0 : (lo_e > n ? n : lo_e));
+  const int64_t t64 = hi_e < s ? s : (hi_e > n ? n : hi_e);
+  t = static_cast<int>(t64);
+}
+
 // One block: per-expert tile counts (segments clamped to [0, n] and made monotone,
 // then clipped to the pairs [p0, p1) when sorted is given), their scan, the tile
 // entries, and the tile count. With sorted, the window's runs are also packed back to
@@ -150,10 +160,7 @@ __device__ void tiles_block(const int32_t *offsets, const int32_t *sorted, int E
     const int e = b + threadIdx.x;
     int s = 0, t = 0, cnt = 0;
     if (e < E) {
-      const int64_t lo_e = offsets[e], hi_e = offsets[e + 1];
-      s = static_cast<int>(lo_e < 0 ? 0 : (lo_e > n ? n : lo_e));
-      const int64_t t64 = hi_e < s ? s : (hi_e > n ? n : hi_e);
-      t = static_cast<int>(t64);
+      segment_rows(offsets, e, n, s, t);
       if (sorted) {  // the window's pairs are one contiguous run of every segment
         const int s2 = p0 > 0 ? lower_row(sorted, s, t, p0) : s;
         t = p1 < n ? lower_row(sorted, s2, t, p1) : t;
@@ -181,19 +188,13 @@ __device__ void tiles_block(const int32_t *offsets, const int32_t *sorted, int E
 __device__ void tiles_block_lead(const int32_t *offsets, int E, int64_t n, int lead, int BM,
                                  Tile *tiles, int32_t *num_tiles, int64_t maxT) {
   __shared__ int32_t lead_ex[kLeadMaxExperts + 1], follow_ex[kLeadMaxExperts + 1];
-  auto segment = [&](int e, int &s, int &t) {  // clamped and monotone, as tiles_block
-    const int64_t lo_e = offsets[e], hi_e = offsets[e + 1];
-    s = static_cast<int>(lo_e < 0 ? 0 : (lo_e > n ? n : lo_e));
-    const int64_t t64 = hi_e < s ? s : (hi_e > n ? n : hi_e);
-    t = static_cast<int>(t64);
-  };
   int carry_l = 0, carry_f = 0;
   for (int b = 0; b < E; b += blockDim.x) {
     const int e = b + threadIdx.x;
     int cnt = 0;
     if (e < E) {
       int s, t;
-      segment(e, s, t);
+      segment_rows(offsets, e, n, s, t);
       cnt = t > s ? (t - s + BM - 1) / BM : 0;
     }
     const int l = lead_tiles(cnt);
@@ -214,7 +215,7 @@ __device__ void tiles_block_lead(const int32_t *offsets, int E, int64_t n, int l
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int s, t;
-    segment(e, s, t);
+    segment_rows(offsets, e, n, s, t);
     const int cnt = t > s ? (t - s + BM - 1) / BM : 0, l = lead_tiles(cnt);
     const LeadSlots slot = lead_slots(lead_ex, follow_ex, E, lead, e);
     for (int i = 0; i < cnt; ++i) {
