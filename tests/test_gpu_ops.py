@@ -85,6 +85,12 @@ def ops_step(x, idx, s, w1, w2, dout):
     return (out,) + tuple(ops.experts_backward(dout, x, s, w1, w2, plan, h, True, True, True, True))
 
 
+def experts_step(x, idx, s, w1, w2, dout):
+    """Forward + backward through moe_experts (autograd): out, dx, ds, dw1, dw2."""
+    out = moe_experts(x, idx, s, w1, w2)
+    return (out.detach(),) + torch.autograd.grad(out, (x, s, w1, w2), dout)
+
+
 def capture_no_grad(fn):
     """fn() captured in a CUDA graph after two warm-up calls on a side stream, all without
     autograd: (graph, what the captured call returned)."""

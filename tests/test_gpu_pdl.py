@@ -20,10 +20,10 @@ import functools
 import pytest
 import torch
 
-from test_gpu_ops import capture_no_grad, make_experts, ops_step
+from test_gpu_ops import capture_no_grad, experts_step, make_experts, ops_step
 
 import moe_fused  # noqa: F401
-from moe_fused import moe_experts, moe_fused_linear
+from moe_fused import moe_fused_linear
 from moe_fused.bench import PDL_ENV, env_set
 from moe_fused.ops import one_token_window
 
@@ -45,11 +45,6 @@ def experts_inputs(T, k, H, I, E, seed):
     d = make_experts(T, k, H, I, E, torch.bfloat16, seed=seed)
     x, s, w1, w2 = (d[n].cuda().requires_grad_() for n in ("x", "s", "w1", "w2"))
     return x, d["idx"].cuda(), s, w1, w2, d["dout"].cuda()
-
-
-def experts_step(x, idx, s, w1, w2, dout):
-    out = moe_experts(x, idx, s, w1, w2)
-    return (out.detach(),) + torch.autograd.grad(out, (x, s, w1, w2), dout)
 
 
 # H, I multiples of 256: every GEMM on the sm90a kernels. T*k >= 2 * 256 * E and H > I:

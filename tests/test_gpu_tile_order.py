@@ -16,8 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference import make_experts_inputs
+from test_gpu_ops import experts_step
+
 import moe_fused  # noqa: F401
-from moe_fused import moe_experts
 from moe_fused.bench import env_set
 from moe_fused.ops import one_token_window
 
@@ -30,23 +32,12 @@ LEAD_ENV = "MOE_FUSED_TILE_LEAD"
 
 
 def ragged_inputs(T, k, H, I, E, seed):
-    """Routing drawn from very unequal expert weights: with 128-row tiles some experts get
+    """Ragged routing (skew 2, the last two experts empty): with 128-row tiles some experts get
     none, some one, two or three, a few many."""
-    g = torch.Generator().manual_seed(seed)
-    weights = torch.tensor([0.0 if e % 5 == 4 else 2.0 ** (e % 7) for e in range(E)])
-    idx = torch.stack([torch.multinomial(weights, k, replacement=False, generator=g) for _ in range(T)])
-    x = torch.randn(T, H, generator=g)
-    w1 = torch.randn(E, 2 * I, H, generator=g) * H**-0.5
-    w2 = torch.randn(E, H, I, generator=g) * I**-0.5
-    s = torch.rand(T, k, generator=g) + 0.1
-    dout = torch.randn(T, H, generator=g)
+    d = make_experts_inputs(T, H, I, E, k, seed=seed, empty_experts=2, skew=2.0)
     bf = lambda t: t.to("cuda", torch.bfloat16).requires_grad_()  # noqa: E731
-    return bf(x), idx.cuda(), bf(s / s.sum(-1, keepdim=True)), bf(w1), bf(w2), dout.to("cuda", torch.bfloat16)
-
-
-def step(x, idx, s, w1, w2, dout):
-    out = moe_experts(x, idx, s, w1, w2)
-    return (out.detach(),) + torch.autograd.grad(out, (x, s, w1, w2), dout)
+    return (bf(d["x"]), d["idx"].cuda(), bf(d["w"]), bf(d["w1"]), bf(d["w2"]),
+            d["grad"].to("cuda", torch.bfloat16))
 
 
 # H, I multiples of 256 (the sm90a kernels where the GPU has them); the first shape takes
@@ -67,9 +58,9 @@ def test_lead_order_bit_identical_to_expert_order(shape, windows, portable, monk
         assert (tiles == 0).any() and (tiles == 1).any() and (tiles >= 3).any(), tiles.tolist()
     with one_token_window(not windows):
         with env_set(LEAD_ENV, "0"):
-            want = step(*args)
+            want = experts_step(*args)
         for lead in ("1", "2", "5", "64"):
             with env_set(LEAD_ENV, lead):
-                got = step(*args)
+                got = experts_step(*args)
             for name, a, b in zip(("out", "dx", "ds", "dw1", "dw2"), got, want):
                 assert torch.equal(a, b), (lead, name)
