@@ -5,11 +5,9 @@
 // Three launches (histogram; scans, offsets and tile list; scatter): on slow hosts each
 // launch is ~10 us the GPU waits for before the first GEMM can start.
 #include <algorithm>
-#include <cstdlib>
 
 #include "common/backend.h"
 #include "cuda/kernels.h"
-#include "cuda/tile_order.h"
 
 namespace moe {
 namespace cuda {
@@ -137,16 +135,6 @@ __device__ __forceinline__ int lower_row(const int32_t *sorted, int s, int t, in
   return s;
 }
 
-// Expert e's plan rows [s, t), its offsets clamped to [0, n] and made monotone (a corrupt plan
-// never yields rows outside the list).
-__device__ __forceinline__ void segment_rows(const int32_t *offsets, int e, int64_t n, int &s,
-                                             int &t) {
-  const int64_t lo_e = offsets[e], hi_e = offsets[e + 1];
-  s = static_cast<int>(lo_e < 0 ? 0 : (lo_e > n ? n : lo_e));
-  const int64_t t64 = hi_e < s ? s : (hi_e > n ? n : hi_e);
-  t = static_cast<int>(t64);
-}
-
 // One block: per-expert tile counts (segments clamped to [0, n] and made monotone,
 // then clipped to the pairs [p0, p1) when sorted is given), their scan, the tile
 // entries, and the tile count. With sorted, the window's runs are also packed back to
@@ -160,7 +148,10 @@ __device__ void tiles_block(const int32_t *offsets, const int32_t *sorted, int E
     const int e = b + threadIdx.x;
     int s = 0, t = 0, cnt = 0;
     if (e < E) {
-      segment_rows(offsets, e, n, s, t);
+      const int64_t lo_e = offsets[e], hi_e = offsets[e + 1];
+      s = static_cast<int>(lo_e < 0 ? 0 : (lo_e > n ? n : lo_e));
+      const int64_t t64 = hi_e < s ? s : (hi_e > n ? n : hi_e);
+      t = static_cast<int>(t64);
       if (sorted) {  // the window's pairs are one contiguous run of every segment
         const int s2 = p0 > 0 ? lower_row(sorted, s, t, p0) : s;
         t = p1 < n ? lower_row(sorted, s2, t, p1) : t;
@@ -183,76 +174,20 @@ __device__ void tiles_block(const int32_t *offsets, const int32_t *sorted, int E
   if (threadIdx.x == 0) *num_tiles = static_cast<int32_t>(carry < maxT ? carry : maxT);
 }
 
-// The whole list (no window) in lead order (tile_order.h), E <= kLeadMaxExperts: the
-// per-expert run lengths are scanned first, then each expert's tiles go to their slots.
-__device__ void tiles_block_lead(const int32_t *offsets, int E, int64_t n, int lead, int BM,
-                                 Tile *tiles, int32_t *num_tiles, int64_t maxT) {
-  __shared__ int32_t lead_ex[kLeadMaxExperts + 1], follow_ex[kLeadMaxExperts + 1];
-  int carry_l = 0, carry_f = 0;
-  for (int b = 0; b < E; b += blockDim.x) {
-    const int e = b + threadIdx.x;
-    int cnt = 0;
-    if (e < E) {
-      int s, t;
-      segment_rows(offsets, e, n, s, t);
-      cnt = t > s ? (t - s + BM - 1) / BM : 0;
-    }
-    const int l = lead_tiles(cnt);
-    int tot_l, tot_f;
-    const int ex_l = block_exclusive_scan(l, &tot_l);
-    const int ex_f = block_exclusive_scan(cnt - l, &tot_f);
-    if (e < E) {
-      lead_ex[e] = carry_l + ex_l;
-      follow_ex[e] = carry_f + ex_f;
-    }
-    carry_l += tot_l;
-    carry_f += tot_f;
-  }
-  if (threadIdx.x == 0) {
-    lead_ex[E] = carry_l;
-    follow_ex[E] = carry_f;
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int s, t;
-    segment_rows(offsets, e, n, s, t);
-    const int cnt = t > s ? (t - s + BM - 1) / BM : 0, l = lead_tiles(cnt);
-    const LeadSlots slot = lead_slots(lead_ex, follow_ex, E, lead, e);
-    for (int i = 0; i < cnt; ++i) {
-      const int64_t at = i < l ? slot.lead + i : slot.follow + (i - l);
-      if (at < maxT) tiles[at] = Tile{e, s + i * BM, t, 0};
-    }
-  }
-  if (threadIdx.x == 0) {
-    const int64_t total = int64_t(carry_l) + carry_f;
-    *num_tiles = static_cast<int32_t>(total < maxT ? total : maxT);
-  }
-}
-
-// lead > 0: the whole list (no window) in lead order where E allows (tile_order.h).
-__device__ void tiles_list(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
-                           int64_t p0, int64_t p1, int BM, int lead, Tile *tiles,
-                           int32_t *num_tiles, int32_t *win_delta, int64_t maxT) {
-  if (!sorted && lead > 0 && E <= kLeadMaxExperts)
-    tiles_block_lead(offsets, E, n, lead, BM, tiles, num_tiles, maxT);
-  else
-    tiles_block(offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles, win_delta, maxT);
-}
-
 __global__ void tiles_kernel(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
-                             int64_t p0, int64_t p1, int BM, int lead, Tile *tiles,
-                             int32_t *num_tiles, int32_t *win_delta, int64_t maxT) {
+                             int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
+                             int32_t *win_delta, int64_t maxT) {
   pdl_wait();
   pdl_release();
-  tiles_list(offsets, sorted, E, n, p0, p1, BM, lead, tiles, num_tiles, win_delta, maxT);
+  tiles_block(offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles, win_delta, maxT);
 }
 
 // Block e: counts[s][e] -> exclusive prefix over s, totals[e]. The last block to finish
 // (scan_done, zeroed by plan_hist) then makes the expert offsets and, when tiles is given,
 // the tile list over them (build_tiles' work).
 __global__ void plan_scan(int32_t *counts, int64_t nsub, int E, int32_t *totals,
-                          unsigned *scan_done, int32_t *offsets, int64_t n, int BM, int lead,
-                          Tile *tiles, int32_t *num_tiles, int64_t maxT) {
+                          unsigned *scan_done, int32_t *offsets, int64_t n, int BM, Tile *tiles,
+                          int32_t *num_tiles, int64_t maxT) {
   pdl_wait();
   pdl_release();
   const int e = blockIdx.x;
@@ -274,19 +209,7 @@ __global__ void plan_scan(int32_t *counts, int64_t nsub, int E, int32_t *totals,
   __threadfence();
   offsets_block(totals, E, offsets);
   __syncthreads();  // this block's offsets writes, visible to its own threads
-  if (tiles) tiles_list(offsets, nullptr, E, n, 0, n, BM, lead, tiles, num_tiles, nullptr, maxT);
-}
-
-// Experts by which the tile list's lead runs go ahead (tile_order.h): MOE_FUSED_TILE_LEAD,
-// read at every call (A/Bs in one process), else the build's MOE_TILE_LEAD (default 0: expert
-// order).
-#ifndef MOE_TILE_LEAD
-#define MOE_TILE_LEAD 0
-#endif
-int tile_lead() {
-  const char *v = std::getenv("MOE_FUSED_TILE_LEAD");
-  const int lead = v && *v ? std::atoi(v) : MOE_TILE_LEAD;
-  return std::min(std::max(lead, 0), kLeadMaxExperts);
+  if (tiles) tiles_block(offsets, nullptr, E, n, 0, n, BM, tiles, num_tiles, nullptr, maxT);
 }
 
 }  // namespace
@@ -317,7 +240,7 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
     launch(plan_hist<int32_t>, hist_blocks, 32 * warps_per_block, stream,
            static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
   launch(plan_scan, unsigned(E), 256, stream, counts, nsub, E, totals, scan_done, offsets, n,
-         tiles ? tiles->BM : 1, tiles ? tile_lead() : 0, tiles ? tiles->tiles : nullptr,
+         tiles ? tiles->BM : 1, tiles ? tiles->tiles : nullptr,
          tiles ? tiles->num_tiles : nullptr, tiles ? max_tiles(n, E, tiles->BM) : int64_t(0));
   if (nsub > 0) {
     if (idx_dtype == MOE_DTYPE_I64)
@@ -333,14 +256,14 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
 
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
                  int32_t *num_tiles, Launch stream) {
-  launch(tiles_kernel, 1, 1024, stream, offsets, nullptr, E, n, int64_t(0), n, BM, tile_lead(),
-         tiles, num_tiles, nullptr, max_tiles(n, E, BM));
+  launch(tiles_kernel, 1, 1024, stream, offsets, nullptr, E, n, int64_t(0), n, BM, tiles,
+         num_tiles, nullptr, max_tiles(n, E, BM));
 }
 
 void build_tiles_pairs(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
                        int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
                        int32_t *win_delta, Launch stream) {
-  launch(tiles_kernel, 1, 1024, stream, offsets, sorted, E, n, p0, p1, BM, 0, tiles, num_tiles,
+  launch(tiles_kernel, 1, 1024, stream, offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles,
          win_delta, max_tiles(n, E, BM));
 }
 
