@@ -34,6 +34,13 @@ include that wait (the fwd+bwd figure is timed with the default, chaining on;
 --chained-profile keeps it on, to read those waits). Both paths: moe_fused (sm90a kernels
 where they apply) and moe_fused-portable (MOE_FUSED_PORTABLE=1 around its calls).
 Speedup = torch ms / ours ms: >= 1 meets the target. JSON to --out/gemms_<device>.json.
+
+Same work: GEMM1 and dA' write more than torch's GEMM does (GEMM1: h and a = SwiGLU(h);
+dA': dh, s*a and the routing-weight gradient's partials, from h read back), so beside the bare
+GEMM each of them is also compared with torch's GEMM plus the bytes an unfused epilogue must
+move after it (its GEMM output read back, the other inputs, the extra outputs: epilogue_bytes)
+at the device's copy rate (a large tensor copy, timed here). A GEMM followed by an unfused
+epilogue kernel takes at least that sum: a lower bound on torch doing the fused kernel's work.
 """
 
 from __future__ import annotations
@@ -66,6 +73,19 @@ GEMMS = ("GEMM1", "GEMM2", "dA'", "dX", "dW1", "dW2")
 # flops of each GEMM in units of 2*n*H*I (n = T*k): sums to 9, i.e. 18*n*H*I for the layer
 FLOP_UNITS = {"GEMM1": 2, "GEMM2": 1, "dA'": 1, "dX": 2, "dW1": 2, "dW2": 1}
 PATHS = ("moe_fused", "moe_fused-portable")
+
+
+def epilogue_bytes(gemm: str, n: int, I: int, esize: int) -> int:
+    """Bytes an unfused epilogue moves after torch's GEMM to produce what our fused GEMM
+    writes, for n rows and elements of esize bytes; 0 for the GEMMs whose output is torch's.
+    GEMM1: read h [n,2I], write a [n,I]. dA': read dA [n,I], h [n,2I] and s [n], write dh
+    [n,2I], s*a [n,I] and the routing-weight gradient [n] (fp32)."""
+    if gemm == "GEMM1":
+        return n * 3 * I * esize
+    if gemm == "dA'":
+        return n * (6 * I * esize + esize + 4)
+    return 0
+
 
 # ---- kernel name -> GEMM (pure Python: tested on the CPU in tests/test_bench_tools.py) ----------
 
@@ -440,6 +460,17 @@ def kernel_ms(fn, device, calls=5):
     return sum(e[2] for e in evs) / calls / 1e3
 
 
+def copy_rate_gbs(device, dtype, warmup, iters, nbytes=None) -> float:
+    """GB/s (bytes read + written) of one large tensor copy on device: the rate a memory-bound
+    elementwise kernel can reach at best (default 1 GiB a side on CUDA, 16 MiB on the CPU)."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (16 << 20))
+    esize = torch.empty((), dtype=dtype).element_size()
+    src = torch.ones(nbytes // esize, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup, iters)
+    return 2 * src.numel() * esize / ms / 1e6
+
+
 def _rel(a, b):
     a, b = a.float(), b.float()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -508,6 +539,12 @@ def run_point(name, T, args, device, dtype, log):
                 t["kernel_ms"] = kernel_ms(fns[best], device)
         else:
             t = dict(error="; ".join(f"{k_}: {v}" for k_, v in errs.items()))
+        ebytes = epilogue_bytes(gemm, n, I, torch.empty((), dtype=dtype).element_size())
+        if ebytes and "ms" in t:
+            if "copy_gbs" not in rec:
+                rec["copy_gbs"] = copy_rate_gbs(device, dtype, args.warmup, args.iters)
+            t["epilogue_bytes"] = ebytes
+            t["same_work_ms"] = t["ms"] + ebytes / rec["copy_gbs"] / 1e6
         if errs:
             t["layout_errors"] = errs
         del fns
@@ -576,6 +613,8 @@ def fill_ours(rec, path, p, att, expect_sm90=False):
             r[path]["speedup"] = r["torch"]["ms"] / g["ms"]
         if "kernel_ms" in r["torch"]:  # like for like: both sides' kernel time from the profiler
             r[path]["speedup_kernel"] = r["torch"]["kernel_ms"] / g["ms"]
+        if "same_work_ms" in r["torch"]:  # torch's GEMM + an unfused epilogue at the copy rate
+            r[path]["speedup_same_work"] = r["torch"]["same_work_ms"] / g["ms"]
     if path == "moe_fused-portable":
         wrong = [gm for gm, g in att["gemms"].items() if any(pp != "portable" for pp in g["paths"])]
         if wrong:
@@ -641,6 +680,18 @@ def _table_point(rec, paths):
                  "ours: kernel time from torch.profiler; torch: CUDA events around the call (perf_counter on the CPU), "
                  "kern = its kernels' time from torch.profiler; x kern = torch kern / ours: both kernel times from "
                  "the profiler, like for like; the two readings of torch come from different runs)")
+    for gemm in GEMMS:
+        t = rec["gemms"].get(gemm, {}).get("torch", {})
+        if "same_work_ms" not in t:
+            continue
+        line = (f"  same work, {gemm}: torch {t['ms']:.3f} ms + its unfused epilogue's "
+                f"{t['epilogue_bytes'] / 1e6:.0f} MB at the copy rate ({rec['copy_gbs']:.0f} GB/s) "
+                f"= {t['same_work_ms']:.3f} ms (a lower bound)")
+        for p in paths:
+            o = rec["gemms"][gemm].get(p, {})
+            if "speedup_same_work" in o:
+                line += f"; {p} {o['speedup_same_work']:.2f}x"
+        lines.append(line)
     for p in paths:
         pr = rec["paths"].get(p, {})
         if "fwd_bwd_ms" in pr:

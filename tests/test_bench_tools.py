@@ -233,6 +233,22 @@ def test_bench_gemms_cpu_dry_run(tmp_path, capsys):
 
     rec = json.loads((tmp_path / "g.json").read_text())["results"][0]
     assert set(rec["gemms"]) == set(bg.GEMMS) and all(e < 1e-4 for e in rec["check"]["moe_fused"].values())
+    # the same-work bound of the two fused GEMMs: torch's GEMM + its epilogue's bytes at the copy rate
+    assert rec["copy_gbs"] > 0
+    for g in bg.GEMMS:
+        t = rec["gemms"][g]["torch"]
+        if g in ("GEMM1", "dA'"):
+            assert t["same_work_ms"] == pytest.approx(t["ms"] + t["epilogue_bytes"] / rec["copy_gbs"] / 1e6)
+        else:
+            assert "same_work_ms" not in t
+
+
+def test_epilogue_bytes():
+    n, I = 1000, 48
+    assert bg.epilogue_bytes("GEMM1", n, I, 2) == n * (2 * I + I) * 2  # read h, write a
+    # read dA, h, s; write dh, s*a (bf16) and ds (fp32)
+    assert bg.epilogue_bytes("dA'", n, I, 2) == n * ((I + 2 * I + 2 * I + I) * 2 + 2 + 4)
+    assert all(bg.epilogue_bytes(g, n, I, 2) == 0 for g in ("GEMM2", "dX", "dW1", "dW2"))
 
 
 # ---- moe_fused-portable / -nopdl: a library variable set around their calls only ----------------
@@ -420,7 +436,10 @@ def test_fill_ours_and_table_with_fake_attribution():
         t = dict(ms=0.5, tflops=flop / 0.5 / 1e9, layout="x", layouts={"x": 0.5}, kernel_ms=0.49)
         if g == "dW2":
             t = dict(error="boom")
+        if g == "GEMM1":
+            t.update(epilogue_bytes=bg.epilogue_bytes(g, n, I, 2), same_work_ms=0.7)
         rec["gemms"][g] = dict(problem=bg.problem_str(g, H, I), gflop=flop / 1e9, torch=t)
+    rec["copy_gbs"] = 2900.0
     sm90 = bg.merge_steps([bg.attribute_step(_step(SM90_STEP, t0=1e6 * i)) for i in range(3)])
     p = dict(fwd_bwd_ms=4.0, fwd_bwd_tflops=100.0)
     lines = bg.fill_ours(rec, "moe_fused", p, sm90, expect_sm90=True)
@@ -436,11 +455,15 @@ def test_fill_ours_and_table_with_fake_attribution():
     assert g1["moe_fused"]["ms"] == pytest.approx(0.5) and g1["moe_fused"]["speedup"] == pytest.approx(1.0)
     assert g1["moe_fused-portable"]["speedup"] == pytest.approx(0.5 / 0.8)
     assert g1["moe_fused"]["speedup_kernel"] == pytest.approx(0.49 / 0.5)
+    assert g1["moe_fused"]["speedup_same_work"] == pytest.approx(0.7 / 0.5)
+    assert "speedup_same_work" not in rec["gemms"]["dX"]["moe_fused"]
     assert "speedup" not in rec["gemms"]["dW2"]["moe_fused"]  # torch failed there
     assert rec["paths"]["moe_fused"]["gemm_ms_sum"] == pytest.approx(0.5 + 0.3 + 0.4 + 0.6 + 1.1 + 0.6)
     table = bg._table_point(rec, list(bg.PATHS))
     assert "failed" in table and "sm90 x4" in table and "portable <" in table
     assert " 0.98x sm90" in table  # GEMM1's like-for-like ratio beside the path
+    assert "same work, GEMM1: torch 0.500 ms + its unfused epilogue's 151 MB at the copy rate (2900 GB/s) " \
+           "= 0.700 ms (a lower bound); moe_fused 1.40x; moe_fused-portable 0.87x" in table
     assert bg.normalize_kernel_name(COMBINE)[:60] in table
     # portable GEMMs on an H100 run of the default path are noted
     rec2 = dict(rec, paths={}, gemms={k: dict(v) for k, v in rec["gemms"].items()})
