@@ -89,14 +89,13 @@ moe_status_t combine_rows(int dtype, const void *Y, int64_t ldy, int64_t ny, con
   const int threads = int(std::min<int64_t>(256, std::max<int64_t>(32, (H + 7) / 8)));
   const unsigned blocks = unsigned(t1 - t0);
   if (dtype == MOE_DTYPE_BF16)
-    launch_kernel(combine_kernel<__nv_bfloat16>, dim3(blocks), dim3(unsigned(threads)), 0,
-                  stream.stream, stream.pdl, 1, static_cast<const __nv_bfloat16 *>(Y), ldy, ny,
-                  rows, win, sw, sw_dtype, sw_s0, sw_s1, t0, k, H,
-                  static_cast<__nv_bfloat16 *>(out), ldo, vec);
+    launch_kernel(combine_kernel<__nv_bfloat16>, dim3(blocks), dim3(unsigned(threads)), stream,
+                  static_cast<const __nv_bfloat16 *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0,
+                  sw_s1, t0, k, H, static_cast<__nv_bfloat16 *>(out), ldo, vec);
   else if (dtype == MOE_DTYPE_F16)
-    launch_kernel(combine_kernel<__half>, dim3(blocks), dim3(unsigned(threads)), 0,
-                  stream.stream, stream.pdl, 1, static_cast<const __half *>(Y), ldy, ny, rows, win,
-                  sw, sw_dtype, sw_s0, sw_s1, t0, k, H, static_cast<__half *>(out), ldo, vec);
+    launch_kernel(combine_kernel<__half>, dim3(blocks), dim3(unsigned(threads)), stream,
+                  static_cast<const __half *>(Y), ldy, ny, rows, win, sw, sw_dtype, sw_s0, sw_s1,
+                  t0, k, H, static_cast<__half *>(out), ldo, vec);
   else
     return set_error(MOE_ERR_DTYPE, "CUDA combine: unsupported dtype %d", dtype);
   return launch_status("combine_rows");
@@ -107,8 +106,8 @@ moe_status_t reduce_ds(const float *ds_part, int ds_ld, int ncols, const int32_t
                        Launch stream) {
   const int64_t n = T * k;
   if (n <= 0) return MOE_OK;
-  launch_kernel(reduce_ds_kernel, dim3(unsigned((n + 255) / 256)), dim3(256), 0, stream.stream,
-                stream.pdl, 1, ds_part, ds_ld, ncols, rows, T, k, gs, gs_dtype, gs_s0, gs_s1);
+  launch_kernel(reduce_ds_kernel, dim3(unsigned((n + 255) / 256)), dim3(256), stream, ds_part,
+                ds_ld, ncols, rows, T, k, gs, gs_dtype, gs_s0, gs_s1);
   return launch_status("reduce_ds");
 }
 

@@ -76,5 +76,11 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// The small kernels' case: no dynamic shared memory, no cluster, the call's Launch.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, Launch l, Args &&...args) {
+  launch_kernel(kernel, grid, block, 0, l.stream, l.pdl, 1, std::forward<Args>(args)...);
+}
+
 }  // namespace cuda
 }  // namespace moe

@@ -15,13 +15,6 @@ namespace {
 
 constexpr int kSub = 256;  // pairs per warp sub-chunk
 
-// The plan's kernels need no dynamic shared memory and no cluster.
-template <class... Params, class... Args>
-void launch(void (*kernel)(Params...), unsigned blocks, int threads, Launch l, Args &&...args) {
-  launch_kernel(kernel, dim3(blocks), dim3(unsigned(threads)), 0, l.stream, l.pdl, 1,
-                std::forward<Args>(args)...);
-}
-
 template <class Idx>
 __device__ __forceinline__ int expert_of(const Idx *idx, int64_t s0, int64_t s1, int k,
                                          int64_t p, int E) {
@@ -233,38 +226,40 @@ void build_plan(const void *idx, int idx_dtype, int64_t s0, int64_t s1, int k, i
   const unsigned blocks = static_cast<unsigned>((nsub + warps_per_block - 1) / warps_per_block);
   // at least one block: it zeroes scan_done even without pairs
   const unsigned hist_blocks = std::max(blocks, 1u);
+  const dim3 warps(32 * warps_per_block);
   if (idx_dtype == MOE_DTYPE_I64)
-    launch(plan_hist<int64_t>, hist_blocks, 32 * warps_per_block, stream,
-           static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
+    launch_kernel(plan_hist<int64_t>, dim3(hist_blocks), warps, stream,
+                  static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
   else
-    launch(plan_hist<int32_t>, hist_blocks, 32 * warps_per_block, stream,
-           static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
-  launch(plan_scan, unsigned(E), 256, stream, counts, nsub, E, totals, scan_done, offsets, n,
-         tiles ? tiles->BM : 1, tiles ? tiles->tiles : nullptr,
-         tiles ? tiles->num_tiles : nullptr, tiles ? max_tiles(n, E, tiles->BM) : int64_t(0));
+    launch_kernel(plan_hist<int32_t>, dim3(hist_blocks), warps, stream,
+                  static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, nsub, scan_done);
+  launch_kernel(plan_scan, dim3(unsigned(E)), dim3(256), stream, counts, nsub, E, totals,
+                scan_done, offsets, n, tiles ? tiles->BM : 1, tiles ? tiles->tiles : nullptr,
+                tiles ? tiles->num_tiles : nullptr,
+                tiles ? max_tiles(n, E, tiles->BM) : int64_t(0));
   if (nsub > 0) {
     if (idx_dtype == MOE_DTYPE_I64)
-      launch(plan_scatter<int64_t>, blocks, 32 * warps_per_block, stream,
-             static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
-             nsub);
+      launch_kernel(plan_scatter<int64_t>, dim3(blocks), warps, stream,
+                    static_cast<const int64_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted,
+                    rows, nsub);
     else
-      launch(plan_scatter<int32_t>, blocks, 32 * warps_per_block, stream,
-             static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted, rows,
-             nsub);
+      launch_kernel(plan_scatter<int32_t>, dim3(blocks), warps, stream,
+                    static_cast<const int32_t *>(idx), s0, s1, k, n, E, counts, offsets, sorted,
+                    rows, nsub);
   }
 }
 
 void build_tiles(const int32_t *offsets, int E, int64_t n, int BM, Tile *tiles,
                  int32_t *num_tiles, Launch stream) {
-  launch(tiles_kernel, 1, 1024, stream, offsets, nullptr, E, n, int64_t(0), n, BM, tiles,
-         num_tiles, nullptr, max_tiles(n, E, BM));
+  launch_kernel(tiles_kernel, dim3(1), dim3(1024), stream, offsets, nullptr, E, n, int64_t(0), n,
+                BM, tiles, num_tiles, nullptr, max_tiles(n, E, BM));
 }
 
 void build_tiles_pairs(const int32_t *offsets, const int32_t *sorted, int E, int64_t n,
                        int64_t p0, int64_t p1, int BM, Tile *tiles, int32_t *num_tiles,
                        int32_t *win_delta, Launch stream) {
-  launch(tiles_kernel, 1, 1024, stream, offsets, sorted, E, n, p0, p1, BM, tiles, num_tiles,
-         win_delta, max_tiles(n, E, BM));
+  launch_kernel(tiles_kernel, dim3(1), dim3(1024), stream, offsets, sorted, E, n, p0, p1, BM,
+                tiles, num_tiles, win_delta, max_tiles(n, E, BM));
 }
 
 }  // namespace cuda
